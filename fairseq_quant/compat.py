@@ -1,0 +1,90 @@
+"""Compatibility fixes that make fairseq's speech_recognition example usable on current torch/torchaudio.
+
+Each fix is small and named for the upstream breakage it repairs (see PLATFORM.md):
+- the example imports itself as ``examples.speech_recognition``, a name the installed wheel does not
+  provide; we expose ``fairseq/examples`` under exactly that one name (a second name would register its
+  task twice);
+- ``AsrDataset`` calls ``torchaudio.load_wav``, removed from torchaudio; we provide it on top of soundfile
+  with the old semantics (int16-range float, [channels, frames], sample rate);
+- fairseq checkpoints pickle argparse/omegaconf objects, which torch >= 2.6 refuses to load by default.
+"""
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+
+logger = logging.getLogger(__name__)
+
+EXAMPLES_NAME = "examples"
+
+
+def fairseq_examples_dir() -> Path:
+    """Directory of the examples shipped inside the installed fairseq package."""
+    spec = importlib.util.find_spec("fairseq")
+    if spec is None or spec.origin is None:
+        raise ImportError("fairseq is not installed; install ve-fairseq==0.12.3 (see README)")
+    path = Path(spec.origin).parent / "examples"
+    if not (path / "speech_recognition" / "__init__.py").is_file():
+        raise ImportError(f"fairseq at {path.parent} ships no examples/speech_recognition")
+    return path
+
+
+def expose_fairseq_examples() -> None:
+    """Make ``examples.speech_recognition`` importable from the installed fairseq (idempotent)."""
+    existing = sys.modules.get(EXAMPLES_NAME)
+    target = fairseq_examples_dir()
+    if existing is not None:
+        locations = [Path(p).resolve() for p in getattr(existing, "__path__", [])]
+        if target.resolve() not in locations:
+            raise ImportError(
+                f"a different module named '{EXAMPLES_NAME}' is already imported ({locations}); "
+                "fairseq's speech_recognition example must be importable under exactly one name"
+            )
+        return
+    spec = importlib.util.spec_from_file_location(
+        EXAMPLES_NAME, target / "__init__.py", submodule_search_locations=[str(target)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[EXAMPLES_NAME] = module
+    spec.loader.exec_module(module)
+
+
+def load_wav(path, **_unused):
+    """torchaudio<0.8 ``load_wav``: samples scaled to int16 range as float32 [C, T], and the rate."""
+    try:
+        data, rate = soundfile.read(str(path), dtype="int16", always_2d=True)
+    except (RuntimeError, soundfile.LibsndfileError) as err:
+        raise RuntimeError(f"cannot decode audio file {path}: {err}") from err
+    if data.shape[0] == 0:
+        raise RuntimeError(f"audio file {path} has no samples")
+    return torch.from_numpy(np.ascontiguousarray(data.T).astype(np.float32)), rate
+
+
+def install_torchaudio_load_wav() -> None:
+    import torchaudio
+
+    if not hasattr(torchaudio, "load_wav"):
+        torchaudio.load_wav = load_wav
+
+
+def allow_fairseq_checkpoints() -> None:
+    """fairseq checkpoints are pickles of argparse/omegaconf objects: load them as full pickles.
+
+    Only load checkpoints you trust, as with any fairseq checkpoint.
+    """
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+
+
+def apply() -> None:
+    """Apply every fix, then import the upstream speech_recognition example (registers its
+    task ``speech_recognition``, models ``asr_vggtransformer*`` and criterion ``cross_entropy_acc``)."""
+    allow_fairseq_checkpoints()
+    install_torchaudio_load_wav()
+    expose_fairseq_examples()
+    importlib.import_module(f"{EXAMPLES_NAME}.speech_recognition")

@@ -1,0 +1,339 @@
+"""Fake quantizers: quantize-dequantize in floating point with straight-through gradients.
+
+A quantizer with ``bits=None`` is off (fp32 pass-through). Weight quantizers take the weight in
+output-channel-first layout and split it into groups (:mod:`.granularity`); activation quantizers
+use one range per tensor, estimated during calibration (:class:`RangeObserver`) or learned.
+
+Rounding uses the straight-through estimator: ``round_ste(x)`` is ``round(x)`` forward and the
+identity backward, so gradients reach the fp32 master weights; values clamped away get zero gradient.
+"""
+import math
+
+import torch
+from torch import nn
+
+from .granularity import Granularity, PerChannel, PerTensor
+
+WEIGHT_METHODS = ("minmax", "symmetric", "lsq", "binary")
+ACT_METHODS = ("minmax", "percentile", "mse", "pact", "lsq", "fixed")
+MAX_BITS = 8
+
+
+def check_bits(bits, what: str = "bits"):
+    """None (fp32) or an int in 1..8; anything else is an error naming ``what``."""
+    if bits is None:
+        return None
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"{what} must be an integer in 1..{MAX_BITS} or fp32, got {bits!r}")
+    return bits
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() forward, identity backward."""
+    return x + (x.round() - x).detach()
+
+
+def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Value of x forward, gradient multiplied by ``scale`` backward (LSQ's step-size gradient scale)."""
+    return (x - x * scale).detach() + x * scale
+
+
+def signed_range(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def fake_quant_affine(x, lo, hi, bits: int):
+    """Asymmetric range quantization: ``round((x - lo) * (2^b - 1) / (hi - lo))`` levels mapped back.
+
+    ``lo``/``hi`` broadcast against ``x``; the result takes at most 2^b distinct values per range.
+    """
+    levels = 2**bits - 1
+    scale = torch.clamp(hi - lo, min=1e-8) / levels
+    q = torch.clamp(round_ste((x - lo) / scale), 0, levels)
+    return q * scale + lo
+
+
+def fake_quant_zero_point(x, lo, hi, bits: int):
+    """Affine quantization with an integer zero point, so that 0.0 (padding, ReLU) is exactly a level."""
+    levels = 2**bits - 1
+    scale = torch.clamp(hi - lo, min=1e-8) / levels
+    zero_point = torch.clamp(torch.round(-lo / scale), 0, levels).detach()
+    q = torch.clamp(round_ste(x / scale) + zero_point, 0, levels)
+    return (q - zero_point) * scale
+
+
+def fake_quant_symmetric(x, scale, bits: int):
+    """Signed symmetric quantization onto the integer grid [-2^(b-1), 2^(b-1)-1] times ``scale``."""
+    qmin, qmax = signed_range(bits)
+    return torch.clamp(round_ste(x / scale), qmin, qmax) * scale
+
+
+class _BinarizeSTE(torch.autograd.Function):
+    """sign(w) forward; gradient passes only where |w| <= 1 (BinaryConnect / XNOR-Net)."""
+
+    @staticmethod
+    def forward(ctx, w):
+        ctx.save_for_backward(w)
+        return torch.where(w >= 0, torch.ones_like(w), -torch.ones_like(w))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        return grad * (w.abs() <= 1).to(grad.dtype)
+
+
+def binarize(w_groups: torch.Tensor) -> torch.Tensor:
+    """1-bit weights: ``mean|w| * sign(w)`` per group (rows of ``w_groups``)."""
+    alpha = w_groups.abs().mean(dim=1, keepdim=True).detach()
+    return _BinarizeSTE.apply(w_groups) * alpha
+
+
+def mse_scale_search(groups: torch.Tensor, bits: int, candidates: int = 64) -> torch.Tensor:
+    """Per-row symmetric scale minimising the squared quantization error (rows are groups)."""
+    qmax = 2 ** (bits - 1) - 1 if bits > 1 else 1
+    max_abs = groups.abs().amax(dim=1).clamp(min=1e-8)
+    best_err = torch.full_like(max_abs, float("inf"))
+    best = max_abs / qmax
+    for ratio in torch.linspace(0.1, 1.0, candidates).tolist():
+        scale = (max_abs * ratio / qmax).unsqueeze(1)
+        err = (fake_quant_symmetric(groups, scale, bits) - groups).pow(2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, scale.squeeze(1), best)
+    return best
+
+
+class WeightQuantizer(nn.Module):
+    """Fake-quantizes a weight tensor (output-channel-first layout) to ``bits`` per group.
+
+    Methods: ``minmax`` (asymmetric, range from the current weights), ``symmetric`` (signed,
+    max-abs scale), ``lsq`` (learned step size, initialised to the MSE-optimal scale from the first
+    weights it sees), ``binary`` (1 bit: sign times mean magnitude).
+    """
+
+    def __init__(self, bits=None, method: str = "symmetric", granularity: Granularity = PerChannel(),
+                 num_groups: int = 1, name: str = "weight"):
+        super().__init__()
+        self.bits = check_bits(bits, f"{name}: weight bits")
+        if method not in WEIGHT_METHODS:
+            raise ValueError(f"{name}: unknown weight method '{method}'; expected one of {WEIGHT_METHODS}")
+        if self.bits == 1 and method != "binary":
+            raise ValueError(f"{name}: 1-bit weights use method 'binary', got '{method}'")
+        if method == "binary" and self.bits not in (1, None):
+            raise ValueError(f"{name}: method 'binary' is 1-bit, got {self.bits} bits")
+        self.method = method
+        self.granularity = granularity
+        self.name = name
+        self.register_buffer("initialized", torch.tensor(False))
+        if method == "lsq" and self.bits is not None:
+            self.step = nn.Parameter(torch.ones(num_groups))
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits is not None
+
+    def reset(self) -> None:
+        """Forget learned state: it is re-initialised from the weights at the next forward."""
+        self.initialized.fill_(False)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.bits is None:
+            return w
+        groups = self.granularity.group_view(w)
+        if self.method == "binary":
+            out = binarize(groups)
+        elif self.method == "minmax":
+            lo = groups.amin(dim=1, keepdim=True).detach()
+            hi = groups.amax(dim=1, keepdim=True).detach()
+            out = fake_quant_affine(groups, lo, hi, self.bits)
+        elif self.method == "symmetric":
+            qmax = 2 ** (self.bits - 1) - 1 if self.bits > 1 else 1
+            scale = (groups.abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-8).detach()
+            out = fake_quant_symmetric(groups, scale, self.bits)
+        else:
+            out = self._lsq(groups)
+        return out.reshape(w.shape)
+
+    def _lsq(self, groups: torch.Tensor) -> torch.Tensor:
+        if self.step.numel() != groups.shape[0]:
+            raise ValueError(f"{self.name}: LSQ has {self.step.numel()} steps for {groups.shape[0]} groups")
+        if not bool(self.initialized):
+            with torch.no_grad():
+                self.step.copy_(mse_scale_search(groups.detach(), self.bits))
+                self.initialized.fill_(True)
+        _, qmax = signed_range(self.bits)
+        g = 1.0 / math.sqrt(groups.shape[1] * max(qmax, 1))
+        step = grad_scale(self.step, g).abs().clamp(min=1e-8).unsqueeze(1)
+        return fake_quant_symmetric(groups, step, self.bits)
+
+    def scales_per_group(self) -> int:
+        """Stored numbers per group besides the packed integers (scale, and offset if asymmetric)."""
+        return 2 if self.method == "minmax" else 1
+
+    def extra_repr(self) -> str:
+        if self.bits is None:
+            return "fp32"
+        return f"bits={self.bits}, method={self.method}, granularity={self.granularity}"
+
+
+class RangeObserver:
+    """Collects activation statistics during calibration; ``compute_range(method)`` picks a range.
+
+    Keeps the exact running min/max and a bounded random sample of values for the percentile and
+    MSE estimators. Not a module: it holds no state that must survive a checkpoint.
+    """
+
+    def __init__(self, max_samples: int = 1 << 20, per_batch: int = 1 << 16, seed: int = 0):
+        self.lo = math.inf
+        self.hi = -math.inf
+        self.samples: list[torch.Tensor] = []
+        self.kept = 0
+        self.max_samples = max_samples
+        self.per_batch = per_batch
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def collect(self, x: torch.Tensor) -> None:
+        flat = x.detach().float().reshape(-1).cpu()
+        if flat.numel() == 0:
+            return
+        self.lo = min(self.lo, float(flat.min()))
+        self.hi = max(self.hi, float(flat.max()))
+        if self.kept < self.max_samples:
+            if flat.numel() > self.per_batch:
+                idx = torch.randint(flat.numel(), (self.per_batch,), generator=self.generator)
+                flat = flat[idx]
+            self.samples.append(flat)
+            self.kept += flat.numel()
+
+    def compute_range(self, method: str, bits: int, percentile: float = 99.99) -> tuple[float, float]:
+        if not self.samples:
+            raise RuntimeError("no activations were observed during calibration")
+        if method in ("minmax", "pact", "lsq"):
+            return self.lo, self.hi
+        values = torch.cat(self.samples)
+        if method == "percentile":
+            q = torch.tensor([(100 - percentile) / 100, percentile / 100])
+            lo, hi = torch.quantile(values, q).tolist()
+            return lo, hi
+        if method == "mse":
+            best, best_err = (self.lo, self.hi), math.inf
+            for ratio in torch.linspace(0.2, 1.0, 41).tolist():
+                lo, hi = self.lo * ratio, self.hi * ratio
+                err = float((fake_quant_zero_point(values, torch.tensor(lo), torch.tensor(hi), bits) - values).pow(2).mean())
+                if err < best_err:
+                    best, best_err = (lo, hi), err
+            return best
+        raise ValueError(f"no range estimator for method '{method}'")
+
+
+class ActivationQuantizer(nn.Module):
+    """Fake-quantizes an activation tensor with one range per tensor.
+
+    Methods: ``minmax`` (running min/max, exponential moving average while training), ``percentile``
+    and ``mse`` (range fixed at calibration), ``pact`` (learned symmetric clipping ``alpha``),
+    ``lsq`` (learned step size), ``fixed`` (a known range such as softmax probabilities in [0, 1]).
+    Ranges come from calibration: run batches with ``observing=True`` (outputs stay fp32), then
+    ``finish_calibration()``. An uncalibrated quantizer calibrates itself on its first training
+    batch, and refuses to run in eval mode.
+    """
+
+    def __init__(self, bits=None, method: str = "minmax", fixed_range: tuple[float, float] | None = None,
+                 momentum: float = 0.01, name: str = "activation"):
+        super().__init__()
+        self.bits = check_bits(bits, f"{name}: activation bits")
+        if method not in ACT_METHODS:
+            raise ValueError(f"{name}: unknown activation method '{method}'; expected one of {ACT_METHODS}")
+        if method == "fixed" and fixed_range is None:
+            raise ValueError(f"{name}: method 'fixed' needs fixed_range=(lo, hi)")
+        self.method = method
+        self.momentum = momentum
+        self.name = name
+        self.observing = False
+        self.observer: RangeObserver | None = None
+        self.register_buffer("initialized", torch.tensor(method == "fixed"))
+        lo, hi = fixed_range if fixed_range is not None else (0.0, 0.0)
+        self.register_buffer("lo", torch.tensor(float(lo)))
+        self.register_buffer("hi", torch.tensor(float(hi)))
+        if method == "pact":
+            self.alpha = nn.Parameter(torch.tensor(1.0))
+        if method == "lsq":
+            self.step = nn.Parameter(torch.tensor(1.0))
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits is not None
+
+    def start_calibration(self) -> None:
+        if self.enabled and self.method != "fixed":
+            self.observing = True
+            self.observer = RangeObserver()
+
+    def finish_calibration(self) -> None:
+        if not self.observing:
+            return
+        self.observing = False
+        observer, self.observer = self.observer, None
+        if observer.samples:
+            self._set_range(*observer.compute_range(self.method, self.bits))
+
+    def reset(self) -> None:
+        if self.method != "fixed":
+            self.initialized.fill_(False)
+
+    @torch.no_grad()
+    def _set_range(self, lo: float, hi: float) -> None:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)  # keep 0 inside the range (padding, ReLU zeros)
+        if hi - lo < 1e-8:
+            hi = lo + 1e-8
+        self.lo.fill_(lo)
+        self.hi.fill_(hi)
+        if self.method == "pact":
+            self.alpha.fill_(max(abs(lo), abs(hi)))
+        elif self.method == "lsq":
+            _, qmax = signed_range(self.bits)
+            self.step.fill_(max(abs(lo), abs(hi)) / max(qmax, 1))
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits is None:
+            return x
+        if self.observing:
+            self.observer.collect(x)
+            return x
+        if not bool(self.initialized):
+            if not self.training:
+                raise RuntimeError(
+                    f"{self.name}: activation quantizer has no range; calibrate the model "
+                    "(fairseq_quant.quant.calibrate) or load a calibrated checkpoint before evaluation"
+                )
+            observer = RangeObserver()
+            observer.collect(x)
+            self._set_range(*observer.compute_range(self.method, self.bits))
+        elif self.training and self.method == "minmax":
+            with torch.no_grad():
+                m = self.momentum
+                self.lo.mul_(1 - m).add_(m * min(float(x.min()), 0.0))
+                self.hi.mul_(1 - m).add_(m * max(float(x.max()), 0.0))
+        if self.method == "pact":
+            alpha = self.alpha.abs().clamp(min=1e-6)
+            clipped = torch.minimum(torch.maximum(x, -alpha), alpha)
+            _, qmax = signed_range(self.bits)
+            return fake_quant_symmetric(clipped, alpha / max(qmax, 1), self.bits)
+        if self.method == "lsq":
+            _, qmax = signed_range(self.bits)
+            g = 1.0 / math.sqrt(x.numel() * max(qmax, 1))
+            step = grad_scale(self.step, g).abs().clamp(min=1e-8)
+            return fake_quant_symmetric(x, step, self.bits)
+        return fake_quant_zero_point(x, self.lo, self.hi, self.bits)
+
+    def extra_repr(self) -> str:
+        if self.bits is None:
+            return "fp32"
+        return f"bits={self.bits}, method={self.method}"
+
+
+__all__ = [
+    "ACT_METHODS", "WEIGHT_METHODS", "ActivationQuantizer", "PerChannel", "PerTensor", "RangeObserver",
+    "WeightQuantizer", "binarize", "check_bits", "fake_quant_affine", "fake_quant_symmetric", "fake_quant_zero_point",
+    "round_ste",
+]

@@ -1,0 +1,65 @@
+"""QuantSpec: how one module is quantized (weight and activation bits, granularity, methods)."""
+from dataclasses import dataclass, fields, replace
+
+from .granularity import Granularity, parse_granularity
+from .quantizers import ACT_METHODS, WEIGHT_METHODS, check_bits
+
+FP32_WORDS = ("fp32", "float", "none", None, 32)
+
+
+def parse_bits(value, what: str):
+    """8 -> 8, 'fp32' / None / 32 -> None (no quantization); anything else outside 1..8 is an error."""
+    if isinstance(value, str) and value.lower() in FP32_WORDS:
+        return None
+    if value in FP32_WORDS:
+        return None
+    return check_bits(value, what)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Quantization of one module. ``None`` bits mean fp32 for that operand."""
+
+    weight_bits: int | None = 8
+    act_bits: int | None = 8
+    granularity: str = "channel"
+    group_size: int | None = None
+    weight_method: str = "lsq"
+    act_method: str = "minmax"
+
+    def __post_init__(self):
+        object.__setattr__(self, "weight_bits", parse_bits(self.weight_bits, "weight_bits"))
+        object.__setattr__(self, "act_bits", parse_bits(self.act_bits, "act_bits"))
+        if self.weight_bits == 1 and self.weight_method != "binary":
+            object.__setattr__(self, "weight_method", "binary")
+        if self.weight_method not in WEIGHT_METHODS:
+            raise ValueError(f"unknown weight_method '{self.weight_method}'; expected one of {WEIGHT_METHODS}")
+        if self.weight_method == "binary" and self.weight_bits not in (1, None):
+            raise ValueError(f"weight_method 'binary' means 1-bit weights, got weight_bits={self.weight_bits}")
+        if self.act_method not in ACT_METHODS or self.act_method == "fixed":
+            allowed = tuple(m for m in ACT_METHODS if m != "fixed")
+            raise ValueError(f"unknown act_method '{self.act_method}'; expected one of {allowed}")
+        parse_granularity(self.granularity, self.group_size)
+
+    @property
+    def weight_granularity(self) -> Granularity:
+        return parse_granularity(self.granularity, self.group_size)
+
+    @property
+    def is_fp32(self) -> bool:
+        return self.weight_bits is None and self.act_bits is None
+
+    def label(self) -> str:
+        w = "fp32" if self.weight_bits is None else str(self.weight_bits)
+        a = "fp32" if self.act_bits is None else str(self.act_bits)
+        return f"w{w}a{a}"
+
+    def updated(self, **changes) -> "QuantSpec":
+        return replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+FP32 = QuantSpec(weight_bits=None, act_bits=None)

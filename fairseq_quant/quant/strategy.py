@@ -1,0 +1,137 @@
+"""Strategies: per-layer bit allocation as ordered module-name patterns with a default.
+
+YAML layout (first matching rule wins; a rule's missing fields come from ``default``)::
+
+    default: {weight_bits: 8, act_bits: 8, granularity: channel, weight_method: lsq, act_method: minmax}
+    rules:
+      - match: "encoder.conv_layers.*"              # glob over module names
+        weight_bits: 8
+      - match: "re:decoder\\.layers\\.\\d+\\.fc[12]"  # "re:" prefix: a regular expression (fullmatch)
+        weight_bits: 2
+        granularity: group
+        group_size: 64
+
+``weight_bits``/``act_bits`` are 1..8 or ``fp32``.
+"""
+import fnmatch
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .spec import QuantSpec
+
+
+class StrategyError(ValueError):
+    """A strategy that cannot be applied: the message names the file, the rule and the problem."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    spec: QuantSpec
+
+    def matches(self, name: str) -> bool:
+        if self.pattern.startswith("re:"):
+            return re.fullmatch(self.pattern[3:], name) is not None
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+
+class Strategy:
+    """Ordered rules plus a default spec; ``spec_for(name)`` is the spec of the first matching rule."""
+
+    def __init__(self, default: QuantSpec, rules: list[Rule] = (), source: str = "<strategy>"):
+        self.default = default
+        self.rules = list(rules)
+        self.source = source
+
+    @classmethod
+    def uniform(cls, weight_bits, act_bits, **spec_fields) -> "Strategy":
+        spec = QuantSpec(weight_bits=weight_bits, act_bits=act_bits, **spec_fields)
+        return cls(spec, [], source=f"uniform {spec.label()}")
+
+    @classmethod
+    def from_yaml(cls, path) -> "Strategy":
+        path = Path(path)
+        if not path.is_file():
+            raise StrategyError(f"{path}: strategy file not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise StrategyError(f"{path}: not valid YAML: {err}") from err
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data, source: str = "<strategy>") -> "Strategy":
+        if not isinstance(data, dict):
+            raise StrategyError(f"{source}: a strategy is a mapping with 'default' and 'rules', got {type(data).__name__}")
+        unknown = set(data) - {"default", "rules", "description"}
+        if unknown:
+            raise StrategyError(f"{source}: unknown top-level keys {sorted(unknown)}; expected default, rules, description")
+        default = _spec(data.get("default") or {}, QuantSpec(), f"{source}: default")
+        rules = []
+        raw_rules = data.get("rules") or []
+        if not isinstance(raw_rules, list):
+            raise StrategyError(f"{source}: 'rules' must be a list of mappings with a 'match' key")
+        for i, raw in enumerate(raw_rules):
+            where = f"{source}: rule {i + 1}"
+            if not isinstance(raw, dict) or "match" not in raw:
+                raise StrategyError(f"{where}: each rule is a mapping with a 'match' pattern, got {raw!r}")
+            pattern = raw["match"]
+            if not isinstance(pattern, str) or not pattern:
+                raise StrategyError(f"{where}: 'match' must be a non-empty string")
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as err:
+                    raise StrategyError(f"{where}: invalid regular expression {pattern[3:]!r}: {err}") from err
+            fields = {k: v for k, v in raw.items() if k != "match"}
+            rules.append(Rule(pattern, _spec(fields, default, f"{where} ('{pattern}')")))
+        return cls(default, rules, source)
+
+    def to_dict(self) -> dict:
+        def spec_dict(spec: QuantSpec) -> dict:
+            out = {k: getattr(spec, k) for k in QuantSpec.field_names()}
+            for k in ("weight_bits", "act_bits"):
+                out[k] = "fp32" if out[k] is None else out[k]
+            if out["group_size"] is None:
+                del out["group_size"]
+            return out
+
+        return {"default": spec_dict(self.default),
+                "rules": [{"match": r.pattern, **spec_dict(r.spec)} for r in self.rules]}
+
+    def lookup(self, name: str) -> tuple[QuantSpec, int | None]:
+        for i, rule in enumerate(self.rules):
+            if rule.matches(name):
+                return rule.spec, i
+        return self.default, None
+
+    def spec_for(self, name: str) -> QuantSpec:
+        return self.lookup(name)[0]
+
+    def check_matches(self, module_names: list[str]) -> None:
+        """Every rule must match at least one quantizable module (catches strategies for other models)."""
+        for i, rule in enumerate(self.rules):
+            if not any(rule.matches(n) for n in module_names):
+                examples = ", ".join(f"'{n}'" for n in module_names[:3])
+                raise StrategyError(
+                    f"{self.source}: rule {i + 1} pattern '{rule.pattern}' matches no module; "
+                    f"modules look like {examples}"
+                )
+
+    def __repr__(self) -> str:
+        return f"Strategy({self.source}: default {self.default.label()}, {len(self.rules)} rules)"
+
+
+def _spec(fields, base: QuantSpec, where: str) -> QuantSpec:
+    if not isinstance(fields, dict):
+        raise StrategyError(f"{where}: expected a mapping of spec fields, got {fields!r}")
+    unknown = set(fields) - set(QuantSpec.field_names())
+    if unknown:
+        raise StrategyError(f"{where}: unknown keys {sorted(unknown)}; allowed: {', '.join(QuantSpec.field_names())}")
+    try:
+        return base.updated(**fields)
+    except (ValueError, TypeError) as err:
+        raise StrategyError(f"{where}: {err}") from err

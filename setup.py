@@ -1,0 +1,26 @@
+"""fairseq_quant: low-bit quantization of fairseq speech transformers (a fairseq --user-dir plugin)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="fairseq_quant",
+    version="0.1.0",
+    description="Honest low-bit quantization (QAT, strategies, export) for fairseq's VGGTransformer ASR models",
+    python_requires=">=3.11",
+    packages=find_packages(include=["fairseq_quant", "fairseq_quant.*", "recipes", "recipes.*"]),
+    package_data={"recipes.librispeech": ["strategies/*.yaml"]},
+    install_requires=[
+        "torch==2.11.0",
+        "torchaudio==2.11.0",
+        # fairseq's main branch as a wheel that imports on Python 3.11/3.12; never depend on the
+        # distribution name `fairseq` (pip would install the broken 0.12.2 over it).
+        "ve-fairseq==0.12.3",
+        "sentencepiece>=0.2,<0.3",
+        "jiwer>=4.0,<5",
+        "numpy>=1.26",
+        "soundfile>=0.13",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+        "matplotlib>=3.8",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+)
