@@ -1,0 +1,2 @@
+"""fairseq models: quantized VGGTransformer architectures (``quant_vggtransformer_*``)."""
+from . import quant_vggtransformer  # noqa: F401

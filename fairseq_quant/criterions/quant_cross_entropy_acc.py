@@ -1,0 +1,125 @@
+"""``quant_cross_entropy_acc``: upstream cross-entropy with accuracy, plus optional knowledge
+distillation from an fp32 teacher checkpoint, and quantization statistics in the logs.
+
+loss = (1 - kd_weight) * CE(student, target) + kd_weight * T^2 * KL(teacher_T || student_T), summed over
+non-padding target tokens (T = --kd-temperature).
+"""
+import logging
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from examples.speech_recognition.criterions.cross_entropy_acc import CrossEntropyWithAccCriterion
+from fairseq import checkpoint_utils, metrics
+from fairseq.criterions import register_criterion
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherError(ValueError):
+    """The teacher checkpoint is missing or does not fit the student's task."""
+
+
+@register_criterion("quant_cross_entropy_acc")
+class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
+    def __init__(self, task, sentence_avg, teacher_path=None, kd_weight=0.0, kd_temperature=1.0):
+        super().__init__(task, sentence_avg)
+        if not 0.0 <= kd_weight <= 1.0:
+            raise TeacherError(f"--kd-weight must be in [0, 1], got {kd_weight}")
+        if kd_temperature <= 0:
+            raise TeacherError(f"--kd-temperature must be positive, got {kd_temperature}")
+        if kd_weight > 0 and not teacher_path:
+            raise TeacherError("--kd-weight > 0 needs --teacher-path (an fp32 checkpoint)")
+        self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
+        self.teacher = load_teacher(teacher_path, task) if teacher_path and kd_weight > 0 else None
+
+    @staticmethod
+    def add_args(parser):
+        parser.add_argument("--teacher-path", type=str, default=None, metavar="FILE",
+                            help="fp32 checkpoint to distil from")
+        parser.add_argument("--kd-weight", type=float, default=0.0, metavar="W",
+                            help="weight of the distillation loss (0 disables distillation)")
+        parser.add_argument("--kd-temperature", type=float, default=1.0, metavar="T",
+                            help="softmax temperature of teacher and student for distillation")
+
+    def forward(self, model, sample, reduction="sum", log_probs=True):
+        net_output = model(**sample["net_input"])
+        target = model.get_targets(sample, net_output)
+        lprobs, ce_loss = self.compute_loss(model, net_output, target, reduction, log_probs)
+        loss, kd_loss = ce_loss, None
+        if self.teacher is not None and model.training:
+            kd_loss = self.distillation_loss(model, net_output, sample, target)
+            loss = (1 - self.kd_weight) * ce_loss + self.kd_weight * kd_loss
+        sample_size, logging_output = self.get_logging_output(sample, target, lprobs, loss)
+        logging_output["ce_loss"] = ce_loss.item()
+        if kd_loss is not None:
+            logging_output["kd_loss"] = kd_loss.item()
+        report = getattr(_unwrap(model), "quant_report", None)
+        if report is not None:
+            logging_output["wbits"] = report.avg_weight_bits
+            logging_output["model_mb"] = report.quant_mb
+        return loss, sample_size, logging_output
+
+    def distillation_loss(self, model, net_output, sample, target):
+        teacher = self.teacher
+        if next(teacher.parameters()).device != target.device:
+            teacher.to(target.device)
+        with torch.no_grad():
+            teacher_out = teacher(**sample["net_input"])
+        t = self.kd_temperature
+        student_logits = net_output[0] / t
+        teacher_logits = teacher_out[0] / t
+        mask = (target != self.padding_idx).unsqueeze(-1)
+        kl = F.kl_div(F.log_softmax(student_logits.float(), dim=-1), F.log_softmax(teacher_logits.float(), dim=-1),
+                      log_target=True, reduction="none")
+        return (kl * mask).sum() * t * t
+
+    @staticmethod
+    def aggregate_logging_outputs(logging_outputs):
+        agg = CrossEntropyWithAccCriterion.aggregate_logging_outputs(logging_outputs)
+        sample_size = agg["sample_size"]
+        for key in ("ce_loss", "kd_loss"):
+            if any(key in log for log in logging_outputs) and sample_size > 0:
+                agg[key] = sum(log.get(key, 0) for log in logging_outputs) / sample_size / math.log(2)
+        for key in ("wbits", "model_mb"):
+            values = [log[key] for log in logging_outputs if key in log]
+            if values:
+                agg[key] = values[0]
+        return agg
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        agg = cls.aggregate_logging_outputs(logging_outputs)
+        for key, value in agg.items():
+            if key in ("ntokens", "nsentences", "sample_size", "nframes", "correct", "total"):
+                metrics.log_scalar(key, value, round=0)
+            else:
+                metrics.log_scalar(key, value, round=3)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return False
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def load_teacher(path: str, task):
+    """Load an fp32 teacher checkpoint for distillation (eval mode, frozen)."""
+    if not os.path.isfile(path):
+        raise TeacherError(f"teacher checkpoint not found: {path}")
+    try:
+        models, _ = checkpoint_utils.load_model_ensemble([path], task=task)
+    except Exception as err:  # fairseq raises many kinds here; name the file in one message
+        raise TeacherError(f"cannot load teacher checkpoint {path}: {type(err).__name__}: {err}") from err
+    teacher = models[0]
+    if len(teacher.decoder.dictionary) != len(task.target_dictionary):
+        raise TeacherError(f"teacher {path} has a {len(teacher.decoder.dictionary)}-token vocabulary, "
+                           f"the task has {len(task.target_dictionary)}")
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    logger.info("fairseq_quant: distilling from %s (%d parameters)", path, sum(p.numel() for p in teacher.parameters()))
+    return teacher

@@ -1,0 +1,253 @@
+"""Quantized VGGTransformer models for fairseq (``--arch quant_vggtransformer_*``).
+
+The upstream model is built as usual, then :func:`fairseq_quant.quant.quantize_model` swaps every
+module (VGG Conv2d, Linear, attention, LinearizedConvolution, embedding, output projection) for its
+quantized version following ``--quant-strategy FILE`` or a uniform ``--quant-weight-bits N
+--quant-act-bits M``. The float parameter names are unchanged, so ``--finetune-from-model fp32.pt``
+loads a trained fp32 checkpoint; quantizer state is then initialised from the loaded weights and by
+calibration on the first ``--quant-calib-batches`` training batches, and saved in QAT checkpoints so
+that resuming restores it exactly.
+"""
+import logging
+
+import torch
+import torch.distributed as dist
+from examples.speech_recognition.models.vggtransformer import (
+    TransformerDecoder,
+    VGGTransformerEncoderModel,
+    VGGTransformerModel,
+    base_architecture,
+    base_architecture_enconly,
+    vggtransformer_1,
+    vggtransformer_2,
+    vggtransformer_base,
+    vggtransformer_enc_1,
+)
+from fairseq.models import register_model, register_model_architecture
+from fairseq.modules import ConvTBC, LinearizedConvolution, MultiheadAttention, TransformerDecoderLayer
+
+from ..quant import (
+    QuantConvTBC,
+    QuantMultiheadAttention,
+    Strategy,
+    StrategyError,
+    quantize_model,
+    register_quant_module,
+)
+from ..quant.quantizers import ActivationQuantizer, WeightQuantizer
+
+logger = logging.getLogger(__name__)
+
+register_quant_module(MultiheadAttention, QuantMultiheadAttention)
+register_quant_module(ConvTBC, QuantConvTBC)  # LinearizedConvolution is a ConvTBC subclass
+QUANTIZER_KEY = "_quantizer."
+
+
+def add_quant_args(parser):
+    group = parser.add_argument_group("quantization (fairseq_quant)")
+    group.add_argument("--quant-strategy", type=str, metavar="FILE",
+                       help="YAML per-layer strategy (see recipes/librispeech/strategies)")
+    group.add_argument("--quant-weight-bits", type=str, metavar="N",
+                       help="uniform weight bits 1..8 or fp32 (when no --quant-strategy)")
+    group.add_argument("--quant-act-bits", type=str, metavar="M",
+                       help="uniform activation bits 1..8, or 32/fp32 for weight-only (when no --quant-strategy)")
+    group.add_argument("--quant-granularity", type=str, default="channel", choices=("tensor", "channel", "group"))
+    group.add_argument("--quant-group-size", type=int, default=None)
+    group.add_argument("--quant-weight-method", type=str, default="lsq")
+    group.add_argument("--quant-act-method", type=str, default="minmax")
+    group.add_argument("--quant-calib-batches", type=int, default=8, metavar="N",
+                       help="training batches observed (fp32) to initialise activation ranges")
+
+
+def strategy_from_args(args) -> Strategy:
+    path = getattr(args, "quant_strategy", None)
+    wbits, abits = getattr(args, "quant_weight_bits", None), getattr(args, "quant_act_bits", None)
+    if path:
+        if wbits is not None or abits is not None:
+            raise StrategyError("give either --quant-strategy or --quant-weight-bits/--quant-act-bits, not both")
+        return Strategy.from_yaml(path)
+    if wbits is None:
+        raise StrategyError("quant_ architectures need --quant-strategy FILE or --quant-weight-bits N "
+                            "[--quant-act-bits M]")
+
+    def bits(value):
+        return int(value) if str(value).isdigit() and int(value) != 32 else value
+
+    return Strategy.uniform(bits(wbits), bits(abits if abits is not None else "fp32"),
+                            granularity=args.quant_granularity, group_size=args.quant_group_size,
+                            weight_method=args.quant_weight_method, act_method=args.quant_act_method)
+
+
+class QuantTransformerDecoder(TransformerDecoder):
+    """Upstream decoder whose forward also feeds ``incremental_state`` to quantized convolutions.
+
+    Upstream dispatches on ``isinstance(layer, LinearizedConvolution)``; a swapped-in quantized
+    convolution would silently lose its incremental state without this.
+    """
+
+    def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None):
+        target_padding_mask = (prev_output_tokens == self.padding_idx) if incremental_state is None else None
+        if incremental_state is not None:
+            prev_output_tokens = prev_output_tokens[:, -1:]
+        x = self.embed_tokens(prev_output_tokens)
+        x = self._transpose_if_training(x, incremental_state)
+        for layer in self.conv_layers:
+            if isinstance(layer, (LinearizedConvolution, QuantConvTBC)):
+                x = layer(x, incremental_state)
+            else:
+                x = layer(x)
+        x = self._transpose_if_inference(x, incremental_state)
+        enc = encoder_out["encoder_out"] if encoder_out is not None else None
+        enc_mask = encoder_out["encoder_padding_mask"] if encoder_out is not None else None
+        for layer in self.layers:
+            if isinstance(layer, TransformerDecoderLayer):
+                x, *_ = layer(
+                    x, enc, enc_mask.t() if enc_mask is not None else None, incremental_state,
+                    self_attn_mask=self.buffered_future_mask(x) if incremental_state is None else None,
+                    self_attn_padding_mask=target_padding_mask,
+                )
+            else:
+                x = layer(x)
+        return self.fc_out(x.transpose(0, 1)), None
+
+
+class QuantModelMixin:
+    """Quantizes the built model; loads fp32 checkpoints; calibrates on the first training batches."""
+
+    def quantize(self, args):
+        self.quant_strategy = strategy_from_args(args)
+        self.quant_report = quantize_model(self, self.quant_strategy)
+        self.quant_calib_batches = int(getattr(args, "quant_calib_batches", 8))
+        self.register_buffer("quant_calibrated", torch.tensor(False))
+        self._calib_seen = 0
+        logger.info("fairseq_quant: %s\n%s", self.quant_strategy, self.quant_report.format())
+
+    def quantizers(self):
+        return [m for m in self.modules() if isinstance(m, (WeightQuantizer, ActivationQuantizer))]
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        own = self.state_dict()
+        quant_keys = {k for k in own if QUANTIZER_KEY in k or k == "quant_calibrated"}
+        given = {k for k in state_dict if QUANTIZER_KEY in k or k == "quant_calibrated"}
+        if not given:  # an fp32 checkpoint: quantizers start fresh and calibrate on the first batches
+            state_dict = dict(state_dict)
+            for k in quant_keys:
+                state_dict[k] = own[k]
+            for q in self.quantizers():
+                q.reset()
+            logger.info("fairseq_quant: loading an fp32 checkpoint; quantizers will be calibrated")
+        elif given != quant_keys:
+            missing, extra = sorted(quant_keys - given), sorted(given - quant_keys)
+            raise StrategyError(
+                "checkpoint was written with a different quantization strategy: "
+                f"missing quantizer state {missing[:3]}, unexpected {extra[:3]}"
+            )
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+
+    def _finish_calibration(self):
+        for q in self.quantizers():
+            if isinstance(q, ActivationQuantizer):
+                q.finish_calibration()
+        _average_across_workers(self.quantizers())
+        self.quant_calibrated.fill_(True)
+        logger.info("fairseq_quant: activation ranges calibrated on %d batches", self._calib_seen)
+
+    def forward(self, *args, **kwargs):
+        calibrating = not bool(self.quant_calibrated)
+        if calibrating and not self.training:
+            # evaluation before N training batches were seen: fix ranges from what was observed
+            self._finish_calibration()
+            calibrating = False
+        if calibrating and self._calib_seen == 0:
+            for q in self.quantizers():
+                if isinstance(q, ActivationQuantizer):
+                    q.start_calibration()  # activations pass through in fp32 while observed
+        out = super().forward(*args, **kwargs)
+        if calibrating:
+            self._calib_seen += 1
+            if self._calib_seen >= self.quant_calib_batches:
+                self._finish_calibration()
+        return out
+
+
+def _average_across_workers(quantizers):
+    """Data-parallel workers calibrate on different batches: agree on the mean ranges."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for q in quantizers:
+            for t in list(q.parameters(recurse=False)) + [b for n, b in q.named_buffers(recurse=False)
+                                                         if b.is_floating_point()]:
+                dist.all_reduce(t.data)
+                t.data.div_(dist.get_world_size())
+
+
+@register_model("quant_asr_vggtransformer")
+class QuantVGGTransformerModel(QuantModelMixin, VGGTransformerModel):
+    """VGGTransformer (encoder-decoder) with every module quantized."""
+
+    @staticmethod
+    def add_args(parser):
+        VGGTransformerModel.add_args(parser)
+        add_quant_args(parser)
+
+    @classmethod
+    def build_decoder(cls, args, task):
+        return QuantTransformerDecoder(
+            dictionary=task.target_dictionary, embed_dim=args.tgt_embed_dim,
+            transformer_config=eval(args.transformer_dec_config), conv_config=eval(args.conv_dec_config),
+            encoder_output_dim=args.enc_output_dim,
+        )
+
+    @classmethod
+    def build_model(cls, args, task):
+        model = super().build_model(args, task)
+        model.quantize(args)
+        return model
+
+
+@register_model("quant_asr_vggtransformer_encoder")
+class QuantVGGTransformerEncoderModel(QuantModelMixin, VGGTransformerEncoderModel):
+    """Encoder-only (CTC) VGGTransformer with every module quantized."""
+
+    @staticmethod
+    def add_args(parser):
+        VGGTransformerEncoderModel.add_args(parser)
+        add_quant_args(parser)
+
+    @classmethod
+    def build_model(cls, args, task):
+        model = super().build_model(args, task)
+        model.quantize(args)
+        return model
+
+
+def vggtransformer_small(args):
+    """A small VGGTransformer that trains on 2 CPU cores (about 3 M parameters with a 1k vocabulary)."""
+    args.input_feat_per_channel = getattr(args, "input_feat_per_channel", 80)
+    args.vggblock_enc_config = getattr(args, "vggblock_enc_config", "[(32, 3, 2, 2, True), (32, 3, 2, 2, True)]")
+    args.transformer_enc_config = getattr(args, "transformer_enc_config", "((144, 4, 576, True, 0.1, 0.1, 0.1),) * 4")
+    args.enc_output_dim = getattr(args, "enc_output_dim", 144)
+    args.tgt_embed_dim = getattr(args, "tgt_embed_dim", 144)
+    args.conv_dec_config = getattr(args, "conv_dec_config", "((144, 3, True),) * 2")
+    args.transformer_dec_config = getattr(args, "transformer_dec_config", "((144, 4, 576, True, 0.1, 0.1, 0.1),) * 2")
+    base_architecture(args)
+
+
+register_model_architecture("asr_vggtransformer", "vggtransformer_small")(vggtransformer_small)
+
+for _name, _fn in (("vggtransformer_1", vggtransformer_1), ("vggtransformer_2", vggtransformer_2),
+                   ("vggtransformer_base", vggtransformer_base), ("vggtransformer_small", vggtransformer_small)):
+    def _arch(args, _fn=_fn):
+        _fn(args)
+        base_architecture(args)
+
+    register_model_architecture("quant_asr_vggtransformer", f"quant_{_name}")(_arch)
+
+
+def _quant_enc_1(args):
+    vggtransformer_enc_1(args)
+    base_architecture_enconly(args)
+
+
+register_model_architecture("quant_asr_vggtransformer_encoder", "quant_vggtransformer_enc_1")(_quant_enc_1)

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny fairseq VGGTransformer models built through fairseq's own parser and task."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import fairseq_quant  # noqa: E402,F401  (registers with fairseq)
+from fairseq import options, tasks  # noqa: E402
+
+VOCAB = 40
+TINY_ARCH = [
+    "--vggblock-enc-config", "[(8, 3, 2, 2, True)]",
+    "--transformer-enc-config", "((32, 2, 64, True, 0.1, 0.1, 0.1),) * 2",
+    "--enc-output-dim", "32", "--tgt-embed-dim", "32",
+    "--conv-dec-config", "((32, 3, True),) * 2",
+    "--transformer-dec-config", "((32, 2, 64, True, 0.1, 0.1, 0.1),) * 2",
+    "--input-feat-per-channel", "80",
+]
+
+
+@pytest.fixture(scope="session")
+def dict_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dict")
+    (path / "dict.txt").write_text("".join(f"tok{i} {100 - i}\n" for i in range(VOCAB)))
+    return path
+
+
+def build_tiny(dict_dir, arch="quant_vggtransformer_small", extra=()):
+    """(task, model, args) for a tiny VGGTransformer with the given quantization flags."""
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [
+        str(dict_dir), "--task", "speech_recognition", "--arch", arch, "--criterion", "cross_entropy_acc",
+        *TINY_ARCH, *extra,
+    ])
+    task = tasks.setup_task(args)
+    return task, task.build_model(args), args
+
+
+def fbank_batch(seed=0, bsz=3, frames=(120, 100, 80), tgt_len=7):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(bsz, max(frames), 80, generator=g)
+    lengths = torch.tensor(frames)
+    prev = torch.randint(4, VOCAB + 4, (bsz, tgt_len), generator=g)
+    return x, lengths, prev
