@@ -81,10 +81,29 @@ def allow_fairseq_checkpoints() -> None:
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
 
+def install_excepthook() -> None:
+    """Report fairseq_quant's user-input errors as one line instead of a traceback through fairseq."""
+    from .quant.errors import FairseqQuantError
+
+    previous = sys.excepthook
+    if getattr(previous, "_fairseq_quant", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, FairseqQuantError):
+            print(f"fairseq_quant: error: {exc}", file=sys.stderr)
+        else:
+            previous(exc_type, exc, tb)
+
+    hook._fairseq_quant = True
+    sys.excepthook = hook
+
+
 def apply() -> None:
     """Apply every fix, then import the upstream speech_recognition example (registers its
     task ``speech_recognition``, models ``asr_vggtransformer*`` and criterion ``cross_entropy_acc``)."""
     allow_fairseq_checkpoints()
+    install_excepthook()
     install_torchaudio_load_wav()
     expose_fairseq_examples()
     importlib.import_module(f"{EXAMPLES_NAME}.speech_recognition")

@@ -14,10 +14,12 @@ from examples.speech_recognition.criterions.cross_entropy_acc import CrossEntrop
 from fairseq import checkpoint_utils, metrics
 from fairseq.criterions import register_criterion
 
+from ..quant.errors import FairseqQuantError
+
 logger = logging.getLogger(__name__)
 
 
-class TeacherError(ValueError):
+class TeacherError(FairseqQuantError, ValueError):
     """The teacher checkpoint is missing or does not fit the student's task."""
 
 

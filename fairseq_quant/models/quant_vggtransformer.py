@@ -8,9 +8,11 @@ loads a trained fp32 checkpoint; quantizer state is then initialised from the lo
 calibration on the first ``--quant-calib-batches`` training batches, and saved in QAT checkpoints so
 that resuming restores it exactly.
 """
+import argparse
 import logging
 
 import torch
+import yaml
 import torch.distributed as dist
 from examples.speech_recognition.models.vggtransformer import (
     TransformerDecoder,
@@ -57,9 +59,15 @@ def add_quant_args(parser):
     group.add_argument("--quant-act-method", type=str, default="minmax")
     group.add_argument("--quant-calib-batches", type=int, default=8, metavar="N",
                        help="training batches observed (fp32) to initialise activation ranges")
+    # the resolved strategy, stored in the checkpoint's args so that decoding never needs the YAML file
+    group.add_argument("--quant-strategy-inline", type=str, default=None, help=argparse.SUPPRESS)
 
 
 def strategy_from_args(args) -> Strategy:
+    inline = getattr(args, "quant_strategy_inline", None)
+    if inline:
+        source = f"{getattr(args, 'quant_strategy', None) or 'uniform'} (stored in checkpoint)"
+        return Strategy.from_dict(yaml.safe_load(inline), source=source)
     path = getattr(args, "quant_strategy", None)
     wbits, abits = getattr(args, "quant_weight_bits", None), getattr(args, "quant_act_bits", None)
     if path:
@@ -116,6 +124,7 @@ class QuantModelMixin:
 
     def quantize(self, args):
         self.quant_strategy = strategy_from_args(args)
+        args.quant_strategy_inline = yaml.safe_dump(self.quant_strategy.to_dict(), sort_keys=False)
         self.quant_report = quantize_model(self, self.quant_strategy)
         self.quant_calib_batches = int(getattr(args, "quant_calib_batches", 8))
         self.register_buffer("quant_calibrated", torch.tensor(False))
@@ -225,7 +234,7 @@ class QuantVGGTransformerEncoderModel(QuantModelMixin, VGGTransformerEncoderMode
 def vggtransformer_small(args):
     """A small VGGTransformer that trains on 2 CPU cores (about 3 M parameters with a 1k vocabulary)."""
     args.input_feat_per_channel = getattr(args, "input_feat_per_channel", 80)
-    args.vggblock_enc_config = getattr(args, "vggblock_enc_config", "[(32, 3, 2, 2, True), (32, 3, 2, 2, True)]")
+    args.vggblock_enc_config = getattr(args, "vggblock_enc_config", "[(16, 3, 2, 2, True), (16, 3, 2, 2, True)]")
     args.transformer_enc_config = getattr(args, "transformer_enc_config", "((144, 4, 576, True, 0.1, 0.1, 0.1),) * 4")
     args.enc_output_dim = getattr(args, "enc_output_dim", 144)
     args.tgt_embed_dim = getattr(args, "tgt_embed_dim", 144)

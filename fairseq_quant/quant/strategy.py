@@ -20,10 +20,11 @@ from pathlib import Path
 
 import yaml
 
+from .errors import FairseqQuantError
 from .spec import QuantSpec
 
 
-class StrategyError(ValueError):
+class StrategyError(FairseqQuantError, ValueError):
     """A strategy that cannot be applied: the message names the file, the rule and the problem."""
 
 

@@ -1,0 +1,145 @@
+"""WER evaluation of any fairseq speech checkpoint (fp32 or quant_*): beam search with fairseq's
+SequenceGenerator, SentencePiece detokenisation, and WER over a whole subset with jiwer
+(total substitutions + deletions + insertions / total reference words).
+
+Writes, per subset, ``{subset}.ref`` / ``{subset}.hyp`` (sclite trn lines ``TEXT (ID)``), and for the
+run ``wer.json`` and ``wer.md``.
+"""
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jiwer
+import sentencepiece as spm
+import torch
+from fairseq import checkpoint_utils
+from fairseq.sequence_generator import SequenceGenerator
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SubsetResult:
+    subset: str
+    utterances: int
+    words: int
+    substitutions: int
+    deletions: int
+    insertions: int
+    wer: float  # percent
+    seconds: float
+
+
+def word_error_rate(refs: list[str], hyps: list[str]) -> dict:
+    """Corpus-level WER in percent: total errors over total reference words (not a mean of utterance WERs)."""
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    if not refs:
+        raise ValueError("no utterances to score")
+    if any(not r.strip() for r in refs):
+        raise ValueError("empty reference transcript: WER is undefined for it")
+    out = jiwer.process_words(refs, hyps)
+    words = out.hits + out.substitutions + out.deletions
+    errors = out.substitutions + out.deletions + out.insertions
+    return {"words": words, "substitutions": out.substitutions, "deletions": out.deletions,
+            "insertions": out.insertions, "wer": 100.0 * errors / words}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary name in the same directory, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def find_spm_model(data_dir: Path) -> Path:
+    found = sorted(Path(data_dir).glob("spm*.model"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"expected exactly one SentencePiece model spm*.model in {data_dir}, found "
+                                f"{[p.name for p in found]}; pass --spm-model")
+    return found[0]
+
+
+def load_checkpoint(checkpoint: Path, data_dir: Path):
+    """(model, task) from a fairseq checkpoint, with the data directory overridden."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    try:
+        models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+            [str(checkpoint)], arg_overrides={"data": str(data_dir)})
+    except (RuntimeError, EOFError, KeyError) as err:
+        raise RuntimeError(f"cannot load checkpoint {checkpoint}: {type(err).__name__}: {err}") from err
+    model = models[0]
+    model.eval()
+    return model, task
+
+
+def decode_subset(model, task, subset: str, sp, beam: int = 5, max_tokens: int = 60000,
+                  max_len_b: int = 200, progress: bool = True) -> list[tuple[str, str, str]]:
+    """[(utterance id, reference, hypothesis)] for every utterance of ``subset``, in manifest order."""
+    task.load_dataset(subset)
+    dataset = task.dataset(subset)
+    manifest = json.loads((Path(task.args.data) / f"{subset}.json").read_text())["utts"]
+    generator = SequenceGenerator([model], task.target_dictionary, beam_size=beam, max_len_a=0,
+                                  max_len_b=max_len_b)
+    itr = task.get_batch_iterator(dataset=dataset, max_tokens=max_tokens, max_positions=(1e9, 1e9),
+                                  ignore_invalid_inputs=False).next_epoch_itr(shuffle=False)
+    hyps: dict[str, str] = {}
+    bar = tqdm(total=len(dataset), desc=f"decode {subset}", unit="utt", disable=not progress, leave=False)
+    with torch.no_grad():
+        for sample in itr:
+            outputs = generator.generate([model], sample)
+            for index, out in zip(sample["id"].tolist(), outputs):
+                pieces = task.target_dictionary.string(out[0]["tokens"].int().cpu())
+                hyps[dataset.ids[index]] = sp.decode_pieces(pieces.split()).strip() if pieces else ""
+            bar.update(len(outputs))
+    bar.close()
+    return [(utt, manifest[utt]["output"]["text"].strip(), hyps[utt]) for utt in manifest]
+
+
+def evaluate(checkpoint, data_dir, subsets, out_dir, beam: int = 5, spm_model=None, max_tokens: int = 60000,
+             progress: bool = True) -> list[SubsetResult]:
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    sp = spm.SentencePieceProcessor(model_file=str(spm_model or find_spm_model(data_dir)))
+    model, task = load_checkpoint(checkpoint, data_dir)
+    results = []
+    for subset in subsets:
+        if not (data_dir / f"{subset}.json").is_file():
+            raise FileNotFoundError(f"no manifest {data_dir / (subset + '.json')}; prepared subsets: "
+                                    f"{sorted(p.stem for p in data_dir.glob('*.json'))}")
+        start = time.perf_counter()
+        rows = decode_subset(model, task, subset, sp, beam=beam, max_tokens=max_tokens, progress=progress)
+        seconds = time.perf_counter() - start
+        scores = word_error_rate([r for _, r, _ in rows], [h for _, _, h in rows])
+        atomic_write_text(out_dir / f"{subset}.ref", "".join(f"{r} ({u})\n" for u, r, _ in rows))
+        atomic_write_text(out_dir / f"{subset}.hyp", "".join(f"{h} ({u})\n" for u, _, h in rows))
+        results.append(SubsetResult(subset, len(rows), scores["words"], scores["substitutions"],
+                                    scores["deletions"], scores["insertions"], round(scores["wer"], 2),
+                                    round(seconds, 1)))
+        logger.info("%s: WER %.2f%% over %d words", subset, scores["wer"], scores["words"])
+    summary = {"checkpoint": str(checkpoint), "beam": beam, "results": [asdict(r) for r in results]}
+    atomic_write_text(out_dir / "wer.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out_dir / "wer.md", format_table(results))
+    return results
+
+
+def format_table(results: list[SubsetResult]) -> str:
+    lines = ["| subset | utterances | words | sub | del | ins | WER % |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r.subset} | {r.utterances} | {r.words} | {r.substitutions} | {r.deletions} | "
+                     f"{r.insertions} | {r.wer:.2f} |")
+    return "\n".join(lines) + "\n"

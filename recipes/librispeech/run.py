@@ -1,0 +1,278 @@
+"""The LibriSpeech recipe, end to end: corpus -> prepare -> fp32 VGGTransformer -> QAT per strategy ->
+WER evaluation -> results table.
+
+    python -m recipes.librispeech.run --size default --workdir exp/default           # generated corpus
+    python -m recipes.librispeech.run --librispeech-root /data/LibriSpeech --size paper --workdir exp/ls
+
+Every stage is idempotent: a finished stage leaves a ``.done`` marker and is skipped on the next run;
+an interrupted fairseq-train resumes from its ``checkpoint_last.pt``.
+"""
+import argparse
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+STRATEGY_DIR = Path(__file__).parent / "strategies"
+DEFAULT_STRATEGIES = ("w8a8", "w4a8", "w2a8", "mixed2a8")
+EVAL_SUBSETS = ("dev-clean", "dev-other", "test-clean", "test-other")
+LOG_LINE = re.compile(r"\| (train_inner|valid on|train \||.*valid on)")
+
+logger = logging.getLogger("recipe")
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """Everything a run size decides: corpus, model, and the fp32 and QAT schedules."""
+
+    corpus_size: str | None  # generate_corpus size, None for a real LibriSpeech tree
+    arch: str = "vggtransformer_small"
+    vocab_size: int = 300
+    batch_size: int = 16
+    fp32_updates: int = 2000
+    fp32_lr: float = 2e-3
+    warmup: int = 300
+    qat_updates: int = 300
+    qat_lr: float = 5e-4
+    kd_weight: float = 0.5
+    kd_temperature: float = 2.0
+    calib_batches: int = 8
+    beam: int = 5
+    train_subsets: tuple = ("train-clean-100",)
+    extra_train_args: tuple = ()
+    threads: int = 2
+
+
+SIZES = {
+    # a smoke run for CI: tiny corpus, a few updates; checks the plumbing, not accuracy
+    "smoke": RecipeConfig(corpus_size="tiny", vocab_size=60, batch_size=8, fp32_updates=30, warmup=10,
+                          qat_updates=6, calib_batches=2, beam=2),
+    "quick": RecipeConfig(corpus_size="quick", fp32_updates=1200, qat_updates=150),
+    "default": RecipeConfig(corpus_size="default"),
+    # the paper's vggtransformer_2 on real LibriSpeech (GPU cluster; see README)
+    "paper": RecipeConfig(corpus_size=None, arch="vggtransformer_2", vocab_size=5000, batch_size=0,
+                          fp32_updates=300000, fp32_lr=1e-4, warmup=8000, qat_updates=20000, qat_lr=5e-5,
+                          train_subsets=("train-clean-100", "train-clean-360", "train-other-500"),
+                          extra_train_args=("--max-tokens", "5000000", "--update-freq", "1")),
+}
+
+
+@dataclass
+class ModelResult:
+    name: str
+    checkpoint: str
+    avg_weight_bits: float
+    model_mb: float
+    wer: dict = field(default_factory=dict)  # subset -> WER %
+    words: dict = field(default_factory=dict)  # subset -> reference words
+    errors: dict = field(default_factory=dict)  # subset -> S + D + I
+
+
+def done_marker(path: Path) -> Path:
+    return path / ".done"
+
+
+def mark_done(path: Path, info: dict) -> None:
+    tmp = path / ".done.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, done_marker(path))
+
+
+def run_logged(cmd: list[str], log_path: Path, env=None) -> None:
+    """Run a command, keep its whole output in ``log_path`` and echo progress lines."""
+    logger.info("$ %s", " ".join(cmd))
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for line in proc.stdout:
+            log.write(line)
+            if LOG_LINE.search(line):
+                print("   " + line.split(" | ", 2)[-1].strip()[:160], flush=True)
+        if proc.wait() != 0:
+            raise RuntimeError(f"command failed with exit code {proc.returncode}; see {log_path}")
+
+
+def train_env(cfg: RecipeConfig) -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(cfg.threads))
+    return env
+
+
+def common_train_args(data: Path, save_dir: Path, cfg: RecipeConfig, updates: int, lr: float) -> list[str]:
+    args = [
+        sys.executable, "-m", "fairseq_cli.train", str(data), "--user-dir", str(Path(__file__).parents[2] / "fairseq_quant"),
+        "--task", "speech_recognition", "--train-subset", "train", "--valid-subset", "dev-clean",
+        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(lr), "--clip-norm", "10",
+        "--max-update", str(updates), "--save-dir", str(save_dir), "--num-workers", "0",
+        "--no-epoch-checkpoints", "--log-format", "simple", "--log-interval", "25", "--seed", "1",
+        "--max-tokens", "1000000000", "--skip-invalid-size-inputs-valid-test",
+    ]
+    if cfg.batch_size:
+        args += ["--batch-size", str(cfg.batch_size)]
+    return args + list(cfg.extra_train_args)
+
+
+def train_fp32(data: Path, out: Path, cfg: RecipeConfig) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint_best.pt"
+    if done_marker(out).exists():
+        logger.info("fp32: already trained (%s)", ckpt)
+        return ckpt
+    cmd = common_train_args(data, out, cfg, cfg.fp32_updates, cfg.fp32_lr) + [
+        "--arch", cfg.arch, "--criterion", "cross_entropy_acc",
+        "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(cfg.warmup),
+    ]
+    start = time.perf_counter()
+    run_logged(cmd, out / "train.log", train_env(cfg))
+    mark_done(out, {"seconds": round(time.perf_counter() - start, 1), "updates": cfg.fp32_updates})
+    return ckpt
+
+
+def train_qat(data: Path, out: Path, strategy: Path, fp32_ckpt: Path, cfg: RecipeConfig) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint_best.pt"
+    if done_marker(out).exists():
+        logger.info("QAT %s: already trained (%s)", strategy.stem, ckpt)
+        return ckpt
+    cmd = common_train_args(data, out, cfg, cfg.qat_updates, cfg.qat_lr) + [
+        "--arch", f"quant_{cfg.arch}", "--quant-strategy", str(strategy),
+        "--quant-calib-batches", str(cfg.calib_batches), "--finetune-from-model", str(fp32_ckpt),
+        "--criterion", "quant_cross_entropy_acc", "--teacher-path", str(fp32_ckpt),
+        "--kd-weight", str(cfg.kd_weight), "--kd-temperature", str(cfg.kd_temperature),
+        "--lr-scheduler", "cosine", "--warmup-updates", str(min(50, cfg.qat_updates // 5)),
+    ]
+    start = time.perf_counter()
+    run_logged(cmd, out / "train.log", train_env(cfg))
+    mark_done(out, {"seconds": round(time.perf_counter() - start, 1), "updates": cfg.qat_updates,
+                    "strategy": str(strategy)})
+    return ckpt
+
+
+def evaluate_model(name: str, ckpt: Path, data: Path, out: Path, cfg: RecipeConfig) -> ModelResult:
+    """WER on every subset (cached in ``out/wer.json``) plus size and bits of the checkpoint's model."""
+    from fairseq_quant.evaluate import evaluate, load_checkpoint
+    from fairseq_quant.quant import build_report
+
+    summary = out / "wer.json"
+    if not summary.exists() or json.loads(summary.read_text()).get("checkpoint") != str(ckpt):
+        evaluate(ckpt, data, EVAL_SUBSETS, out, beam=cfg.beam)
+    results = json.loads(summary.read_text())["results"]
+    model, _ = load_checkpoint(ckpt, data)
+    report = getattr(model, "quant_report", None) or build_report(model)
+    return ModelResult(
+        name=name, checkpoint=str(ckpt), avg_weight_bits=report.avg_weight_bits, model_mb=report.quant_mb,
+        wer={r["subset"]: r["wer"] for r in results}, words={r["subset"]: r["words"] for r in results},
+        errors={r["subset"]: r["substitutions"] + r["deletions"] + r["insertions"] for r in results},
+    )
+
+
+def pooled_wer(result: ModelResult, subsets) -> float:
+    words = sum(result.words[s] for s in subsets)
+    return 100.0 * sum(result.errors[s] for s in subsets) / words
+
+
+def results_table(results: list[ModelResult]) -> str:
+    """Markdown: strategy, bits, MB, WER per subset, relative test WER change against fp32 (first row)."""
+    base = results[0]
+    tests = [s for s in EVAL_SUBSETS if s.startswith("test")]
+    base_test = pooled_wer(base, tests)
+    head = ("| model | avg weight bits | model MB | " + " | ".join(EVAL_SUBSETS)
+            + " | test WER (pooled) | rel. change vs fp32 |")
+    lines = [head, "|" + "---|" * (5 + len(EVAL_SUBSETS))]
+    for r in results:
+        test = pooled_wer(r, tests)
+        rel = "-" if r is base else f"{100.0 * (test - base_test) / base_test:+.1f}%"
+        lines.append(f"| {r.name} | {r.avg_weight_bits:.2f} | {r.model_mb:.3f} | "
+                     + " | ".join(f"{r.wer[s]:.2f}" for s in EVAL_SUBSETS) + f" | {test:.2f} | {rel} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="default")
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--librispeech-root", type=Path, default=None,
+                        help="an official LibriSpeech tree (default: generate a corpus in its layout)")
+    parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
+                        help="names in recipes/librispeech/strategies or paths to YAML files")
+    parser.add_argument("--stages", default="corpus,prepare,fp32,qat,eval")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fp32-updates", type=int, default=None)
+    parser.add_argument("--qat-updates", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")
+    cfg = SIZES[args.size]
+    if args.fp32_updates:
+        cfg = replace(cfg, fp32_updates=args.fp32_updates)
+    if args.qat_updates:
+        cfg = replace(cfg, qat_updates=args.qat_updates)
+    stages = set(args.stages.split(","))
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    timings = {}
+
+    def timed(stage, fn, *a):
+        t = time.perf_counter()
+        out = fn(*a)
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t
+        return out
+
+    root = args.librispeech_root
+    if root is None:
+        if cfg.corpus_size is None:
+            parser.error(f"--size {args.size} needs --librispeech-root")
+        from recipes.librispeech.generate_corpus import SIZES as CORPUS_SIZES, generate_corpus
+
+        n_train, n_dev, n_test = CORPUS_SIZES[cfg.corpus_size]
+        logger.info("stage corpus: %d train, %d per dev/test subset (seed %d)", n_train, n_dev, args.seed)
+        if "corpus" in stages:
+            root = timed("corpus", generate_corpus, work / "corpus", args.seed, n_train, n_dev, n_test)
+        else:
+            root = work / "corpus" / "LibriSpeech"
+    data = work / "data"
+    if "prepare" in stages:
+        from recipes.librispeech.prepare_data import prepare
+
+        logger.info("stage prepare: %s -> %s", root, data)
+        timed("prepare", prepare, root, data, list(cfg.train_subsets), list(EVAL_SUBSETS), cfg.vocab_size)
+
+    fp32_ckpt = work / "fp32" / "checkpoint_best.pt"
+    if "fp32" in stages:
+        logger.info("stage fp32: %s, %d updates", cfg.arch, cfg.fp32_updates)
+        fp32_ckpt = timed("fp32", train_fp32, data, work / "fp32", cfg)
+    strategies = [Path(s) if s.endswith(".yaml") else STRATEGY_DIR / f"{s}.yaml" for s in args.strategies.split(",") if s]
+    qat_ckpts = {}
+    for strategy in strategies:
+        if not strategy.is_file():
+            parser.error(f"strategy not found: {strategy}")
+        qat_ckpts[strategy.stem] = work / "qat" / strategy.stem / "checkpoint_best.pt"
+        if "qat" in stages:
+            logger.info("stage qat: %s, %d updates", strategy.stem, cfg.qat_updates)
+            qat_ckpts[strategy.stem] = timed("qat", train_qat, data, work / "qat" / strategy.stem, strategy,
+                                             fp32_ckpt, cfg)
+    if "eval" in stages:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+        results = [timed("eval", evaluate_model, "fp32", fp32_ckpt, data, work / "eval" / "fp32", cfg)]
+        for name, ckpt in qat_ckpts.items():
+            results.append(timed("eval", evaluate_model, name, ckpt, data, work / "eval" / name, cfg))
+        table = results_table(results)
+        (work / "results.md").write_text(table)
+        (work / "results.json").write_text(json.dumps({
+            "size": args.size, "config": cfg.__dict__, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+            "results": [r.__dict__ for r in results]}, indent=2, default=str) + "\n")
+        print("\n" + table)
+    total = time.perf_counter() - started
+    print("stage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
+          + f"; total {total / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""WER of a fairseq speech checkpoint (fp32 or quant) on prepared subsets.
+
+    python scripts/evaluate.py --checkpoint exp/fp32/checkpoint_best.pt --data exp/data \
+        --subsets dev-clean,dev-other,test-clean,test-other --beam 5 --out exp/eval/fp32
+"""
+import argparse
+import logging
+import sys
+
+import torch
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data", required=True, help="prepared data directory (dict.txt, {subset}.json, spm model)")
+    parser.add_argument("--subsets", default="dev-clean,dev-other,test-clean,test-other")
+    parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--spm-model", default=None)
+    parser.add_argument("--max-tokens", type=int, default=60000, help="batch size in ms of audio")
+    parser.add_argument("--out", required=True, help="directory for ref/hyp files, wer.json and wer.md")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import fairseq_quant  # noqa: F401  (registers the quant_ models with fairseq)
+    from fairseq_quant.evaluate import evaluate, format_table
+
+    try:
+        results = evaluate(args.checkpoint, args.data, [s for s in args.subsets.split(",") if s], args.out,
+                           beam=args.beam, spm_model=args.spm_model, max_tokens=args.max_tokens)
+    except (FileNotFoundError, RuntimeError, ValueError) as err:
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(results), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
