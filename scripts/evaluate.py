@@ -18,7 +18,7 @@ def main(argv=None):
     parser.add_argument("--subsets", default="dev-clean,dev-other,test-clean,test-other")
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--spm-model", default=None)
-    parser.add_argument("--max-tokens", type=int, default=60000, help="batch size in ms of audio")
+    parser.add_argument("--max-tokens", type=int, default=60000, help="batch size in 10 ms feature frames")
     parser.add_argument("--out", required=True, help="directory for ref/hyp files, wer.json and wer.md")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)

@@ -34,7 +34,12 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
         if kd_weight > 0 and not teacher_path:
             raise TeacherError("--kd-weight > 0 needs --teacher-path (an fp32 checkpoint)")
         self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
-        self.teacher = load_teacher(teacher_path, task) if teacher_path and kd_weight > 0 else None
+        # kept out of the module tree: the teacher is neither trained nor saved in checkpoints
+        self._teacher = (load_teacher(teacher_path, task),) if teacher_path and kd_weight > 0 else ()
+
+    @property
+    def teacher(self):
+        return self._teacher[0] if self._teacher else None
 
     @staticmethod
     def add_args(parser):

@@ -216,9 +216,10 @@ class RangeObserver:
             lo, hi = torch.quantile(values, q).tolist()
             return lo, hi
         if method == "mse":
-            best, best_err = (self.lo, self.hi), math.inf
+            full_lo, full_hi = min(self.lo, 0.0), max(self.hi, 0.0)  # the grid always contains 0
+            best, best_err = (full_lo, full_hi), math.inf
             for ratio in torch.linspace(0.2, 1.0, 41).tolist():
-                lo, hi = self.lo * ratio, self.hi * ratio
+                lo, hi = full_lo * ratio, full_hi * ratio
                 err = float((fake_quant_zero_point(values, torch.tensor(lo), torch.tensor(hi), bits) - values).pow(2).mean())
                 if err < best_err:
                     best, best_err = (lo, hi), err
@@ -245,6 +246,9 @@ class ActivationQuantizer(nn.Module):
             raise ValueError(f"{name}: unknown activation method '{method}'; expected one of {ACT_METHODS}")
         if method == "fixed" and fixed_range is None:
             raise ValueError(f"{name}: method 'fixed' needs fixed_range=(lo, hi)")
+        if self.bits == 1 and method in ("pact", "lsq"):
+            raise ValueError(f"{name}: 1-bit activations need a range method (minmax, percentile, mse), "
+                             f"not '{method}' (its signed 1-bit grid is {{-1, 0}})")
         self.method = method
         self.momentum = momentum
         self.name = name

@@ -97,21 +97,26 @@ def quantize_model(model: nn.Module, strategy: Strategy) -> QuantizationReport:
         rules_used[name] = "default" if idx is None else f"rule {idx + 1}: {strategy.rules[idx].pattern}"
         return spec
 
-    def swap(parent: nn.Module, prefix: str) -> None:
+    planned: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def plan(parent: nn.Module, prefix: str) -> None:
         for child_name, child in list(parent.named_children()):
             full = f"{prefix}.{child_name}" if prefix else child_name
             if is_quantized(child):
                 continue
             quant_cls = quant_class_for(child)
             if quant_cls is None:
-                swap(child, full)
+                plan(child, full)
                 continue
             spec = resolve(full)
             if spec.is_fp32:
                 continue  # left float on purpose; the report lists it
-            setattr(parent, child_name, quant_cls.from_float(child, spec, full, resolve))
+            planned.append((parent, child_name, quant_cls.from_float(child, spec, full, resolve)))
 
-    swap(model, "")
+    # build every replacement first (any error leaves the model untouched), then swap them in
+    plan(model, "")
+    for parent, child_name, replacement in planned:
+        setattr(parent, child_name, replacement)
     report = build_report(model, rules_used)
     if report.unsupported:
         logger.warning("modules of unsupported types stay fp32: %s", ", ".join(report.unsupported))

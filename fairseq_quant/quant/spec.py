@@ -39,6 +39,8 @@ class QuantSpec:
         if self.act_method not in ACT_METHODS or self.act_method == "fixed":
             allowed = tuple(m for m in ACT_METHODS if m != "fixed")
             raise ValueError(f"unknown act_method '{self.act_method}'; expected one of {allowed}")
+        if self.act_bits == 1 and self.act_method in ("pact", "lsq"):
+            raise ValueError(f"act_bits=1 needs act_method minmax, percentile or mse, not '{self.act_method}'")
         parse_granularity(self.granularity, self.group_size)
 
     @property

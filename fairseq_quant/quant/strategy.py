@@ -96,8 +96,6 @@ class Strategy:
             out = {k: getattr(spec, k) for k in QuantSpec.field_names()}
             for k in ("weight_bits", "act_bits"):
                 out[k] = "fp32" if out[k] is None else out[k]
-            if out["group_size"] is None:
-                del out["group_size"]
             return out
 
         return {"default": spec_dict(self.default),
@@ -132,6 +130,9 @@ def _spec(fields, base: QuantSpec, where: str) -> QuantSpec:
     unknown = set(fields) - set(QuantSpec.field_names())
     if unknown:
         raise StrategyError(f"{where}: unknown keys {sorted(unknown)}; allowed: {', '.join(QuantSpec.field_names())}")
+    if "weight_bits" in fields and "weight_method" not in fields and base.weight_method == "binary":
+        # a binary default is implied by its 1 bit; a rule that raises the bits gets the usual method
+        fields = {**fields, "weight_method": QuantSpec.weight_method}
     try:
         return base.updated(**fields)
     except (ValueError, TypeError) as err:

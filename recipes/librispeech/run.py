@@ -109,7 +109,9 @@ def common_train_args(data: Path, save_dir: Path, cfg: RecipeConfig, updates: in
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(lr), "--clip-norm", "10",
         "--max-update", str(updates), "--save-dir", str(save_dir), "--num-workers", "0",
         "--no-epoch-checkpoints", "--log-format", "simple", "--log-interval", "25", "--seed", "1",
-        "--max-tokens", "1000000000", "--skip-invalid-size-inputs-valid-test",
+        "--max-tokens", "10000000", "--skip-invalid-size-inputs-valid-test",
+        # fairseq drops a last batch that is not a multiple of this (default 8): keep every utterance
+        "--required-batch-size-multiple", "1",
     ]
     if cfg.batch_size:
         args += ["--batch-size", str(cfg.batch_size)]

@@ -1,0 +1,238 @@
+"""Strategies: YAML rules, first-match-wins lookup, inheritance from the default, and precise errors."""
+import pytest
+import torch
+from torch import nn
+
+from fairseq_quant.quant import QuantLinear, QuantSpec, Strategy, StrategyError, quantize_model
+
+ALLOWED = "weight_bits, act_bits, granularity, group_size, weight_method, act_method"
+
+
+class Tiny(nn.Module):
+    """Modules: encoder.layers.{0,1}.fc1/fc2 (Linear 32->32), decoder.out_proj (Linear 32->out_in)."""
+
+    def __init__(self, out_in=32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList()
+        for _ in range(2):
+            layer = nn.Module()
+            layer.fc1, layer.fc2 = nn.Linear(32, 32), nn.Linear(32, 32)
+            self.encoder.layers.append(layer)
+        self.decoder = nn.Module()
+        self.decoder.out_proj = nn.Linear(out_in, 10)
+
+
+STRATEGY_YAML = r"""
+description: test strategy
+default: {weight_bits: 8, act_bits: 8, granularity: channel, weight_method: symmetric, act_method: percentile}
+rules:
+  - match: "encoder.layers.0.*"
+    weight_bits: 2
+    granularity: group
+    group_size: 16
+  - match: 're:encoder\.layers\.\d+\.fc1'
+    weight_bits: 4
+  - match: "encoder.*"
+    act_bits: fp32
+"""
+
+
+def write(tmp_path, text, name="strategy.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_yaml_rules_first_match_wins_and_inherit_default(tmp_path):
+    s = Strategy.from_yaml(write(tmp_path, STRATEGY_YAML))
+    assert s.default == QuantSpec(8, 8, "channel", None, "symmetric", "percentile")
+    assert len(s.rules) == 3
+    # rule 1 and rule 2 both match; the first wins. Unset fields come from the default.
+    assert s.lookup("encoder.layers.0.fc1") == (QuantSpec(2, 8, "group", 16, "symmetric", "percentile"), 0)
+    assert s.lookup("encoder.layers.0.fc2") == (QuantSpec(2, 8, "group", 16, "symmetric", "percentile"), 0)
+    # regex (full match) rule
+    assert s.lookup("encoder.layers.1.fc1") == (QuantSpec(4, 8, "channel", None, "symmetric", "percentile"), 1)
+    # fullmatch: 'fc10' is not 'fc1', falls through to the glob rule
+    assert s.lookup("encoder.layers.1.fc10") == (QuantSpec(8, None, "channel", None, "symmetric", "percentile"), 2)
+    assert s.lookup("encoder.layers.1.fc2")[1] == 2
+    assert s.spec_for("encoder.layers.1.fc1") == QuantSpec(4, 8, "channel", None, "symmetric", "percentile")
+    # unmatched -> default
+    assert s.lookup("decoder.out_proj") == (s.default, None)
+    assert s.spec_for("decoder.out_proj") is s.default
+    assert "strategy.yaml" in s.source
+
+
+def test_yaml_strategy_applied_to_model(tmp_path):
+    model = Tiny()
+    report = quantize_model(model, Strategy.from_yaml(write(tmp_path, STRATEGY_YAML)))
+    rows = {e.name: (e.spec_label, e.rule) for e in report.layers}
+    assert rows == {
+        "encoder.layers.0.fc1": ("w2a8", "rule 1: encoder.layers.0.*"),
+        "encoder.layers.0.fc2": ("w2a8", "rule 1: encoder.layers.0.*"),
+        "encoder.layers.1.fc1": ("w4a8", r"rule 2: re:encoder\.layers\.\d+\.fc1"),
+        "encoder.layers.1.fc2": ("w8afp32", "rule 3: encoder.*"),
+        "decoder.out_proj": ("w8a8", "default"),
+    }
+    fc = model.encoder.layers[0].fc1
+    assert isinstance(fc, QuantLinear)
+    assert str(fc.weight_quantizer.granularity) == "group16" and fc.weight_quantizer.bits == 2
+    assert fc.weight_quantizer.method == "symmetric" and fc.input_quantizer.method == "percentile"
+    assert model.encoder.layers[1].fc2.input_quantizer.bits is None
+
+
+def test_rule_inherits_changed_default(tmp_path):
+    s = Strategy.from_dict({"default": {"weight_bits": 3, "weight_method": "minmax", "act_bits": "fp32"},
+                            "rules": [{"match": "a", "act_bits": 6}]})
+    assert s.rules[0].spec == QuantSpec(3, 6, "channel", None, "minmax", "minmax")
+    # no default at all -> QuantSpec() defaults
+    s = Strategy.from_dict({"rules": [{"match": "a", "weight_bits": 2}]})
+    assert s.default == QuantSpec()
+    assert s.rules[0].spec == QuantSpec(weight_bits=2)
+
+
+def test_binary_default_with_higher_precision_rule():
+    """Binary network with the first/last layers kept at 8 bits: the rule only sets weight_bits.
+
+    The default's weight_method was never written by the user (QuantSpec forces 'binary' for 1 bit), so
+    an 8-bit rule must not inherit 'binary' and be rejected; it should get the ordinary default method.
+    """
+    s = Strategy.from_dict({"default": {"weight_bits": 1, "act_bits": 8},
+                            "rules": [{"match": "decoder.out_proj", "weight_bits": 8}]})
+    assert s.default.weight_method == "binary"
+    assert s.rules[0].spec.weight_bits == 8
+    assert s.rules[0].spec.weight_method == QuantSpec().weight_method
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------
+
+def test_missing_file(tmp_path):
+    with pytest.raises(StrategyError, match=r"nope\.yaml: strategy file not found"):
+        Strategy.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml(tmp_path):
+    path = write(tmp_path, "default: {weight_bits: 8\nrules: [\n")
+    with pytest.raises(StrategyError, match="not valid YAML"):
+        Strategy.from_yaml(path)
+
+
+@pytest.mark.parametrize("text,kind", [("- match: a\n", "list"), ("42\n", "int"), ("", "NoneType")])
+def test_top_level_not_mapping(tmp_path, text, kind):
+    with pytest.raises(StrategyError, match=f"a strategy is a mapping with 'default' and 'rules', got {kind}"):
+        Strategy.from_yaml(write(tmp_path, text))
+
+
+def test_unknown_top_level_key(tmp_path):
+    with pytest.raises(StrategyError, match=r"unknown top-level keys \['defaults'\]"):
+        Strategy.from_yaml(write(tmp_path, "defaults: {weight_bits: 4}\n"))
+
+
+def test_rules_not_a_list():
+    with pytest.raises(StrategyError, match="'rules' must be a list"):
+        Strategy.from_dict({"rules": {"match": "a"}})
+
+
+def test_rule_without_match(tmp_path):
+    text = "rules:\n  - match: a\n  - weight_bits: 4\n"
+    with pytest.raises(StrategyError, match=r"rule 2: each rule is a mapping with a 'match' pattern"):
+        Strategy.from_yaml(write(tmp_path, text))
+    with pytest.raises(StrategyError, match="'match' must be a non-empty string"):
+        Strategy.from_dict({"rules": [{"match": ""}]})
+
+
+def test_unknown_spec_key_lists_allowed():
+    with pytest.raises(StrategyError, match=r"rule 1 \('enc\*'\): unknown keys \['wbits'\]; allowed: " + ALLOWED):
+        Strategy.from_dict({"rules": [{"match": "enc*", "wbits": 4}]})
+    with pytest.raises(StrategyError, match=r"default: unknown keys \['bits'\]; allowed: " + ALLOWED):
+        Strategy.from_dict({"default": {"bits": 4}})
+
+
+@pytest.mark.parametrize("bits", [9, 0, "abc"])
+def test_bad_weight_bits(bits):
+    with pytest.raises(StrategyError, match=rf"rule 1 \('a'\): weight_bits must be an integer in 1..8 or fp32, got {bits!r}"):
+        Strategy.from_dict({"rules": [{"match": "a", "weight_bits": bits}]})
+    with pytest.raises(StrategyError, match=r"default: act_bits must be an integer"):
+        Strategy.from_dict({"default": {"act_bits": bits}})
+
+
+def test_unknown_methods():
+    with pytest.raises(StrategyError, match="unknown weight_method 'gptq'"):
+        Strategy.from_dict({"rules": [{"match": "a", "weight_method": "gptq"}]})
+    with pytest.raises(StrategyError, match="unknown act_method 'kl'"):
+        Strategy.from_dict({"default": {"act_method": "kl"}})
+    # 'fixed' is internal (softmax probabilities), not a strategy choice
+    with pytest.raises(StrategyError, match="unknown act_method 'fixed'"):
+        Strategy.from_dict({"default": {"act_method": "fixed"}})
+
+
+def test_invalid_regex():
+    with pytest.raises(StrategyError, match=r"rule 2: invalid regular expression 'encoder\.layers\.\(': missing \)"):
+        Strategy.from_dict({"rules": [{"match": "a"}, {"match": "re:encoder.layers.(", "weight_bits": 4}]})
+
+
+def test_group_without_group_size():
+    with pytest.raises(StrategyError, match="granularity 'group' needs group_size"):
+        Strategy.from_dict({"rules": [{"match": "a", "granularity": "group"}]})
+    with pytest.raises(StrategyError, match="unknown granularity 'row'"):
+        Strategy.from_dict({"default": {"granularity": "row"}})
+
+
+def test_pattern_matching_no_module_is_an_error(tmp_path):
+    # a strategy written for another model (fairseq transformer names) applied to Tiny
+    path = write(tmp_path, "rules:\n  - match: 'encoder.layers.*'\n  - match: 'decoder.layers.*.fc1'\n    weight_bits: 2\n")
+    model = Tiny()
+    with pytest.raises(StrategyError, match=r"rule 2 pattern 'decoder\.layers\.\*\.fc1' matches no module; "
+                                            r"modules look like 'encoder\.layers\.0\.fc1'"):
+        quantize_model(model, Strategy.from_yaml(path))
+    # nothing was swapped
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------
+# round trip, fp32 rules, group divisibility
+# ---------------------------------------------------------------------------------------------
+
+def test_uniform_and_round_trip(tmp_path):
+    s = Strategy.uniform(4, 8)
+    assert s.default == QuantSpec(weight_bits=4, act_bits=8) and s.rules == []
+    d = s.to_dict()
+    assert d == {"default": {"weight_bits": 4, "act_bits": 8, "granularity": "channel", "group_size": None,
+                             "weight_method": "lsq", "act_method": "minmax"}, "rules": []}
+    s2 = Strategy.from_dict(d)
+    assert s2.default == s.default and s2.rules == []
+    # a strategy with rules (fp32, regex, groups) round-trips too
+    s = Strategy.from_yaml(write(tmp_path, STRATEGY_YAML))
+    s2 = Strategy.from_dict(s.to_dict())
+    assert s2.default == s.default
+    assert [(r.pattern, r.spec) for r in s2.rules] == [(r.pattern, r.spec) for r in s.rules]
+    assert s.to_dict()["rules"][2]["act_bits"] == "fp32"
+
+
+def test_fp32_rule_leaves_float_linear():
+    model = Tiny()
+    proj = model.decoder.out_proj
+    s = Strategy.from_dict({"default": {"weight_bits": 4, "act_bits": 8},
+                            "rules": [{"match": "decoder.*", "weight_bits": "fp32", "act_bits": "fp32"}]})
+    report = quantize_model(model, s)
+    assert type(model.decoder.out_proj) is nn.Linear and model.decoder.out_proj is proj
+    entry = [e for e in report.layers if e.name == "decoder.out_proj"]
+    assert len(entry) == 1
+    assert (entry[0].kind, entry[0].spec_label, entry[0].rule, entry[0].params) == (
+        "Linear", "fp32", "rule 1: decoder.*", 320)
+    assert ("decoder.out_proj.weight", 320) in report.fp32_params
+    assert ("decoder.out_proj.bias", 10) in report.fp32_params
+    # 4 x 1024 weights at 4 bits and 320 fp32 weights
+    assert report.avg_weight_bits == pytest.approx((4 * 4096 + 32 * 320) / (4096 + 320))
+    assert all(isinstance(l, QuantLinear) for layer in model.encoder.layers for l in (layer.fc1, layer.fc2))
+
+
+def test_group_size_not_dividing_input_names_module():
+    model = Tiny(out_in=24)
+    s = Strategy.from_dict({"default": {"weight_bits": 4, "granularity": "group", "group_size": 16}})
+    with pytest.raises(ValueError, match=r"decoder\.out_proj.*24 input values per output channel are not "
+                                         r"divisible by group size 16"):
+        quantize_model(model, s)
