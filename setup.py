@@ -16,6 +16,7 @@ setup(
         "ve-fairseq==0.12.3",
         "sentencepiece>=0.2,<0.3",
         "jiwer>=4.0,<5",
+        "editdistance>=0.8",  # fairseq-generate --scoring wer
         "numpy>=1.26",
         "soundfile>=0.13",
         "pyyaml>=6.0",

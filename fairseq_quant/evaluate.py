@@ -112,7 +112,7 @@ def decode_subset(model, task, subset: str, sp, beam: int = 5, max_tokens: int =
 
 
 def evaluate(checkpoint, data_dir, subsets, out_dir, beam: int = 5, spm_model=None, max_tokens: int = 60000,
-             progress: bool = True) -> list[SubsetResult]:
+             max_len_b: int = 200, progress: bool = True) -> list[SubsetResult]:
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     sp = spm.SentencePieceProcessor(model_file=str(spm_model or find_spm_model(data_dir)))
     model, task = load_checkpoint(checkpoint, data_dir)
@@ -122,7 +122,8 @@ def evaluate(checkpoint, data_dir, subsets, out_dir, beam: int = 5, spm_model=No
             raise FileNotFoundError(f"no manifest {data_dir / (subset + '.json')}; prepared subsets: "
                                     f"{sorted(p.stem for p in data_dir.glob('*.json'))}")
         start = time.perf_counter()
-        rows = decode_subset(model, task, subset, sp, beam=beam, max_tokens=max_tokens, progress=progress)
+        rows = decode_subset(model, task, subset, sp, beam=beam, max_tokens=max_tokens, max_len_b=max_len_b,
+                             progress=progress)
         seconds = time.perf_counter() - start
         scores = word_error_rate([r for _, r, _ in rows], [h for _, _, h in rows])
         atomic_write_text(out_dir / f"{subset}.ref", "".join(f"{r} ({u})\n" for u, r, _ in rows))

@@ -1,8 +1,12 @@
 """``quant_cross_entropy_acc``: upstream cross-entropy with accuracy, plus optional knowledge
-distillation from an fp32 teacher checkpoint, and quantization statistics in the logs.
+distillation from an fp32 teacher checkpoint, an optional auxiliary CTC loss on the encoder, and
+quantization statistics in the logs.
 
-loss = (1 - kd_weight) * CE(student, target) + kd_weight * T^2 * KL(teacher_T || student_T), summed over
-non-padding target tokens (T = --kd-temperature).
+loss = (1 - kd_weight) * CE(student, target) + kd_weight * T^2 * KL(teacher_T || student_T)
+       + ctc_weight * CTC(encoder)
+summed over non-padding target tokens (T = --kd-temperature). The CTC projection is a training-only
+head owned by the criterion (fairseq trains and checkpoints criterion parameters), so the model stays
+the upstream VGGTransformer and decoding never uses it.
 """
 import logging
 import math
@@ -25,8 +29,17 @@ class TeacherError(FairseqQuantError, ValueError):
 
 @register_criterion("quant_cross_entropy_acc")
 class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
-    def __init__(self, task, sentence_avg, teacher_path=None, kd_weight=0.0, kd_temperature=1.0):
+    def __init__(self, task, sentence_avg, teacher_path=None, kd_weight=0.0, kd_temperature=1.0,
+                 ctc_weight=0.0, ctc_encoder_dim=0):
         super().__init__(task, sentence_avg)
+        if ctc_weight < 0:
+            raise TeacherError(f"--ctc-weight must be >= 0, got {ctc_weight}")
+        self.ctc_weight = ctc_weight
+        if ctc_weight > 0:
+            if ctc_encoder_dim <= 0:
+                raise TeacherError("--ctc-weight > 0 needs --ctc-encoder-dim (the encoder output dimension)")
+            # blank is the padding symbol, which never occurs as a target
+            self.ctc_proj = torch.nn.Linear(ctc_encoder_dim, len(task.target_dictionary))
         if not 0.0 <= kd_weight <= 1.0:
             raise TeacherError(f"--kd-weight must be in [0, 1], got {kd_weight}")
         if kd_temperature <= 0:
@@ -49,24 +62,54 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
                             help="weight of the distillation loss (0 disables distillation)")
         parser.add_argument("--kd-temperature", type=float, default=1.0, metavar="T",
                             help="softmax temperature of teacher and student for distillation")
+        parser.add_argument("--ctc-weight", type=float, default=0.0, metavar="W",
+                            help="weight of an auxiliary CTC loss on the encoder output (training only)")
+        parser.add_argument("--ctc-encoder-dim", type=int, default=0, metavar="D",
+                            help="encoder output dimension for the auxiliary CTC head (--enc-output-dim)")
 
     def forward(self, model, sample, reduction="sum", log_probs=True):
-        net_output = model(**sample["net_input"])
+        captured = {}
+        hook = None
+        if self.ctc_weight > 0:
+            hook = _unwrap(model).encoder.register_forward_hook(lambda m, a, out: captured.update(out=out))
+        try:
+            net_output = model(**sample["net_input"])
+        finally:
+            if hook is not None:
+                hook.remove()
         target = model.get_targets(sample, net_output)
         lprobs, ce_loss = self.compute_loss(model, net_output, target, reduction, log_probs)
-        loss, kd_loss = ce_loss, None
+        loss, kd_loss, ctc_loss = ce_loss, None, None
         if self.teacher is not None and model.training:
             kd_loss = self.distillation_loss(model, net_output, sample, target)
             loss = (1 - self.kd_weight) * ce_loss + self.kd_weight * kd_loss
+        if self.ctc_weight > 0:
+            ctc_loss = self.ctc_loss(captured["out"], sample)
+            loss = loss + self.ctc_weight * ctc_loss
         sample_size, logging_output = self.get_logging_output(sample, target, lprobs, loss)
         logging_output["ce_loss"] = ce_loss.item()
         if kd_loss is not None:
             logging_output["kd_loss"] = kd_loss.item()
+        if ctc_loss is not None:
+            logging_output["ctc_loss"] = ctc_loss.item()
         report = getattr(_unwrap(model), "quant_report", None)
         if report is not None:
             logging_output["wbits"] = report.avg_weight_bits
             logging_output["model_mb"] = report.quant_mb
         return loss, sample_size, logging_output
+
+    def ctc_loss(self, encoder_out, sample):
+        """CTC of the encoder output (T x B x C) against the targets without EOS, summed over the batch."""
+        x = encoder_out["encoder_out"]
+        lprobs = F.log_softmax(self.ctc_proj(x).float(), dim=-1)
+        pad_mask = encoder_out["encoder_padding_mask"]  # T x B, True = padding
+        input_lengths = (~pad_mask).long().sum(0) if pad_mask is not None else \
+            torch.full((x.size(1),), x.size(0), dtype=torch.long, device=x.device)
+        target = sample["target"]
+        eos = self.task.target_dictionary.eos()
+        keep = (target != self.padding_idx) & (target != eos)
+        return F.ctc_loss(lprobs, target.masked_select(keep), input_lengths, keep.long().sum(1),
+                          blank=self.padding_idx, reduction="sum", zero_infinity=True)
 
     def distillation_loss(self, model, net_output, sample, target):
         teacher = self.teacher
@@ -86,7 +129,7 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
     def aggregate_logging_outputs(logging_outputs):
         agg = CrossEntropyWithAccCriterion.aggregate_logging_outputs(logging_outputs)
         sample_size = agg["sample_size"]
-        for key in ("ce_loss", "kd_loss"):
+        for key in ("ce_loss", "kd_loss", "ctc_loss"):
             if any(key in log for log in logging_outputs) and sample_size > 0:
                 agg[key] = sum(log.get(key, 0) for log in logging_outputs) / sample_size / math.log(2)
         for key in ("wbits", "model_mb"):

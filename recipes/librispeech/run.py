@@ -43,6 +43,7 @@ class RecipeConfig:
     kd_temperature: float = 2.0
     calib_batches: int = 8
     beam: int = 5
+    max_len_b: int = 200  # longest hypothesis in tokens
     train_subsets: tuple = ("train-clean-100",)
     extra_train_args: tuple = ()
     threads: int = 2
@@ -51,7 +52,7 @@ class RecipeConfig:
 SIZES = {
     # a smoke run for CI: tiny corpus, a few updates; checks the plumbing, not accuracy
     "smoke": RecipeConfig(corpus_size="tiny", vocab_size=60, batch_size=8, fp32_updates=30, warmup=10,
-                          qat_updates=6, calib_batches=2, beam=2),
+                          qat_updates=6, calib_batches=2, beam=2, max_len_b=40),
     "quick": RecipeConfig(corpus_size="quick", fp32_updates=1200, qat_updates=150),
     "default": RecipeConfig(corpus_size="default"),
     # the paper's vggtransformer_2 on real LibriSpeech (GPU cluster; see README)
@@ -161,7 +162,7 @@ def evaluate_model(name: str, ckpt: Path, data: Path, out: Path, cfg: RecipeConf
 
     summary = out / "wer.json"
     if not summary.exists() or json.loads(summary.read_text()).get("checkpoint") != str(ckpt):
-        evaluate(ckpt, data, EVAL_SUBSETS, out, beam=cfg.beam)
+        evaluate(ckpt, data, EVAL_SUBSETS, out, beam=cfg.beam, max_len_b=cfg.max_len_b)
     results = json.loads(summary.read_text())["results"]
     model, _ = load_checkpoint(ckpt, data)
     report = getattr(model, "quant_report", None) or build_report(model)
@@ -207,6 +208,8 @@ def main(argv=None) -> int:
     parser.add_argument("--qat-updates", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")
+    # per-layer quantization reports are in each train.log; keep the console to progress and results
+    logging.getLogger("fairseq_quant.models.quant_vggtransformer").setLevel(logging.WARNING)
     cfg = SIZES[args.size]
     if args.fp32_updates:
         cfg = replace(cfg, fp32_updates=args.fp32_updates)

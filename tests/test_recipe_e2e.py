@@ -1,0 +1,133 @@
+"""End to end on a tiny generated corpus: the recipe's smoke run (real espeak-ng audio, SentencePiece,
+fairseq-train fp32 and QAT from the fp32 checkpoint with distillation, beam search, jiwer WER), then
+fairseq-generate on a quant checkpoint and resuming QAT with its quantizer state."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STRATEGIES = ("w4a8", "mixed2a8")
+SUBSETS = ("dev-clean", "dev-other", "test-clean", "test-other")
+
+
+def run(cmd, **kw):
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
+    env["OMP_NUM_THREADS"] = "2"
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, **kw)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    work = tmp_path_factory.mktemp("smoke")
+    proc = run([sys.executable, "-m", "recipes.librispeech.run", "--size", "smoke", "--workdir", str(work),
+                "--strategies", ",".join(STRATEGIES)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return work, proc.stdout
+
+
+def test_recipe_produces_results_table(smoke):
+    work, stdout = smoke
+    results = json.loads((work / "results.json").read_text())["results"]
+    assert [r["name"] for r in results] == ["fp32", *STRATEGIES]
+    bits = {r["name"]: r["avg_weight_bits"] for r in results}
+    size = {r["name"]: r["model_mb"] for r in results}
+    assert bits["fp32"] == 32.0 and bits["w4a8"] == 4.0
+    assert 2.0 < bits["mixed2a8"] <= 2.5
+    assert size["w4a8"] < size["fp32"] / 6 and size["mixed2a8"] < size["w4a8"]
+    for r in results:
+        assert set(r["wer"]) == set(SUBSETS)
+        assert all(0.0 <= w < 1000.0 for w in r["wer"].values())
+    table = (work / "results.md").read_text()
+    assert table in stdout  # the run prints the table it wrote
+    assert table.count("\n") == 2 + 1 + len(STRATEGIES)
+
+
+def test_evaluation_scores_every_utterance_against_its_transcript(smoke):
+    work, _ = smoke
+    for subset in SUBSETS:
+        manifest = json.loads((work / "data" / f"{subset}.json").read_text())["utts"]
+        refs = (work / "eval" / "w4a8" / f"{subset}.ref").read_text().splitlines()
+        hyps = (work / "eval" / "w4a8" / f"{subset}.hyp").read_text().splitlines()
+        assert len(refs) == len(hyps) == len(manifest) == 6
+        assert refs == [f"{u['output']['text']} ({utt})" for utt, u in manifest.items()]
+        summary = json.loads((work / "eval" / "w4a8" / "wer.json").read_text())
+        words = sum(len(u["output"]["text"].split()) for u in manifest.values())
+        assert next(r for r in summary["results"] if r["subset"] == subset)["words"] == words
+
+
+def test_fairseq_generate_decodes_a_quant_checkpoint(smoke):
+    work, _ = smoke
+    proc = run([sys.executable, "-m", "fairseq_cli.generate", str(work / "data"), "--user-dir", "fairseq_quant",
+                "--task", "speech_recognition", "--path", str(work / "qat" / "w4a8" / "checkpoint_best.pt"),
+                "--gen-subset", "test-clean", "--beam", "2", "--batch-size", "4", "--max-len-b", "20",
+                "--required-batch-size-multiple", "1", "--scoring", "wer"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Generate test-clean with beam=2: WER:" in proc.stdout
+    assert proc.stdout.count("\nH-") + proc.stdout.startswith("H-") == 6
+
+
+def quantizer_state(state_dict):
+    return {k: v for k, v in state_dict.items() if "_quantizer." in k or k == "quant_calibrated"}
+
+
+def test_qat_checkpoint_holds_calibrated_quantizer_state_that_loads_exactly(smoke):
+    import fairseq_quant  # noqa: F401
+    from fairseq import checkpoint_utils
+
+    work, _ = smoke
+    ckpt = work / "qat" / "mixed2a8" / "checkpoint_last.pt"
+    saved = quantizer_state(torch.load(ckpt, map_location="cpu", weights_only=False)["model"])
+    assert bool(saved["quant_calibrated"])
+    assert any(k.endswith("weight_quantizer.step") for k in saved)  # LSQ steps were learned and saved
+    models, _ = checkpoint_utils.load_model_ensemble([str(ckpt)], arg_overrides={"data": str(work / "data")})
+    loaded = quantizer_state(models[0].state_dict())
+    assert loaded.keys() == saved.keys()
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_resuming_qat_restores_quantizers_instead_of_recalibrating(smoke, tmp_path):
+    work, _ = smoke
+    resumed = tmp_path / "resumed"
+    shutil.copytree(work / "qat" / "w4a8", resumed)
+    log = (resumed / "train.log").read_text()
+    assert "loading an fp32 checkpoint" in log and "activation ranges calibrated on 2 batches" in log
+    before = quantizer_state(torch.load(resumed / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"])
+    fp32 = work / "fp32" / "checkpoint_best.pt"
+    proc = run([sys.executable, "-m", "fairseq_cli.train", str(work / "data"), "--user-dir", "fairseq_quant",
+                "--task", "speech_recognition", "--arch", "quant_vggtransformer_small",
+                "--quant-strategy", str(ROOT / "recipes/librispeech/strategies/w4a8.yaml"),
+                "--quant-calib-batches", "2", "--finetune-from-model", str(fp32),
+                "--criterion", "quant_cross_entropy_acc", "--optimizer", "adam", "--lr", "1e-4",
+                "--batch-size", "8", "--required-batch-size-multiple", "1", "--max-update", "8",
+                "--save-dir", str(resumed), "--no-epoch-checkpoints", "--num-workers", "0", "--log-format", "simple",
+                "--train-subset", "train", "--valid-subset", "dev-clean", "--seed", "1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "checkpoint_last.pt" in out and "num_updates 8" in out
+    assert "loading an fp32 checkpoint" not in out and "activation ranges calibrated" not in out
+    after = quantizer_state(torch.load(resumed / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"])
+    assert after.keys() == before.keys()
+    assert bool(after["quant_calibrated"])
+    steps = [k for k in after if k.endswith("weight_quantizer.step")]
+    assert any(not torch.equal(after[k], before[k]) for k in steps)  # training went on from the restored state
+
+
+def test_bad_strategy_is_one_clear_error(smoke, tmp_path):
+    work, _ = smoke
+    strategy = tmp_path / "other_model.yaml"
+    strategy.write_text("default: {weight_bits: 4}\nrules:\n  - match: 'encoder.layers.*.fc1'\n    weight_bits: 2\n")
+    proc = run([sys.executable, "-m", "fairseq_cli.train", str(work / "data"), "--user-dir", "fairseq_quant",
+                "--task", "speech_recognition", "--arch", "quant_vggtransformer_small",
+                "--quant-strategy", str(strategy), "--criterion", "cross_entropy_acc", "--optimizer", "adam",
+                "--batch-size", "8", "--max-update", "1", "--save-dir", str(tmp_path / "ckpt")])
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert ("fairseq_quant: error: " + str(strategy) + ": rule 1 pattern 'encoder.layers.*.fc1' matches no module; "
+            "modules look like 'encoder.conv_layers.0.layers.0'") in proc.stderr
