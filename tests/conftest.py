@@ -29,10 +29,13 @@ def dict_dir(tmp_path_factory):
 
 def build_tiny(dict_dir, arch="quant_vggtransformer_small", extra=()):
     """(task, model, args) for a tiny VGGTransformer with the given quantization flags."""
+    arch_args = TINY_ARCH
+    if "enc_" in arch:  # encoder-only models take no decoder options
+        arch_args = TINY_ARCH[:4] + ["--enc-output-dim", "32", "--input-feat-per-channel", "80"]
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, [
         str(dict_dir), "--task", "speech_recognition", "--arch", arch, "--criterion", "cross_entropy_acc",
-        *TINY_ARCH, *extra,
+        *arch_args, *extra,
     ])
     task = tasks.setup_task(args)
     return task, task.build_model(args), args

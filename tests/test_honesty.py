@@ -208,3 +208,15 @@ def test_quantized_incremental_decoding_equals_full_forward(dict_dir):
         steps = [model.decoder(prev[:, : t + 1], enc, incremental_state=state)[0] for t in range(prev.size(1))]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
     assert math.isfinite(float(full.abs().sum()))
+
+
+def test_encoder_only_quant_architecture_is_fully_quantized(dict_dir):
+    task, model, _ = build_tiny(dict_dir, arch="quant_vggtransformer_enc_1", extra=[
+        "--quant-weight-bits", "4", "--quant-act-bits", "8", "--quant-calib-batches", "1"])
+    x, lengths, _ = fbank_batch(3)
+    model.train()
+    model(x, lengths)  # calibration batch
+    report = audit(model, lambda: model(x, lengths), 4, 8)
+    assert report.violations == []
+    assert report.op_counts()["conv2d"] == 2 and report.op_counts()["bmm"] == 2 * 2
+    assert model.quant_report.unsupported == [] and model.quant_report.avg_weight_bits == 4.0

@@ -32,6 +32,8 @@ class RecipeConfig:
 
     corpus_size: str | None  # generate_corpus size, None for a real LibriSpeech tree
     arch: str = "vggtransformer_small"
+    encoder_dim: int = 144  # --enc-output-dim of the arch, for the auxiliary CTC head
+    ctc_weight: float = 0.5  # auxiliary CTC loss during fp32 training (0 disables)
     vocab_size: int = 300
     batch_size: int = 16
     fp32_updates: int = 2000
@@ -56,7 +58,7 @@ SIZES = {
     "quick": RecipeConfig(corpus_size="quick", fp32_updates=1200, qat_updates=150),
     "default": RecipeConfig(corpus_size="default"),
     # the paper's vggtransformer_2 on real LibriSpeech (GPU cluster; see README)
-    "paper": RecipeConfig(corpus_size=None, arch="vggtransformer_2", vocab_size=5000, batch_size=0,
+    "paper": RecipeConfig(corpus_size=None, arch="vggtransformer_2", encoder_dim=1024, vocab_size=5000, batch_size=0,
                           fp32_updates=300000, fp32_lr=1e-4, warmup=8000, qat_updates=20000, qat_lr=5e-5,
                           train_subsets=("train-clean-100", "train-clean-360", "train-other-500"),
                           extra_train_args=("--max-tokens", "5000000", "--update-freq", "1")),
@@ -126,7 +128,8 @@ def train_fp32(data: Path, out: Path, cfg: RecipeConfig) -> Path:
         logger.info("fp32: already trained (%s)", ckpt)
         return ckpt
     cmd = common_train_args(data, out, cfg, cfg.fp32_updates, cfg.fp32_lr) + [
-        "--arch", cfg.arch, "--criterion", "cross_entropy_acc",
+        "--arch", cfg.arch, "--criterion", "quant_cross_entropy_acc",
+        "--ctc-weight", str(cfg.ctc_weight), "--ctc-encoder-dim", str(cfg.encoder_dim),
         "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(cfg.warmup),
     ]
     start = time.perf_counter()

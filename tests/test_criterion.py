@@ -1,0 +1,75 @@
+"""quant_cross_entropy_acc: distillation, auxiliary CTC, logged quantization stats, and its errors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import VOCAB, build_tiny, fbank_batch
+from fairseq import tasks
+
+from fairseq_quant.criterions.quant_cross_entropy_acc import QuantCrossEntropyWithAccCriterion, TeacherError
+
+
+def sample_for(task, seed=0):
+    x, lengths, prev = fbank_batch(seed)
+    target = torch.cat([prev[:, 1:], torch.full((prev.size(0), 1), task.target_dictionary.eos())], dim=1)
+    target[2, -2:] = task.target_dictionary.pad()
+    return {"net_input": {"src_tokens": x, "src_lengths": lengths, "prev_output_tokens": prev},
+            "target": target, "ntokens": int((target != task.target_dictionary.pad()).sum())}
+
+
+def test_distillation_from_an_identical_teacher_is_zero_and_matches_hand_computation(dict_dir):
+    task, student, _ = build_tiny(dict_dir, arch="vggtransformer_small")
+    student.eval()  # no dropout: teacher and student outputs are deterministic
+    crit = QuantCrossEntropyWithAccCriterion(task, sentence_avg=False, kd_weight=0.0)
+    sample = sample_for(task)
+    _, twin, _ = build_tiny(dict_dir, arch="vggtransformer_small")
+    twin.load_state_dict(student.state_dict())
+    crit._teacher = (twin.eval(),)
+    out = student(**sample["net_input"])
+    assert crit.distillation_loss(student, out, sample, sample["target"]).item() == pytest.approx(0.0, abs=1e-5)
+
+    torch.manual_seed(1)
+    _, other, _ = build_tiny(dict_dir, arch="vggtransformer_small")
+    other.load_state_dict(student.state_dict())
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    crit._teacher, crit.kd_temperature = (other.eval(),), 2.0
+    kd = crit.distillation_loss(student, out, sample, sample["target"]).item()
+    t_logits = other(**sample["net_input"])[0] / 2.0
+    s_logits = out[0] / 2.0
+    mask = (sample["target"] != task.target_dictionary.pad()).unsqueeze(-1)
+    p_t = F.softmax(t_logits, -1)
+    expected = ((p_t * (F.log_softmax(t_logits, -1) - F.log_softmax(s_logits, -1))) * mask).sum().item() * 4.0
+    assert kd == pytest.approx(expected, rel=1e-4) and kd > 0
+
+
+def test_loss_mixes_ce_kd_and_ctc_and_logs_quant_stats(dict_dir):
+    task, model, _ = build_tiny(dict_dir, extra=["--quant-weight-bits", "4", "--quant-act-bits", "8",
+                                                 "--quant-calib-batches", "1"])
+    crit = QuantCrossEntropyWithAccCriterion(task, sentence_avg=False, ctc_weight=0.3, ctc_encoder_dim=32)
+    assert crit.ctc_proj.out_features == len(task.target_dictionary)
+    model.train()
+    loss, sample_size, log = crit(model, sample_for(task))
+    assert set(log) >= {"ce_loss", "ctc_loss", "wbits", "model_mb"}
+    assert log["wbits"] == 4.0 and 0 < log["model_mb"] < 0.1
+    assert loss.item() == pytest.approx(log["ce_loss"] + 0.3 * log["ctc_loss"], rel=1e-5)
+    loss.backward()
+    assert crit.ctc_proj.weight.grad.abs().sum() > 0  # the CTC head is trained (fairseq optimizes criterion params)
+    agg = QuantCrossEntropyWithAccCriterion.aggregate_logging_outputs([log])
+    assert agg["ctc_loss"] == pytest.approx(log["ctc_loss"] / sample_size / math.log(2))
+
+
+def test_teacher_errors_name_the_problem(dict_dir, tmp_path):
+    task, _, _ = build_tiny(dict_dir, arch="vggtransformer_small")
+    with pytest.raises(TeacherError, match="teacher checkpoint not found: .*missing.pt"):
+        QuantCrossEntropyWithAccCriterion(task, False, teacher_path=str(tmp_path / "missing.pt"), kd_weight=0.5)
+    with pytest.raises(TeacherError, match="--kd-weight > 0 needs --teacher-path"):
+        QuantCrossEntropyWithAccCriterion(task, False, kd_weight=0.5)
+    with pytest.raises(TeacherError, match=r"--kd-weight must be in \[0, 1\], got 1.5"):
+        QuantCrossEntropyWithAccCriterion(task, False, kd_weight=1.5)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(b"PK\x03\x04 not a checkpoint")
+    with pytest.raises(TeacherError, match="cannot load teacher checkpoint .*truncated.pt"):
+        QuantCrossEntropyWithAccCriterion(task, False, teacher_path=str(truncated), kd_weight=0.5)
