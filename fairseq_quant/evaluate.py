@@ -16,7 +16,7 @@ from pathlib import Path
 import jiwer
 import sentencepiece as spm
 import torch
-from fairseq import checkpoint_utils
+from fairseq import checkpoint_utils, utils
 from fairseq.sequence_generator import SequenceGenerator
 from tqdm import tqdm
 
@@ -88,8 +88,12 @@ def load_checkpoint(checkpoint: Path, data_dir: Path):
     return model, task
 
 
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def decode_subset(model, task, subset: str, sp, beam: int = 5, max_tokens: int = 60000,
-                  max_len_b: int = 200, progress: bool = True) -> list[tuple[str, str, str]]:
+                  max_len_b: int = 200, progress: bool = True, device: str = "cpu") -> list[tuple[str, str, str]]:
     """[(utterance id, reference, hypothesis)] for every utterance of ``subset``, in manifest order."""
     task.load_dataset(subset)
     dataset = task.dataset(subset)
@@ -102,6 +106,7 @@ def decode_subset(model, task, subset: str, sp, beam: int = 5, max_tokens: int =
     bar = tqdm(total=len(dataset), desc=f"decode {subset}", unit="utt", disable=not progress, leave=False)
     with torch.no_grad():
         for sample in itr:
+            sample = utils.move_to_cuda(sample) if device.startswith("cuda") else sample
             outputs = generator.generate([model], sample)
             for index, out in zip(sample["id"].tolist(), outputs):
                 pieces = task.target_dictionary.string(out[0]["tokens"].int().cpu())
@@ -112,10 +117,13 @@ def decode_subset(model, task, subset: str, sp, beam: int = 5, max_tokens: int =
 
 
 def evaluate(checkpoint, data_dir, subsets, out_dir, beam: int = 5, spm_model=None, max_tokens: int = 60000,
-             max_len_b: int = 200, progress: bool = True) -> list[SubsetResult]:
+             max_len_b: int = 200, progress: bool = True, device: str | None = None) -> list[SubsetResult]:
+    """WER of ``checkpoint`` on each subset; ``device`` defaults to CUDA when there is one."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    device = device or default_device()
     sp = spm.SentencePieceProcessor(model_file=str(spm_model or find_spm_model(data_dir)))
     model, task = load_checkpoint(checkpoint, data_dir)
+    model.to(device)
     results = []
     for subset in subsets:
         if not (data_dir / f"{subset}.json").is_file():
@@ -123,7 +131,7 @@ def evaluate(checkpoint, data_dir, subsets, out_dir, beam: int = 5, spm_model=No
                                     f"{sorted(p.stem for p in data_dir.glob('*.json'))}")
         start = time.perf_counter()
         rows = decode_subset(model, task, subset, sp, beam=beam, max_tokens=max_tokens, max_len_b=max_len_b,
-                             progress=progress)
+                             progress=progress, device=device)
         seconds = time.perf_counter() - start
         scores = word_error_rate([r for _, r, _ in rows], [h for _, _, h in rows])
         atomic_write_text(out_dir / f"{subset}.ref", "".join(f"{r} ({u})\n" for u, r, _ in rows))

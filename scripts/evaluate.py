@@ -20,6 +20,7 @@ def main(argv=None):
     parser.add_argument("--spm-model", default=None)
     parser.add_argument("--max-tokens", type=int, default=60000, help="batch size in 10 ms feature frames")
     parser.add_argument("--out", required=True, help="directory for ref/hyp files, wer.json and wer.md")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(message)s")
@@ -30,7 +31,8 @@ def main(argv=None):
 
     try:
         results = evaluate(args.checkpoint, args.data, [s for s in args.subsets.split(",") if s], args.out,
-                           beam=args.beam, spm_model=args.spm_model, max_tokens=args.max_tokens)
+                           beam=args.beam, spm_model=args.spm_model, max_tokens=args.max_tokens,
+                           device=args.device)
     except (FileNotFoundError, RuntimeError, ValueError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2

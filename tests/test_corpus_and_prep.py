@@ -100,6 +100,17 @@ def test_layout(tiny_corpus: Path):
             assert 1 <= len(list(speaker.iterdir())) <= 3
 
 
+def test_no_digital_silence(tiny_corpus: Path):
+    """Every utterance has a noise floor: no 10 ms of exact zeros (they squash normalised fbank features)."""
+    for flac in sorted(tiny_corpus.glob("*/*/*/*.flac")):
+        samples, _ = sf.read(flac, dtype="int16")
+        zero = np.concatenate([[0], (samples == 0).astype(np.int8), [0]])
+        edges = np.flatnonzero(np.diff(zero))
+        longest = int((edges[1::2] - edges[::2]).max()) if edges.size else 0
+        assert longest < 160, (flac.name, longest)
+        assert np.abs(samples[:400]).max() > 0  # leading pad is not silent either
+
+
 def test_speakers_and_texts_disjoint_across_splits(tiny_corpus: Path):
     by_subset = speakers_txt(tiny_corpus)
     assert sorted(by_subset) == sorted(SUBSETS)

@@ -237,15 +237,19 @@ def test_lsq_step_learns():
     assert q.step.grad is not None and torch.all(q.step.grad != 0)
     initial = loss.item()
     assert initial > 3 * best
-    opt = torch.optim.Adam([q.step], lr=0.05)
-    for _ in range(100):
-        opt.zero_grad()
-        loss = (q(w) - w).pow(2).sum()
-        loss.backward()
-        opt.step()
-    final = (q(w) - w).pow(2).sum().item()
+    final = _minimise(lambda: (q(w) - w).pow(2).sum(), q.step, lr=0.05)
     assert final < 0.5 * initial
     assert final < 1.3 * best
+
+
+def _minimise(loss_fn, param, lr, steps=100):
+    """Adam on one parameter for ``steps`` steps; returns the final loss."""
+    opt = torch.optim.Adam([param], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+    return loss_fn().item()
 
 
 def _pact_data():
@@ -269,13 +273,7 @@ def test_pact_alpha_learns(start, direction):
     # gradient descent moves alpha in `direction`
     assert math.copysign(1, -q.alpha.grad.item()) == direction
     initial = loss.item()
-    opt = torch.optim.Adam([q.alpha], lr=0.2)
-    for _ in range(100):
-        opt.zero_grad()
-        loss = (q(x) - x).pow(2).mean()
-        loss.backward()
-        opt.step()
-    final = (q(x) - x).pow(2).mean().item()
+    final = _minimise(lambda: (q(x) - x).pow(2).mean(), q.alpha, lr=0.2)
     assert final < 0.35 * initial
     alpha = q.alpha.item()
     assert 2.5 < alpha < 8.0  # grid search puts the optimum near 4

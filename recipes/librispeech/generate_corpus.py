@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from recipes.librispeech.sentences import sentences
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every utterance has a noise floor (no digital silence)
 SAMPLE_RATE = 16000
 MARKER = ".complete"
 
@@ -66,6 +66,10 @@ CLEAN_VOICE = {"pitch": (30, 70), "speed": (140, 181), "gap": (0, 3)}
 OTHER_VOICE = {"pitch": (10, 91), "speed": (120, 201), "gap": (0, 5)}
 CLEAN_NOISE_PROB = 0.5  # fraction of clean utterances that get mild noise
 CLEAN_SNR_DB = (25.0, 35.0)
+# The rest of the clean utterances get a recording noise floor. Without it espeak-ng's pauses are digital
+# zeros, whose log-mel energies sit at the floor (about -16) and, after per-utterance mean/variance
+# normalisation, squash all the speech frames into a narrow band: a model then barely learns from them.
+FLOOR_SNR_DB = (45.0, 55.0)
 OTHER_SNR_DB = (10.0, 20.0)
 GAIN_DB = (-10.0, 0.0)  # peak level relative to 0.9 full scale
 PAD_SECONDS = (0.05, 0.3)  # extra silence before and after the speech
@@ -256,14 +260,18 @@ def coloured_noise(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def degrade(audio: np.ndarray, rng: np.random.Generator, other: bool) -> np.ndarray:
-    """Pad with silence, apply a random gain and add noise at a condition-dependent SNR."""
+    """Pad with silence, apply a random gain and add noise at a condition-dependent SNR (at least a
+    noise floor: no sample run is digital silence, as in any real recording)."""
     pads = [int(rng.uniform(*PAD_SECONDS) * SAMPLE_RATE) for _ in range(2)]
     speech_power = float(np.mean(audio.astype(np.float64) ** 2)) + 1e-12
     audio = np.concatenate([np.zeros(pads[0]), audio, np.zeros(pads[1])])
-    noisy = other or rng.random() < CLEAN_NOISE_PROB
-    if noisy:
-        snr_db = rng.uniform(*(OTHER_SNR_DB if other else CLEAN_SNR_DB))
-        audio = audio + coloured_noise(rng, audio.size) * np.sqrt(speech_power / 10 ** (snr_db / 10))
+    if other:
+        snr_db = rng.uniform(*OTHER_SNR_DB)
+    elif rng.random() < CLEAN_NOISE_PROB:
+        snr_db = rng.uniform(*CLEAN_SNR_DB)
+    else:
+        snr_db = rng.uniform(*FLOOR_SNR_DB)
+    audio = audio + coloured_noise(rng, audio.size) * np.sqrt(speech_power / 10 ** (snr_db / 10))
     peak = 0.9 * 10 ** (rng.uniform(*GAIN_DB) / 20)
     return audio * (peak / (np.max(np.abs(audio)) + 1e-12))
 

@@ -48,7 +48,8 @@ class RecipeConfig:
     max_len_b: int = 200  # longest hypothesis in tokens
     train_subsets: tuple = ("train-clean-100",)
     extra_train_args: tuple = ()
-    threads: int = 2
+    threads: int = 2  # OMP threads of each training/decoding process
+    num_workers: int = 0  # data-loading worker processes of fairseq-train (fbank is computed on the fly)
 
 
 SIZES = {
@@ -110,7 +111,7 @@ def common_train_args(data: Path, save_dir: Path, cfg: RecipeConfig, updates: in
         sys.executable, "-m", "fairseq_cli.train", str(data), "--user-dir", str(Path(__file__).parents[2] / "fairseq_quant"),
         "--task", "speech_recognition", "--train-subset", "train", "--valid-subset", "dev-clean",
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(lr), "--clip-norm", "10",
-        "--max-update", str(updates), "--save-dir", str(save_dir), "--num-workers", "0",
+        "--max-update", str(updates), "--save-dir", str(save_dir), "--num-workers", str(cfg.num_workers),
         "--no-epoch-checkpoints", "--log-format", "simple", "--log-interval", "25", "--seed", "1",
         "--max-tokens", "10000000", "--skip-invalid-size-inputs-valid-test",
         # fairseq drops a last batch that is not a multiple of this (default 8): keep every utterance
@@ -209,6 +210,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fp32-updates", type=int, default=None)
     parser.add_argument("--qat-updates", type=int, default=None)
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="fairseq-train data-loading workers (default 0; raise it on GPU machines)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")
     # per-layer quantization reports are in each train.log; keep the console to progress and results
@@ -218,6 +221,8 @@ def main(argv=None) -> int:
         cfg = replace(cfg, fp32_updates=args.fp32_updates)
     if args.qat_updates:
         cfg = replace(cfg, qat_updates=args.qat_updates)
+    if args.num_workers is not None:
+        cfg = replace(cfg, num_workers=args.num_workers)
     stages = set(args.stages.split(","))
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
