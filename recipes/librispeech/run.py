@@ -15,13 +15,14 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 STRATEGY_DIR = Path(__file__).parent / "strategies"
 DEFAULT_STRATEGIES = ("w8a8", "w4a8", "w2a8", "mixed2a8")
 EVAL_SUBSETS = ("dev-clean", "dev-other", "test-clean", "test-other")
-LOG_LINE = re.compile(r"\| (train_inner|valid on|train \||.*valid on)")
+LOG_LINE = re.compile(r"\| (train_inner|valid on|train \||.*valid on|.*: WER )")
 
 logger = logging.getLogger("recipe")
 
@@ -33,13 +34,13 @@ class RecipeConfig:
     corpus_size: str | None  # generate_corpus size, None for a real LibriSpeech tree
     arch: str = "vggtransformer_small"
     encoder_dim: int = 144  # --enc-output-dim of the arch, for the auxiliary CTC head
-    ctc_weight: float = 0.5  # auxiliary CTC loss during fp32 training (0 disables)
+    ctc_weight: float = 1.0  # auxiliary CTC loss during fp32 training (0 disables); speeds up alignment
     vocab_size: int = 300
-    batch_size: int = 16
-    fp32_updates: int = 2000
-    fp32_lr: float = 2e-3
+    batch_size: int = 8  # utterances per update (0: let --max-tokens decide)
+    fp32_updates: int = 5000
+    fp32_lr: float = 3e-3
     warmup: int = 300
-    qat_updates: int = 300
+    qat_updates: int = 250
     qat_lr: float = 5e-4
     kd_weight: float = 0.5
     kd_temperature: float = 2.0
@@ -48,18 +49,22 @@ class RecipeConfig:
     max_len_b: int = 200  # longest hypothesis in tokens
     train_subsets: tuple = ("train-clean-100",)
     extra_train_args: tuple = ()
-    threads: int = 2  # OMP threads of each training/decoding process
+    threads: int = 2  # CPU threads in all: fp32 training uses them all, parallel jobs share them
+    jobs: int = 2  # QAT trainings and evaluations run this many at a time (independent processes)
     num_workers: int = 0  # data-loading worker processes of fairseq-train (fbank is computed on the fly)
 
 
 SIZES = {
     # a smoke run for CI: tiny corpus, a few updates; checks the plumbing, not accuracy
-    "smoke": RecipeConfig(corpus_size="tiny", vocab_size=60, batch_size=8, fp32_updates=30, warmup=10,
+    "smoke": RecipeConfig(corpus_size="tiny", vocab_size=60, fp32_updates=30, warmup=10,
                           qat_updates=6, calib_batches=2, beam=2, max_len_b=40),
-    "quick": RecipeConfig(corpus_size="quick", fp32_updates=1200, qat_updates=150),
+    # a few minutes: the plumbing on a real-sized corpus, far too short to learn much
+    "quick": RecipeConfig(corpus_size="quick", fp32_updates=600, qat_updates=40),
+    # the main job: about 30 minutes on 2 CPU cores (README)
     "default": RecipeConfig(corpus_size="default"),
     # the paper's vggtransformer_2 on real LibriSpeech (GPU cluster; see README)
     "paper": RecipeConfig(corpus_size=None, arch="vggtransformer_2", encoder_dim=1024, vocab_size=5000, batch_size=0,
+                          ctc_weight=0.3, threads=8, jobs=1, num_workers=4,
                           fp32_updates=300000, fp32_lr=1e-4, warmup=8000, qat_updates=20000, qat_lr=5e-5,
                           train_subsets=("train-clean-100", "train-clean-360", "train-other-500"),
                           extra_train_args=("--max-tokens", "5000000", "--update-freq", "1")),
@@ -87,23 +92,27 @@ def mark_done(path: Path, info: dict) -> None:
     os.replace(tmp, done_marker(path))
 
 
-def run_logged(cmd: list[str], log_path: Path, env=None) -> None:
-    """Run a command, keep its whole output in ``log_path`` and echo progress lines."""
-    logger.info("$ %s", " ".join(cmd))
+def run_logged(cmd: list[str], log_path: Path, env=None, tag: str = "") -> None:
+    """Run a command, keep its whole output in ``log_path`` and echo progress lines (prefixed by ``tag``)."""
+    logger.info("%s$ %s", f"[{tag}] " if tag else "", " ".join(cmd))
     with open(log_path, "a") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for line in proc.stdout:
             log.write(line)
             if LOG_LINE.search(line):
-                print("   " + line.split(" | ", 2)[-1].strip()[:160], flush=True)
+                print(f"   {tag + ': ' if tag else ''}" + line.split(" | ", 2)[-1].strip()[:160], flush=True)
         if proc.wait() != 0:
             raise RuntimeError(f"command failed with exit code {proc.returncode}; see {log_path}")
 
 
-def train_env(cfg: RecipeConfig) -> dict:
+def train_env(threads: int) -> dict:
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(cfg.threads))
+    env["OMP_NUM_THREADS"] = str(threads)
     return env
+
+
+def threads_per_job(cfg: RecipeConfig) -> int:
+    return max(1, cfg.threads // max(1, cfg.jobs))
 
 
 def common_train_args(data: Path, save_dir: Path, cfg: RecipeConfig, updates: int, lr: float) -> list[str]:
@@ -134,7 +143,7 @@ def train_fp32(data: Path, out: Path, cfg: RecipeConfig) -> Path:
         "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(cfg.warmup),
     ]
     start = time.perf_counter()
-    run_logged(cmd, out / "train.log", train_env(cfg))
+    run_logged(cmd, out / "train.log", train_env(cfg.threads))
     mark_done(out, {"seconds": round(time.perf_counter() - start, 1), "updates": cfg.fp32_updates})
     return ckpt
 
@@ -153,7 +162,7 @@ def train_qat(data: Path, out: Path, strategy: Path, fp32_ckpt: Path, cfg: Recip
         "--lr-scheduler", "cosine", "--warmup-updates", str(min(50, cfg.qat_updates // 5)),
     ]
     start = time.perf_counter()
-    run_logged(cmd, out / "train.log", train_env(cfg))
+    run_logged(cmd, out / "train.log", train_env(threads_per_job(cfg)), tag=strategy.stem)
     mark_done(out, {"seconds": round(time.perf_counter() - start, 1), "updates": cfg.qat_updates,
                     "strategy": str(strategy)})
     return ckpt
@@ -161,12 +170,18 @@ def train_qat(data: Path, out: Path, strategy: Path, fp32_ckpt: Path, cfg: Recip
 
 def evaluate_model(name: str, ckpt: Path, data: Path, out: Path, cfg: RecipeConfig) -> ModelResult:
     """WER on every subset (cached in ``out/wer.json``) plus size and bits of the checkpoint's model."""
-    from fairseq_quant.evaluate import evaluate, load_checkpoint
+    from fairseq_quant.evaluate import load_checkpoint
     from fairseq_quant.quant import build_report
 
     summary = out / "wer.json"
     if not summary.exists() or json.loads(summary.read_text()).get("checkpoint") != str(ckpt):
-        evaluate(ckpt, data, EVAL_SUBSETS, out, beam=cfg.beam, max_len_b=cfg.max_len_b)
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(Path(__file__).parents[2] / "scripts" / "evaluate.py"), "--checkpoint", str(ckpt),
+               "--data", str(data), "--subsets", ",".join(EVAL_SUBSETS), "--beam", str(cfg.beam),
+               "--max-len-b", str(cfg.max_len_b), "--out", str(out), "--threads", str(threads_per_job(cfg))]
+        run_logged(cmd, out / "evaluate.log", train_env(threads_per_job(cfg)), tag=f"eval {name}")
+        logger.info("eval %s: %s", name, " ".join(f"{r['subset']} {r['wer']:.2f}"
+                                                   for r in json.loads(summary.read_text())["results"]))
     results = json.loads(summary.read_text())["results"]
     model, _ = load_checkpoint(ckpt, data)
     report = getattr(model, "quant_report", None) or build_report(model)
@@ -198,6 +213,15 @@ def results_table(results: list[ModelResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parallel(jobs: int, calls: list[tuple]) -> list:
+    """Run ``fn(*args)`` for each ``(fn, *args)`` in ``calls``, ``jobs`` at a time; results in order.
+
+    Each call runs its work in a child process, so threads are enough here; the first failure is raised."""
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(fn, *args) for fn, *args in calls]
+        return [f.result() for f in futures]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="default")
@@ -210,6 +234,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fp32-updates", type=int, default=None)
     parser.add_argument("--qat-updates", type=int, default=None)
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="QAT trainings / evaluations run at a time (default 2; they share --threads)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads in all (default 2)")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="fairseq-train data-loading workers (default 0; raise it on GPU machines)")
     args = parser.parse_args(argv)
@@ -221,6 +248,10 @@ def main(argv=None) -> int:
         cfg = replace(cfg, fp32_updates=args.fp32_updates)
     if args.qat_updates:
         cfg = replace(cfg, qat_updates=args.qat_updates)
+    if args.jobs:
+        cfg = replace(cfg, jobs=args.jobs)
+    if args.threads:
+        cfg = replace(cfg, threads=args.threads)
     if args.num_workers is not None:
         cfg = replace(cfg, num_workers=args.num_workers)
     stages = set(args.stages.split(","))
@@ -259,22 +290,20 @@ def main(argv=None) -> int:
         logger.info("stage fp32: %s, %d updates", cfg.arch, cfg.fp32_updates)
         fp32_ckpt = timed("fp32", train_fp32, data, work / "fp32", cfg)
     strategies = [Path(s) if s.endswith(".yaml") else STRATEGY_DIR / f"{s}.yaml" for s in args.strategies.split(",") if s]
-    qat_ckpts = {}
     for strategy in strategies:
         if not strategy.is_file():
             parser.error(f"strategy not found: {strategy}")
-        qat_ckpts[strategy.stem] = work / "qat" / strategy.stem / "checkpoint_best.pt"
-        if "qat" in stages:
-            logger.info("stage qat: %s, %d updates", strategy.stem, cfg.qat_updates)
-            qat_ckpts[strategy.stem] = timed("qat", train_qat, data, work / "qat" / strategy.stem, strategy,
-                                             fp32_ckpt, cfg)
+    qat_ckpts = {s.stem: work / "qat" / s.stem / "checkpoint_best.pt" for s in strategies}
+    if "qat" in stages:
+        logger.info("stage qat: %s, %d updates each, %d at a time", ", ".join(qat_ckpts), cfg.qat_updates, cfg.jobs)
+        timed("qat", parallel, cfg.jobs, [(train_qat, data, work / "qat" / s.stem, s, fp32_ckpt, cfg)
+                                          for s in strategies])
     if "eval" in stages:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
-        results = [timed("eval", evaluate_model, "fp32", fp32_ckpt, data, work / "eval" / "fp32", cfg)]
-        for name, ckpt in qat_ckpts.items():
-            results.append(timed("eval", evaluate_model, name, ckpt, data, work / "eval" / name, cfg))
+        logger.info("stage eval: %s on %s, beam %d, %d at a time", ", ".join(["fp32", *qat_ckpts]),
+                    ", ".join(EVAL_SUBSETS), cfg.beam, cfg.jobs)
+        models = {"fp32": fp32_ckpt, **qat_ckpts}
+        results = timed("eval", parallel, cfg.jobs, [(evaluate_model, name, ckpt, data, work / "eval" / name, cfg)
+                                                     for name, ckpt in models.items()])
         table = results_table(results)
         (work / "results.md").write_text(table)
         (work / "results.json").write_text(json.dumps({
