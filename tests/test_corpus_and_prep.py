@@ -300,3 +300,22 @@ def test_missing_subset_is_a_clear_error(tiny_corpus: Path, tmp_path: Path):
     with pytest.raises(FileNotFoundError, match=r"dev-typo does not exist.*dev-clean, dev-other"):
         prepare(tiny_corpus, tmp_path, [TRAIN_SUBSET], ["dev-typo"], vocab_size=100)
     assert not list(tmp_path.iterdir())
+
+
+def test_training_batches_group_utterances_of_similar_length(prepared):
+    """fairseq_quant orders AsrDataset by length (upstream pads each batch of a random mix)."""
+    import fairseq_quant  # noqa: F401  (applies the compatibility fixes)
+    from examples.speech_recognition.tasks.speech_recognition import get_asr_dataset_from_json
+    from fairseq.data import Dictionary, data_utils
+
+    _root, _bad, data, _summary = prepared
+    dataset = get_asr_dataset_from_json(str(data / "train.json"), Dictionary.load(str(data / "dict.txt")))
+    sizes = np.asarray(dataset.frame_sizes)
+    assert len(sizes) == NUM_TRAIN - 2 and len(set(sizes.tolist())) > 10
+    with data_utils.numpy_seed(1):
+        order = dataset.ordered_indices()
+    with data_utils.numpy_seed(1):
+        again = dataset.ordered_indices()
+    assert sorted(order.tolist()) == list(range(len(sizes)))
+    assert np.all(np.diff(sizes[order]) >= 0)  # ascending frames
+    assert np.array_equal(order, again)  # deterministic for fairseq's per-epoch seed
