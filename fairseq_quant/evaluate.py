@@ -93,12 +93,16 @@ def default_device() -> str:
 
 
 def decode_subset(model, task, subset: str, sp, beam: int = 5, max_tokens: int = 60000,
-                  max_len_b: int = 200, progress: bool = True, device: str = "cpu") -> list[tuple[str, str, str]]:
-    """[(utterance id, reference, hypothesis)] for every utterance of ``subset``, in manifest order."""
+                  max_len_b: int = 200, progress: bool = True, device: str = "cpu",
+                  max_len_a: float = 0.0) -> list[tuple[str, str, str]]:
+    """[(utterance id, reference, hypothesis)] for every utterance of ``subset``, in manifest order.
+
+    Hypotheses stop at ``max_len_a * frames + max_len_b`` tokens (frames of 10 ms): with ``max_len_a``
+    set, a model that has not learnt to stop does not decode every utterance to the absolute limit."""
     task.load_dataset(subset)
     dataset = task.dataset(subset)
     manifest = json.loads((Path(task.args.data) / f"{subset}.json").read_text())["utts"]
-    generator = SequenceGenerator([model], task.target_dictionary, beam_size=beam, max_len_a=0,
+    generator = SequenceGenerator([model], task.target_dictionary, beam_size=beam, max_len_a=max_len_a,
                                   max_len_b=max_len_b)
     itr = task.get_batch_iterator(dataset=dataset, max_tokens=max_tokens, max_positions=(1e9, 1e9),
                                   ignore_invalid_inputs=False).next_epoch_itr(shuffle=False)
@@ -117,7 +121,8 @@ def decode_subset(model, task, subset: str, sp, beam: int = 5, max_tokens: int =
 
 
 def evaluate(checkpoint, data_dir, subsets, out_dir, beam: int = 5, spm_model=None, max_tokens: int = 60000,
-             max_len_b: int = 200, progress: bool = True, device: str | None = None) -> list[SubsetResult]:
+             max_len_b: int = 200, progress: bool = True, device: str | None = None,
+             max_len_a: float = 0.0) -> list[SubsetResult]:
     """WER of ``checkpoint`` on each subset; ``device`` defaults to CUDA when there is one."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     device = device or default_device()
@@ -131,7 +136,7 @@ def evaluate(checkpoint, data_dir, subsets, out_dir, beam: int = 5, spm_model=No
                                     f"{sorted(p.stem for p in data_dir.glob('*.json'))}")
         start = time.perf_counter()
         rows = decode_subset(model, task, subset, sp, beam=beam, max_tokens=max_tokens, max_len_b=max_len_b,
-                             progress=progress, device=device)
+                             progress=progress, device=device, max_len_a=max_len_a)
         seconds = time.perf_counter() - start
         scores = word_error_rate([r for _, r, _ in rows], [h for _, _, h in rows])
         atomic_write_text(out_dir / f"{subset}.ref", "".join(f"{r} ({u})\n" for u, r, _ in rows))

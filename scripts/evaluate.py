@@ -18,7 +18,9 @@ def main(argv=None):
     parser.add_argument("--subsets", default="dev-clean,dev-other,test-clean,test-other")
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--spm-model", default=None)
-    parser.add_argument("--max-len-b", type=int, default=200, help="longest hypothesis in tokens")
+    parser.add_argument("--max-len-a", type=float, default=0.0,
+                        help="hypothesis length limit per 10 ms input frame (0.2 = 20 tokens a second)")
+    parser.add_argument("--max-len-b", type=int, default=200, help="hypothesis length limit: a * frames + b tokens")
     parser.add_argument("--max-tokens", type=int, default=60000, help="batch size in 10 ms feature frames")
     parser.add_argument("--out", required=True, help="directory for ref/hyp files, wer.json and wer.md")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
@@ -33,7 +35,7 @@ def main(argv=None):
     try:
         results = evaluate(args.checkpoint, args.data, [s for s in args.subsets.split(",") if s], args.out,
                            beam=args.beam, spm_model=args.spm_model, max_tokens=args.max_tokens,
-                           max_len_b=args.max_len_b,                           device=args.device)
+                           max_len_a=args.max_len_a, max_len_b=args.max_len_b, device=args.device)
     except (FileNotFoundError, RuntimeError, ValueError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2

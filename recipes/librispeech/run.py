@@ -46,7 +46,8 @@ class RecipeConfig:
     kd_temperature: float = 2.0
     calib_batches: int = 8
     beam: int = 5
-    max_len_b: int = 200  # longest hypothesis in tokens
+    max_len_a: float = 0.2  # longest hypothesis: a * frames + b tokens (0.2: 20 tokens a second of audio)
+    max_len_b: int = 10
     train_subsets: tuple = ("train-clean-100",)
     extra_train_args: tuple = ()
     threads: int = 2  # CPU threads in all: fp32 training uses them all, parallel jobs share them
@@ -57,7 +58,7 @@ class RecipeConfig:
 SIZES = {
     # a smoke run for CI: tiny corpus, a few updates; checks the plumbing, not accuracy
     "smoke": RecipeConfig(corpus_size="tiny", vocab_size=60, fp32_updates=30, warmup=10,
-                          qat_updates=6, calib_batches=2, beam=2, max_len_b=40),
+                          qat_updates=6, calib_batches=2, beam=2, max_len_a=0.0, max_len_b=40),
     # a few minutes: the plumbing on a real-sized corpus, far too short to learn much
     "quick": RecipeConfig(corpus_size="quick", fp32_updates=600, qat_updates=40),
     # the main job: about 30 minutes on 2 CPU cores (README)
@@ -178,7 +179,7 @@ def evaluate_model(name: str, ckpt: Path, data: Path, out: Path, cfg: RecipeConf
         out.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, str(Path(__file__).parents[2] / "scripts" / "evaluate.py"), "--checkpoint", str(ckpt),
                "--data", str(data), "--subsets", ",".join(EVAL_SUBSETS), "--beam", str(cfg.beam),
-               "--max-len-b", str(cfg.max_len_b), "--out", str(out), "--threads", str(threads_per_job(cfg))]
+               "--max-len-a", str(cfg.max_len_a), "--max-len-b", str(cfg.max_len_b), "--out", str(out), "--threads", str(threads_per_job(cfg))]
         run_logged(cmd, out / "evaluate.log", train_env(threads_per_job(cfg)), tag=f"eval {name}")
         logger.info("eval %s: %s", name, " ".join(f"{r['subset']} {r['wer']:.2f}"
                                                    for r in json.loads(summary.read_text())["results"]))
