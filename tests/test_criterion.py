@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, build_tiny, fbank_batch
-from fairseq import tasks
+from conftest import build_tiny, fbank_batch
 
 from fairseq_quant.criterions.quant_cross_entropy_acc import QuantCrossEntropyWithAccCriterion, TeacherError
 
