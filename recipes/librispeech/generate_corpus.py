@@ -26,17 +26,23 @@ import torch
 import torchaudio.functional as AF
 from tqdm import tqdm
 
-from recipes.librispeech.sentences import sentences
+from recipes.librispeech.sentences import MAX_WORDS, sentences
 
-FORMAT_VERSION = 2  # 2: every utterance has a noise floor (no digital silence)
+# 2: every utterance has a noise floor (no digital silence); 3: lexicon, max_words, train_other, synth_train
+FORMAT_VERSION = 3
 SAMPLE_RATE = 16000
 MARKER = ".complete"
 
-# size -> (num_train, num_dev, num_test); dev/test counts are per subset.
+# size -> generation parameters; dev/test counts are per subset. `lexicon`: words per grammar word list
+# (None: the whole grammar, about 2,700 words; 4: a closed vocabulary of about 330 words); `max_words`:
+# longest sentence; `train_other`: fraction of training speakers recorded in *-other conditions (wider
+# pitch/speed, 10-20 dB SNR; never the rough voices, which stay unseen).
 SIZES = {
-    "tiny": (24, 6, 6),
-    "quick": (1500, 100, 100),
-    "default": (8000, 200, 200),
+    "tiny": dict(num_train=24, num_dev=6, num_test=6),
+    "quick": dict(num_train=1500, num_dev=100, num_test=100),
+    "default": dict(num_train=8000, num_dev=200, num_test=200),
+    # the corpus of the shipped reference model (recipes/librispeech/reference)
+    "reference": dict(num_train=12000, num_dev=300, num_test=500, lexicon=4, max_words=9, train_other=0.3),
 }
 TRAIN_SUBSET = "train-clean-100"
 EVAL_SUBSETS = ("dev-clean", "dev-other", "test-clean", "test-other")
@@ -97,12 +103,13 @@ class Voice:
 
 @dataclass
 class Speaker:
-    """A speaker of one subset with its chapters."""
+    """A speaker of one subset with its chapters; `other`: recorded in *-other conditions."""
 
     speaker_id: int
     subset: str
     voice: Voice
     chapter_ids: list[int]
+    other: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,11 +148,18 @@ def _draw_voice(rng: np.random.Generator, base: str, variant: str, other: bool) 
     return Voice(base, variant, *(int(rng.integers(*ranges[k])) for k in ("pitch", "speed", "gap")))
 
 
-def plan_voices(rng: np.random.Generator, counts: dict[str, int]) -> dict[str, list[Voice]]:
+def train_other_count(num_speakers: int, train_other: float) -> int:
+    """How many training speakers (the first ones) are recorded in *-other conditions."""
+    return int(round(num_speakers * train_other))
+
+
+def plan_voices(rng: np.random.Generator, counts: dict[str, int],
+                train_other: float = 0.0) -> dict[str, list[Voice]]:
     """Voices per subset; a (base, variant) pair never appears in two subsets.
 
     Evaluation subsets take fresh pairs first; training uses the rest (cycling through them,
-    with different pitch/speed, only if it needs more speakers than there are pairs left).
+    with different pitch/speed, only if it needs more speakers than there are pairs left). The first
+    `train_other_count` training voices take the *-other pitch/speed ranges.
     """
     pairs = [(b, v) for b in BASE_VOICES for v in VARIANTS]
     pairs = [pairs[i] for i in rng.permutation(len(pairs))]
@@ -163,8 +177,9 @@ def plan_voices(rng: np.random.Generator, counts: dict[str, int]) -> dict[str, l
     if not pairs:
         raise ValueError(f"no voices left for training speakers: {counts}")
     train, seen = [], set()
+    n_other = train_other_count(counts[TRAIN_SUBSET], train_other)
     while len(train) < counts[TRAIN_SUBSET]:
-        voice = _draw_voice(rng, *pairs[len(train) % len(pairs)], False)
+        voice = _draw_voice(rng, *pairs[len(train) % len(pairs)], len(train) < n_other)
         if voice not in seen:
             seen.add(voice)
             train.append(voice)
@@ -173,7 +188,7 @@ def plan_voices(rng: np.random.Generator, counts: dict[str, int]) -> dict[str, l
 
 
 def plan_speakers(rng: np.random.Generator, sizes: dict[str, int],
-                  voices: dict[str, list[Voice]]) -> list[Speaker]:
+                  voices: dict[str, list[Voice]], train_other: float = 0.0) -> list[Speaker]:
     """Speakers with unique integer speaker and chapter IDs, 1-3 chapters each."""
     total = sum(len(v) for v in voices.values())
     speaker_ids = rng.choice(np.arange(10, 10000), size=total, replace=False)
@@ -182,10 +197,12 @@ def plan_speakers(rng: np.random.Generator, sizes: dict[str, int],
     speakers, k = [], 0
     for subset in SUBSETS:
         per_speaker = _split_evenly(sizes[subset], len(voices[subset]))
-        for voice, n_utts in zip(voices[subset], per_speaker):
+        n_other = (train_other_count(len(voices[subset]), train_other) if subset == TRAIN_SUBSET
+                   else len(voices[subset]) if subset.endswith("other") else 0)
+        for index, (voice, n_utts) in enumerate(zip(voices[subset], per_speaker)):
             n_chapters = min(int(rng.integers(1, MAX_CHAPTERS_PER_SPEAKER + 1)), max(n_utts, 1))
             chapters = sorted(next(chapter_ids) for _ in range(n_chapters))
-            speakers.append(Speaker(int(speaker_ids[k]), subset, voice, chapters))
+            speakers.append(Speaker(int(speaker_ids[k]), subset, voice, chapters, index < n_other))
             k += 1
     return speakers
 
@@ -197,7 +214,7 @@ def _split_evenly(total: int, parts: int) -> list[int]:
 
 
 def plan_utterances(seed: int, sizes: dict[str, int], speakers: list[Speaker],
-                    root: Path) -> list[Utterance]:
+                    root: Path, lexicon: int | None = None, max_words: int = MAX_WORDS) -> list[Utterance]:
     """All utterances with IDs, texts, voices and per-utterance seeds.
 
     Texts are distinct across the whole corpus, so dev/test sentences never repeat training ones.
@@ -205,7 +222,8 @@ def plan_utterances(seed: int, sizes: dict[str, int], speakers: list[Speaker],
     seen: set[str] = set()
     utterances = []
     for s_index, subset in enumerate(SUBSETS):
-        texts = sentences(np.random.default_rng([seed, 1, s_index]), sizes[subset], seen)
+        texts = sentences(np.random.default_rng([seed, 1, s_index]), sizes[subset], seen,
+                          lexicon=lexicon, max_words=max_words)
         subset_speakers = [sp for sp in speakers if sp.subset == subset]
         counts = _split_evenly(sizes[subset], len(subset_speakers))
         k = 0
@@ -215,7 +233,7 @@ def plan_utterances(seed: int, sizes: dict[str, int], speakers: list[Speaker],
                     utt_id = f"{sp.speaker_id}-{chapter}-{u:04d}"
                     path = root / subset / str(sp.speaker_id) / str(chapter) / f"{utt_id}.flac"
                     utterances.append(Utterance(utt_id, texts[k], sp.voice,
-                                                subset.endswith("other"), (seed, 2, s_index, k),
+                                                sp.other, (seed, 2, s_index, k),
                                                 str(path)))
                     k += 1
     return utterances
@@ -347,10 +365,24 @@ def _run_tasks(tasks: list, jobs: int):
         yield from pool.imap_unordered(_synthesise_task, tasks, chunksize=4)
 
 
-def generation_params(seed: int, num_train: int, num_dev: int, num_test: int) -> dict:
-    """The parameters that determine the corpus content (recorded in the marker file)."""
+def generation_params(seed: int, num_train: int, num_dev: int, num_test: int, lexicon: int | None = None,
+                      max_words: int = MAX_WORDS, train_other: float = 0.0,
+                      synth_train: int | None = None) -> dict:
+    """The parameters that determine the corpus content (recorded in the marker file).
+
+    `synth_train` synthesises only N evenly spaced training utterances of the plan: the evaluation subsets
+    (texts, speakers, audio) are exactly those of the full corpus, so a model trained on the full corpus
+    is evaluated on the same held-out data, and a short fine-tuning run needs less synthesis."""
     return {"format_version": FORMAT_VERSION, "seed": seed, "num_train": num_train,
-            "num_dev": num_dev, "num_test": num_test}
+            "num_dev": num_dev, "num_test": num_test, "lexicon": lexicon, "max_words": max_words,
+            "train_other": train_other, "synth_train": synth_train}
+
+
+def size_params(size: str, seed: int = 0, synth_train: int | None = None) -> dict:
+    """generation_params of a named size."""
+    if size not in SIZES:
+        raise ValueError(f"unknown corpus size {size!r}; sizes: {sorted(SIZES)}")
+    return generation_params(seed, synth_train=synth_train, **SIZES[size])
 
 
 def check_existing(root: Path, params: dict) -> bool:
@@ -368,16 +400,28 @@ def check_existing(root: Path, params: dict) -> bool:
     return True
 
 
-def generate_corpus(out_dir: str | os.PathLike, seed: int = 0, num_train: int = SIZES["default"][0],
-                    num_dev: int = SIZES["default"][1], num_test: int = SIZES["default"][2],
-                    jobs: int = 2) -> Path:
+def generate_corpus(out_dir: str | os.PathLike, seed: int = 0, num_train: int = SIZES["default"]["num_train"],
+                    num_dev: int = SIZES["default"]["num_dev"], num_test: int = SIZES["default"]["num_test"],
+                    jobs: int = 2, lexicon: int | None = None, max_words: int = MAX_WORDS,
+                    train_other: float = 0.0, synth_train: int | None = None) -> Path:
     """Generate OUT_DIR/LibriSpeech (atomically, idempotently); returns its path."""
-    for name, n in (("num_train", num_train), ("num_dev", num_dev), ("num_test", num_test)):
-        if n < 1:
-            raise ValueError(f"{name} must be at least 1, got {n}")
+    params = generation_params(seed, num_train, num_dev, num_test, lexicon, max_words, train_other,
+                               synth_train)
+    return generate_from_params(out_dir, params, jobs)
+
+
+def generate_from_params(out_dir: str | os.PathLike, params: dict, jobs: int = 2) -> Path:
+    """generate_corpus with the parameters as a `generation_params` dict."""
+    for name in ("num_train", "num_dev", "num_test"):
+        if params[name] < 1:
+            raise ValueError(f"{name} must be at least 1, got {params[name]}")
+    if params["synth_train"] is not None and not 1 <= params["synth_train"] <= params["num_train"]:
+        raise ValueError(f"synth_train must be in 1..num_train ({params['num_train']}), "
+                         f"got {params['synth_train']}")
+    if not 0.0 <= params["train_other"] <= 1.0:
+        raise ValueError(f"train_other must be a fraction in [0, 1], got {params['train_other']}")
     out_dir = Path(out_dir)
     root = out_dir / "LibriSpeech"
-    params = generation_params(seed, num_train, num_dev, num_test)
     if check_existing(root, params):
         print(f"{root} already complete with {params}; skipping generation", file=sys.stderr)
         return root
@@ -398,9 +442,18 @@ def _generate_into(tmp_root: Path, params: dict, jobs: int) -> None:
     rng = np.random.default_rng([params["seed"], 0])
     sizes = subset_sizes(params["num_train"], params["num_dev"], params["num_test"])
     voices = plan_voices(rng, speaker_counts(params["num_train"], params["num_dev"],
-                                             params["num_test"]))
-    speakers = plan_speakers(rng, sizes, voices)
-    utterances = plan_utterances(params["seed"], sizes, speakers, tmp_root)
+                                             params["num_test"]), params["train_other"])
+    speakers = plan_speakers(rng, sizes, voices, params["train_other"])
+    utterances = plan_utterances(params["seed"], sizes, speakers, tmp_root, params["lexicon"],
+                                 params["max_words"])
+    if params["synth_train"] is not None:
+        train_ids = [u.utt_id for u in utterances if f"/{TRAIN_SUBSET}/" in u.flac_path]
+        # evenly spaced over the plan, so that every kind of training speaker is represented
+        step = len(train_ids) / params["synth_train"]
+        keep = {train_ids[int(i * step)] for i in range(params["synth_train"])}
+        utterances = [u for u in utterances if f"/{TRAIN_SUBSET}/" not in u.flac_path or u.utt_id in keep]
+        speakers = [sp for sp in speakers
+                    if any(u.utt_id.startswith(f"{sp.speaker_id}-") for u in utterances)]
     # The FLAC paths point into tmp_root; the directory is renamed as a whole afterwards.
     samples = synthesise_all(utterances, jobs)
     write_transcripts(utterances)
@@ -420,6 +473,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-train", type=int, help="override the size's training utterances")
     parser.add_argument("--num-dev", type=int, help="override utterances per dev subset")
     parser.add_argument("--num-test", type=int, help="override utterances per test subset")
+    parser.add_argument("--synth-train", type=int, default=None,
+                        help="synthesise only N evenly spaced training utterances (evaluation subsets unchanged)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
     return parser.parse_args(argv)
 
@@ -427,14 +482,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     """Generate the corpus and print its path."""
     args = parse_args(argv)
-    num_train, num_dev, num_test = SIZES[args.size]
-    root = generate_corpus(
-        args.out, seed=args.seed,
-        num_train=args.num_train if args.num_train is not None else num_train,
-        num_dev=args.num_dev if args.num_dev is not None else num_dev,
-        num_test=args.num_test if args.num_test is not None else num_test,
-        jobs=args.jobs)
-    print(root)
+    params = size_params(args.size, args.seed, args.synth_train)
+    for name in ("num_train", "num_dev", "num_test"):
+        if getattr(args, name) is not None:
+            params[name] = getattr(args, name)
+    print(generate_from_params(args.out, params, jobs=args.jobs))
 
 
 if __name__ == "__main__":

@@ -417,14 +417,24 @@ class Subject:
 class Grammar:
     """Sentence generator; all randomness comes from the numpy Generator given to `sentence`."""
 
-    def __init__(self, rng: np.random.Generator):
+    def __init__(self, rng: np.random.Generator, lexicon: int | None = None, max_words: int = MAX_WORDS):
+        """`lexicon`: use only the first `lexicon` entries of every word list (None: all of them), a
+        closed vocabulary of a few hundred words instead of about 2,700; `max_words`: longest sentence."""
+        if lexicon is not None and lexicon < 1:
+            raise ValueError(f"lexicon must be a positive number of words per list, got {lexicon}")
+        if max_words < MIN_WORDS:
+            raise ValueError(f"max_words must be at least {MIN_WORDS}, got {max_words}")
         self.rng = rng
+        self.lexicon = lexicon
+        self.max_words = max_words
         weights = np.array([w for _, w in self.TEMPLATES], dtype=float)
         self.template_p = weights / weights.sum()
 
     # -- random helpers ------------------------------------------------------------------------
     def pick(self, items):
-        """One uniformly chosen element of a sequence."""
+        """One uniformly chosen element of a sequence (of its first `lexicon` elements, if set)."""
+        if self.lexicon is not None and len(items) > self.lexicon:
+            items = items[:self.lexicon]
         return items[int(self.rng.integers(len(items)))]
 
     def chance(self, p: float) -> bool:
@@ -772,17 +782,19 @@ class Grammar:
     ]
 
     def sentence(self) -> str:
-        """One normalised sentence of MIN_WORDS..MAX_WORDS words."""
+        """One normalised sentence of MIN_WORDS..max_words words."""
         while True:
             index = int(self.rng.choice(len(self.TEMPLATES), p=self.template_p))
             text = normalise(getattr(self, self.TEMPLATES[index][0])())
-            if MIN_WORDS <= len(text.split()) <= MAX_WORDS:
+            if MIN_WORDS <= len(text.split()) <= self.max_words:
                 return text
 
 
-def sentences(rng: np.random.Generator, count: int, exclude: set[str] | None = None) -> list[str]:
-    """`count` distinct sentences, none of them in `exclude` (which is updated in place)."""
-    grammar = Grammar(rng)
+def sentences(rng: np.random.Generator, count: int, exclude: set[str] | None = None,
+              lexicon: int | None = None, max_words: int = MAX_WORDS) -> list[str]:
+    """`count` distinct sentences, none of them in `exclude` (which is updated in place); `lexicon` and
+    `max_words` as in `Grammar`."""
+    grammar = Grammar(rng, lexicon=lexicon, max_words=max_words)
     seen = exclude if exclude is not None else set()
     out = []
     while len(out) < count:

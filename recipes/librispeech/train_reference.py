@@ -1,0 +1,121 @@
+"""Train the reference fp32 VGGTransformer on the generated corpus and write its bundle.
+
+    python -m recipes.librispeech.train_reference --workdir exp/ref --hours 1.7
+    python -m recipes.librispeech.train_reference --workdir exp/ref --stages bundle \
+        --bundle recipes/librispeech/reference
+
+Stages (each resumable; a finished one is skipped):
+- corpus: the `reference` corpus (generate_corpus.SIZES["reference"]; seed --seed);
+- prepare: manifests, a SentencePiece unigram model of --vocab-size pieces, dict.txt;
+- train: fairseq-train of `vggtransformer_ref` with the auxiliary CTC loss, until --hours of training
+  time (fairseq's --stop-time-hours, which counts across resumes) or --max-update; an interrupted run
+  resumes from checkpoint_last.pt;
+- average: the mean of the last --average interval checkpoints (fairseq keeps one every --save-every
+  updates), without optimizer state;
+- bundle: model.pt, the SentencePiece model, dict.txt and manifest.json (corpus parameters, the exact
+  training command, commit, updates, wall time, machine, WER, sha256 of every file), written to a
+  temporary directory and renamed into place.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from recipes.librispeech.run import done_marker, mark_done, run_logged, train_env
+
+REPO = Path(__file__).resolve().parents[2]
+ARCH = "vggtransformer_ref"
+ENCODER_DIM = 128
+CORPUS_SIZE = "reference"
+STAGES = ("corpus", "prepare", "train", "average", "bundle")
+logger = logging.getLogger("train_reference")
+
+
+def training_command(data: Path, save_dir: Path, args: argparse.Namespace) -> list[str]:
+    """The fairseq-train command line of the reference model."""
+    return [
+        sys.executable, "-m", "fairseq_cli.train", str(data), "--user-dir", str(REPO / "fairseq_quant"),
+        "--task", "speech_recognition", "--train-subset", "train", "--valid-subset", "dev-clean",
+        "--arch", ARCH, "--criterion", "quant_cross_entropy_acc",
+        "--ctc-weight", str(args.ctc_weight), "--ctc-encoder-dim", str(ENCODER_DIM),
+        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(args.lr), "--clip-norm", "10",
+        "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(args.warmup),
+        "--batch-size", str(args.batch_size), "--max-tokens", "10000000", "--required-batch-size-multiple", "1",
+        "--max-update", str(args.max_update), "--stop-time-hours", str(args.hours),
+        "--save-dir", str(save_dir), "--save-interval-updates", str(args.save_every),
+        "--keep-interval-updates", str(max(args.average, 1) + 1), "--no-epoch-checkpoints",
+        "--skip-invalid-size-inputs-valid-test", "--num-workers", "0",
+        "--log-format", "simple", "--log-interval", "100", "--seed", str(args.train_seed),
+    ]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--seed", type=int, default=0, help="corpus seed")
+    parser.add_argument("--train-seed", type=int, default=1)
+    parser.add_argument("--vocab-size", type=int, default=256)
+    parser.add_argument("--hours", type=float, default=1.7, help="training time limit (across resumes)")
+    parser.add_argument("--max-update", type=int, default=100000)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup", type=int, default=800)
+    parser.add_argument("--ctc-weight", type=float, default=1.0)
+    parser.add_argument("--save-every", type=int, default=1000, help="updates between interval checkpoints")
+    parser.add_argument("--average", type=int, default=4, help="interval checkpoints averaged (0: the last)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bundle", type=Path, default=REPO / "recipes" / "librispeech" / "reference")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise SystemExit(f"train_reference: unknown stages {unknown}; stages are {','.join(STAGES)}")
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    corpus_root = work / "corpus" / "LibriSpeech"
+    data = work / "data"
+    save_dir = work / "train"
+    if "corpus" in stages:
+        from recipes.librispeech.generate_corpus import generate_from_params, size_params
+
+        generate_from_params(work / "corpus", size_params(CORPUS_SIZE, args.seed), jobs=args.threads)
+    if "prepare" in stages:
+        from recipes.librispeech.prepare_data import prepare
+
+        prepare(corpus_root, data, ["train-clean-100"], ["dev-clean", "dev-other", "test-clean", "test-other"],
+                args.vocab_size, jobs=args.threads)
+    if "train" in stages:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        if not done_marker(save_dir).exists():
+            cmd = training_command(data, save_dir, args)
+            (save_dir / "command.json").write_text(json.dumps(cmd) + "\n")
+            start = time.perf_counter()
+            run_logged(cmd, save_dir / "train.log", train_env(args.threads))
+            mark_done(save_dir, {"seconds_this_run": round(time.perf_counter() - start, 1)})
+    if "average" in stages:
+        from recipes.librispeech.reference import average_checkpoints
+
+        average_checkpoints(save_dir, args.average, work / "model.pt")
+    if "bundle" in stages:
+        from recipes.librispeech.reference import write_bundle
+
+        write_bundle(args.bundle, work, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
