@@ -2,8 +2,9 @@
 SequenceGenerator, SentencePiece detokenisation, and WER over a whole subset with jiwer
 (total substitutions + deletions + insertions / total reference words).
 
-Writes, per subset, ``{subset}.ref`` / ``{subset}.hyp`` (sclite trn lines ``TEXT (ID)``), and for the
-run ``wer.json`` and ``wer.md``.
+Writes, per subset, ``{subset}.ref`` / ``{subset}.hyp`` (sclite trn lines ``TEXT (ID)``) and
+``{subset}.utt.tsv`` (per utterance: words, substitutions, deletions, insertions, reference, hypothesis),
+and for the run ``wer.json`` and ``wer.md``.
 """
 import json
 import logging
@@ -19,6 +20,8 @@ import torch
 from fairseq import checkpoint_utils, utils
 from fairseq.sequence_generator import SequenceGenerator
 from tqdm import tqdm
+
+from .stats import format_utterances
 
 logger = logging.getLogger(__name__)
 
@@ -120,14 +123,33 @@ def decode_subset(model, task, subset: str, sp, beam: int = 5, max_tokens: int =
     return [(utt, manifest[utt]["output"]["text"].strip(), hyps[utt]) for utt in manifest]
 
 
+def model_size(model) -> dict:
+    """Average weight bits and MB (packed integers plus scales; fp32 parameters at 4 bytes)."""
+    from .quant import build_report
+
+    report = getattr(model, "quant_report", None) or build_report(model)
+    return {"avg_weight_bits": round(report.avg_weight_bits, 4), "model_mb": round(report.quant_mb, 6)}
+
+
 def evaluate(checkpoint, data_dir, subsets, out_dir, beam: int = 5, spm_model=None, max_tokens: int = 60000,
              max_len_b: int = 200, progress: bool = True, device: str | None = None,
-             max_len_a: float = 0.0) -> list[SubsetResult]:
-    """WER of ``checkpoint`` on each subset; ``device`` defaults to CUDA when there is one."""
+             max_len_a: float = 0.0, dynamic_int8: bool = False) -> list[SubsetResult]:
+    """WER of ``checkpoint`` on each subset; ``device`` defaults to CUDA when there is one.
+
+    ``dynamic_int8``: decode with torch's dynamic int8 Linear layers instead (a baseline; CPU only)."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     device = device or default_device()
     sp = spm.SentencePieceProcessor(model_file=str(spm_model or find_spm_model(data_dir)))
     model, task = load_checkpoint(checkpoint, data_dir)
+    if dynamic_int8:
+        from .baselines import dynamic_int8 as to_dynamic_int8
+
+        if device != "cpu":
+            raise ValueError("dynamic int8 quantization runs on CPU only: pass --device cpu")
+        model, report = to_dynamic_int8(model)
+        size = {k: round(report[k], 6) for k in ("avg_weight_bits", "model_mb")}
+    else:
+        size = model_size(model)
     model.to(device)
     results = []
     for subset in subsets:
@@ -141,11 +163,13 @@ def evaluate(checkpoint, data_dir, subsets, out_dir, beam: int = 5, spm_model=No
         scores = word_error_rate([r for _, r, _ in rows], [h for _, _, h in rows])
         atomic_write_text(out_dir / f"{subset}.ref", "".join(f"{r} ({u})\n" for u, r, _ in rows))
         atomic_write_text(out_dir / f"{subset}.hyp", "".join(f"{h} ({u})\n" for u, _, h in rows))
+        atomic_write_text(out_dir / f"{subset}.utt.tsv", format_utterances(rows))
         results.append(SubsetResult(subset, len(rows), scores["words"], scores["substitutions"],
                                     scores["deletions"], scores["insertions"], round(scores["wer"], 2),
                                     round(seconds, 1)))
         logger.info("%s: WER %.2f%% over %d words", subset, scores["wer"], scores["words"])
-    summary = {"checkpoint": str(checkpoint), "beam": beam, "results": [asdict(r) for r in results]}
+    summary = {"checkpoint": str(checkpoint), "beam": beam, "dynamic_int8": dynamic_int8, **size,
+               "results": [asdict(r) for r in results]}
     atomic_write_text(out_dir / "wer.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out_dir / "wer.md", format_table(results))
     return results

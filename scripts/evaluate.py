@@ -25,6 +25,8 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="directory for ref/hyp files, wer.json and wer.md")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dynamic-int8", action="store_true",
+                        help="baseline: decode with torch.ao dynamic int8 Linear layers (CPU; attention stays fp32)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(message)s")
     if args.threads:
@@ -35,7 +37,8 @@ def main(argv=None):
     try:
         results = evaluate(args.checkpoint, args.data, [s for s in args.subsets.split(",") if s], args.out,
                            beam=args.beam, spm_model=args.spm_model, max_tokens=args.max_tokens,
-                           max_len_a=args.max_len_a, max_len_b=args.max_len_b, device=args.device)
+                           max_len_a=args.max_len_a, max_len_b=args.max_len_b, device=args.device,
+                           dynamic_int8=args.dynamic_int8)
     except (FileNotFoundError, RuntimeError, ValueError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2

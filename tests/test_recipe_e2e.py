@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from fairseq_quant.stats import read_utterances
+
 ROOT = Path(__file__).resolve().parents[1]
-STRATEGIES = ("w4a8", "mixed2a8")
+ROWS = ("fp32", "ptq-w2-sym-channel", "dynamic-int8", "qat-w4a8", "qat-mixed2a8")  # the smoke size's
 SUBSETS = ("dev-clean", "dev-other", "test-clean", "test-other")
 
 
@@ -25,8 +27,7 @@ def run(cmd, **kw):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     work = tmp_path_factory.mktemp("smoke")
-    proc = run([sys.executable, "-m", "recipes.librispeech.run", "--size", "smoke", "--workdir", str(work),
-                "--strategies", ",".join(STRATEGIES)])
+    proc = run([sys.executable, "-m", "recipes.librispeech.run", "--size", "smoke", "--workdir", str(work)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return work, proc.stdout
 
@@ -34,37 +35,48 @@ def smoke(tmp_path_factory):
 def test_recipe_produces_results_table(smoke):
     work, stdout = smoke
     results = json.loads((work / "results.json").read_text())["results"]
-    assert [r["name"] for r in results] == ["fp32", *STRATEGIES]
+    assert [r["name"] for r in results] == list(ROWS)
     bits = {r["name"]: r["avg_weight_bits"] for r in results}
     size = {r["name"]: r["model_mb"] for r in results}
-    assert bits["fp32"] == 32.0 and bits["w4a8"] == 4.0
-    assert 2.0 < bits["mixed2a8"] <= 2.5
-    assert size["w4a8"] < size["fp32"] / 6 and size["mixed2a8"] < size["w4a8"]
+    assert bits["fp32"] == 32.0 and bits["qat-w4a8"] == 4.0 and bits["ptq-w2-sym-channel"] == 2.0
+    assert 2.0 < bits["qat-mixed2a8"] <= 2.5
+    assert 8.0 < bits["dynamic-int8"] < 32.0 and size["dynamic-int8"] < size["fp32"]  # attention stays fp32
+    assert size["qat-w4a8"] < size["fp32"] / 6 and size["qat-mixed2a8"] < size["qat-w4a8"]
     for r in results:
         assert set(r["wer"]) == set(SUBSETS)
         assert all(0.0 <= w < 1000.0 for w in r["wer"].values())
     table = (work / "results.md").read_text()
     assert table in stdout  # the run prints the table it wrote
-    assert table.count("\n") == 2 + 1 + len(STRATEGIES)
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(ROWS) + 2
+    assert lines[2].endswith("| - |")  # fp32 is the base of the relative change
+    assert all("% [" in line for line in lines[3:2 + len(ROWS)])  # every other row has its interval
+    assert lines[-1].startswith("Reference words: dev-clean 60, dev-other 60, test-clean ")
+    assert (work / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_evaluation_scores_every_utterance_against_its_transcript(smoke):
     work, _ = smoke
     for subset in SUBSETS:
         manifest = json.loads((work / "data" / f"{subset}.json").read_text())["utts"]
-        refs = (work / "eval" / "w4a8" / f"{subset}.ref").read_text().splitlines()
-        hyps = (work / "eval" / "w4a8" / f"{subset}.hyp").read_text().splitlines()
+        refs = (work / "eval" / "qat-w4a8" / f"{subset}.ref").read_text().splitlines()
+        hyps = (work / "eval" / "qat-w4a8" / f"{subset}.hyp").read_text().splitlines()
         assert len(refs) == len(hyps) == len(manifest) == 6
         assert refs == [f"{u['output']['text']} ({utt})" for utt, u in manifest.items()]
-        summary = json.loads((work / "eval" / "w4a8" / "wer.json").read_text())
+        summary = json.loads((work / "eval" / "qat-w4a8" / "wer.json").read_text())
         words = sum(len(u["output"]["text"].split()) for u in manifest.values())
-        assert next(r for r in summary["results"] if r["subset"] == subset)["words"] == words
+        result = next(r for r in summary["results"] if r["subset"] == subset)
+        assert result["words"] == words
+        per_utt = read_utterances(work / "eval" / "qat-w4a8" / f"{subset}.utt.tsv")
+        assert [u.utt_id for u in per_utt] == list(manifest)
+        assert sum(u.words for u in per_utt) == words
+        assert sum(u.errors for u in per_utt) == result["substitutions"] + result["deletions"] + result["insertions"]
 
 
 def test_fairseq_generate_decodes_a_quant_checkpoint(smoke):
     work, _ = smoke
     proc = run([sys.executable, "-m", "fairseq_cli.generate", str(work / "data"), "--user-dir", "fairseq_quant",
-                "--task", "speech_recognition", "--path", str(work / "qat" / "w4a8" / "checkpoint_best.pt"),
+                "--task", "speech_recognition", "--path", str(work / "qat" / "qat-w4a8" / "checkpoint_best.pt"),
                 "--gen-subset", "test-clean", "--beam", "2", "--batch-size", "4", "--max-len-b", "20",
                 "--required-batch-size-multiple", "1", "--scoring", "wer"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -81,7 +93,7 @@ def test_qat_checkpoint_holds_calibrated_quantizer_state_that_loads_exactly(smok
     from fairseq import checkpoint_utils
 
     work, _ = smoke
-    ckpt = work / "qat" / "mixed2a8" / "checkpoint_last.pt"
+    ckpt = work / "qat" / "qat-mixed2a8" / "checkpoint_last.pt"
     saved = quantizer_state(torch.load(ckpt, map_location="cpu", weights_only=False)["model"])
     assert bool(saved["quant_calibrated"])
     assert any(k.endswith("weight_quantizer.step") for k in saved)  # LSQ steps were learned and saved
@@ -95,7 +107,7 @@ def test_qat_checkpoint_holds_calibrated_quantizer_state_that_loads_exactly(smok
 def test_resuming_qat_restores_quantizers_instead_of_recalibrating(smoke, tmp_path):
     work, _ = smoke
     resumed = tmp_path / "resumed"
-    shutil.copytree(work / "qat" / "w4a8", resumed)
+    shutil.copytree(work / "qat" / "qat-w4a8", resumed)
     log = (resumed / "train.log").read_text()
     assert "loading an fp32 checkpoint" in log and "activation ranges calibrated on 2 batches" in log
     before = quantizer_state(torch.load(resumed / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"])
@@ -131,3 +143,35 @@ def test_bad_strategy_is_one_clear_error(smoke, tmp_path):
     assert "Traceback" not in proc.stderr
     assert ("fairseq_quant: error: " + str(strategy) + ": rule 1 pattern 'encoder.layers.*.fc1' matches no module; "
             "modules look like 'encoder.conv_layers.0.layers.0'") in proc.stderr
+
+
+def test_post_training_checkpoint_holds_the_fp32_weights_on_a_2_bit_grid(smoke):
+    import fairseq_quant  # noqa: F401
+    from fairseq import checkpoint_utils
+    from fairseq_quant.quant.modules import QuantModule
+
+    work, _ = smoke
+    fp32 = torch.load(work / "fp32" / "checkpoint_best.pt", map_location="cpu", weights_only=False)["model"]
+    models, _ = checkpoint_utils.load_model_ensemble([str(work / "ptq" / "ptq-w2-sym-channel.pt")],
+                                                     arg_overrides={"data": str(work / "data")})
+    model = models[0]
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in fp32.items())  # no training: the fp32 weights as they were
+    checked = 0
+    for module in model.modules():
+        if isinstance(module, QuantModule):
+            for weight, quantizer in module.quantized_weights():
+                rows = quantizer(weight.detach()).reshape(weight.shape[0], -1)
+                assert all(len(torch.unique(r)) <= 4 for r in rows)  # 2-bit symmetric: levels -2..1
+                checked += 1
+    assert checked >= 15
+
+
+def test_post_training_refuses_a_quantized_checkpoint(smoke, tmp_path):
+    from fairseq_quant.baselines import BaselineError, ptq_checkpoint
+    from fairseq_quant.quant import Strategy
+
+    work, _ = smoke
+    with pytest.raises(BaselineError, match="already a quantized checkpoint"):
+        ptq_checkpoint(work / "qat" / "qat-w4a8" / "checkpoint_best.pt", tmp_path / "x.pt", Strategy.uniform(2, "fp32"))
+    assert not (tmp_path / "x.pt").exists()

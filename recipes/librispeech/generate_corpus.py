@@ -367,22 +367,24 @@ def _run_tasks(tasks: list, jobs: int):
 
 def generation_params(seed: int, num_train: int, num_dev: int, num_test: int, lexicon: int | None = None,
                       max_words: int = MAX_WORDS, train_other: float = 0.0,
-                      synth_train: int | None = None) -> dict:
+                      synth_train: int | None = None, synth_eval: int | None = None) -> dict:
     """The parameters that determine the corpus content (recorded in the marker file).
 
     `synth_train` synthesises only N evenly spaced training utterances of the plan: the evaluation subsets
     (texts, speakers, audio) are exactly those of the full corpus, so a model trained on the full corpus
-    is evaluated on the same held-out data, and a short fine-tuning run needs less synthesis."""
+    is evaluated on the same held-out data, and a short fine-tuning run needs less synthesis.
+    `synth_eval` likewise synthesises only N evenly spaced utterances of each evaluation subset (a quick
+    check of a trained model on a few of its held-out utterances)."""
     return {"format_version": FORMAT_VERSION, "seed": seed, "num_train": num_train,
             "num_dev": num_dev, "num_test": num_test, "lexicon": lexicon, "max_words": max_words,
-            "train_other": train_other, "synth_train": synth_train}
+            "train_other": train_other, "synth_train": synth_train, "synth_eval": synth_eval}
 
 
-def size_params(size: str, seed: int = 0, synth_train: int | None = None) -> dict:
+def size_params(size: str, seed: int = 0, synth_train: int | None = None, synth_eval: int | None = None) -> dict:
     """generation_params of a named size."""
     if size not in SIZES:
         raise ValueError(f"unknown corpus size {size!r}; sizes: {sorted(SIZES)}")
-    return generation_params(seed, synth_train=synth_train, **SIZES[size])
+    return generation_params(seed, synth_train=synth_train, synth_eval=synth_eval, **SIZES[size])
 
 
 def check_existing(root: Path, params: dict) -> bool:
@@ -418,6 +420,9 @@ def generate_from_params(out_dir: str | os.PathLike, params: dict, jobs: int = 2
     if params["synth_train"] is not None and not 1 <= params["synth_train"] <= params["num_train"]:
         raise ValueError(f"synth_train must be in 1..num_train ({params['num_train']}), "
                          f"got {params['synth_train']}")
+    smallest_eval = min(params["num_dev"], params["num_test"])
+    if params["synth_eval"] is not None and not 1 <= params["synth_eval"] <= smallest_eval:
+        raise ValueError(f"synth_eval must be in 1..{smallest_eval}, got {params['synth_eval']}")
     if not 0.0 <= params["train_other"] <= 1.0:
         raise ValueError(f"train_other must be a fraction in [0, 1], got {params['train_other']}")
     out_dir = Path(out_dir)
@@ -446,12 +451,15 @@ def _generate_into(tmp_root: Path, params: dict, jobs: int) -> None:
     speakers = plan_speakers(rng, sizes, voices, params["train_other"])
     utterances = plan_utterances(params["seed"], sizes, speakers, tmp_root, params["lexicon"],
                                  params["max_words"])
-    if params["synth_train"] is not None:
-        train_ids = [u.utt_id for u in utterances if f"/{TRAIN_SUBSET}/" in u.flac_path]
-        # evenly spaced over the plan, so that every kind of training speaker is represented
-        step = len(train_ids) / params["synth_train"]
-        keep = {train_ids[int(i * step)] for i in range(params["synth_train"])}
-        utterances = [u for u in utterances if f"/{TRAIN_SUBSET}/" not in u.flac_path or u.utt_id in keep]
+    limits = {TRAIN_SUBSET: params["synth_train"], **{s: params["synth_eval"] for s in EVAL_SUBSETS}}
+    if any(n is not None for n in limits.values()):
+        keep = set()
+        for subset, limit in limits.items():
+            ids = [u.utt_id for u in utterances if f"/{subset}/" in u.flac_path]
+            # evenly spaced over the plan, so that every kind of speaker is represented
+            step = len(ids) / (limit or len(ids))
+            keep.update(ids[int(i * step)] for i in range(limit or len(ids)))
+        utterances = [u for u in utterances if u.utt_id in keep]
         speakers = [sp for sp in speakers
                     if any(u.utt_id.startswith(f"{sp.speaker_id}-") for u in utterances)]
     # The FLAC paths point into tmp_root; the directory is renamed as a whole afterwards.

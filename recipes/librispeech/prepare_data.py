@@ -342,8 +342,14 @@ def _check_subset_names(train_subsets: list[str], eval_subsets: list[str]) -> No
 
 def prepare(librispeech_root: str | os.PathLike, out_dir: str | os.PathLike,
             train_subsets: list[str], eval_subsets: list[str], vocab_size: int = 5000,
-            jobs: int = 2) -> PrepSummary:
-    """Prepare manifests, SentencePiece model and dict.txt in out_dir; returns a summary."""
+            jobs: int = 2, spm_model: str | os.PathLike | None = None,
+            dictionary: str | os.PathLike | None = None) -> PrepSummary:
+    """Prepare manifests, SentencePiece model and dict.txt in out_dir; returns a summary.
+
+    With ``spm_model`` and ``dictionary`` (a trained model's, e.g. the reference bundle's), those are
+    used as they are instead of training new ones, so the manifests fit that model's vocabulary."""
+    if (spm_model is None) != (dictionary is None):
+        raise ValueError("give both spm_model and dictionary (a trained model's), or neither")
     from fairseq.data import Dictionary  # heavy import, only needed here
 
     train_subsets, eval_subsets = list(train_subsets), list(eval_subsets)
@@ -364,12 +370,23 @@ def prepare(librispeech_root: str | os.PathLike, out_dir: str | os.PathLike,
         raise ValueError(f"no usable training utterances in {train_subsets} under {root}")
 
     out.mkdir(parents=True, exist_ok=True)
-    spm_model, used = train_sentencepiece([u.text for u in train_utts], out, vocab_size)
-    sp = spm.SentencePieceProcessor(model_file=str(spm_model))
-    pieces = {u.utt_id: sp.encode(u.text, out_type=str) for s in kept for u in kept[s]}
-
     dict_path = out / "dict.txt"
-    write_if_changed(dict_path, dictionary_lines([pieces[u.utt_id] for u in train_utts]).encode())
+    if spm_model is not None:
+        given = Path(spm_model)
+        sp = spm.SentencePieceProcessor(model_file=str(given))
+        used = vocab_size = sp.get_piece_size()
+        for old in out.glob("spm*.model"):
+            if old.name != given.name:
+                old.unlink()  # evaluation looks for exactly one SentencePiece model
+        spm_model = out / given.name
+        write_if_changed(spm_model, given.read_bytes())
+        write_if_changed(dict_path, Path(dictionary).read_bytes())
+    else:
+        spm_model, used = train_sentencepiece([u.text for u in train_utts], out, vocab_size)
+        sp = spm.SentencePieceProcessor(model_file=str(spm_model))
+    pieces = {u.utt_id: sp.encode(u.text, out_type=str) for s in kept for u in kept[s]}
+    if dictionary is None:
+        write_if_changed(dict_path, dictionary_lines([pieces[u.utt_id] for u in train_utts]).encode())
     dictionary = Dictionary.load(str(dict_path))
 
     manifests = {}

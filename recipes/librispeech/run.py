@@ -1,7 +1,9 @@
-"""The LibriSpeech recipe, end to end: corpus -> prepare -> fp32 VGGTransformer -> QAT per strategy ->
-WER evaluation -> results table.
+"""The LibriSpeech recipe, end to end: corpus -> prepare -> fp32 VGGTransformer (the shipped reference
+model, or trained here) -> baselines and QAT per strategy -> WER evaluation with confidence intervals ->
+results table and plot.
 
-    python -m recipes.librispeech.run --size default --workdir exp/default           # generated corpus
+    python -m recipes.librispeech.run --size default --workdir exp/default     # from the reference bundle
+    python -m recipes.librispeech.run --size benchmark --workdir exp/benchmark # every row, dev and test
     python -m recipes.librispeech.run --librispeech-root /data/LibriSpeech --size paper --workdir exp/ls
 
 Every stage is idempotent: a finished stage leaves a ``.done`` marker and is skipped on the next run;
@@ -20,7 +22,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 STRATEGY_DIR = Path(__file__).parent / "strategies"
-DEFAULT_STRATEGIES = ("w8a8", "w4a8", "w2a8", "mixed2a8")
 EVAL_SUBSETS = ("dev-clean", "dev-other", "test-clean", "test-other")
 LOG_LINE = re.compile(r"\| (train_inner|valid on|train \||.*valid on|.*: WER )")
 
@@ -28,10 +29,45 @@ logger = logging.getLogger("recipe")
 
 
 @dataclass(frozen=True)
+class Row:
+    """One model of the results table and how it is made from the fp32 checkpoint."""
+
+    name: str
+    kind: str  # "fp32", "ptq" (post-training weight quantization), "dynamic_int8" (torch.ao), "qat"
+    strategy: str | None = None  # qat: a strategy name in strategies/ or a YAML path
+    ptq: tuple | None = None  # ptq: (weight bits, granularity, weight method); activations stay fp32
+    kd: bool = True  # qat: distillation from the fp32 model
+
+
+def _ptq_rows():
+    for method, gran, label in (("minmax", "tensor", "minmax-tensor"), ("symmetric", "channel", "sym-channel")):
+        for bits in (8, 4, 2):
+            yield Row(f"ptq-w{bits}-{label}", "ptq", ptq=(bits, gran, method))
+
+
+ROWS = {r.name: r for r in [
+    Row("fp32", "fp32"),
+    *_ptq_rows(),
+    Row("dynamic-int8", "dynamic_int8"),
+    Row("qat-w8a8", "qat", "w8a8"),
+    Row("qat-w4a8-nokd", "qat", "w4a8", kd=False),
+    Row("qat-w4a8", "qat", "w4a8"),
+    Row("qat-w2a8-nokd", "qat", "w2a8", kd=False),
+    Row("qat-w2a8", "qat", "w2a8"),
+    Row("qat-mixed2a8", "qat", "mixed2a8"),
+]}
+DEMO_ROWS = ("fp32", "ptq-w8-sym-channel", "ptq-w4-sym-channel", "ptq-w2-sym-channel", "ptq-w4-minmax-tensor",
+             "dynamic-int8", "qat-w8a8", "qat-w4a8", "qat-w2a8", "qat-mixed2a8")
+TEST_SUBSETS = ("test-clean", "test-other")
+
+
+@dataclass(frozen=True)
 class RecipeConfig:
-    """Everything a run size decides: corpus, model, and the fp32 and QAT schedules."""
+    """Everything a run size decides: corpus, model, the fp32 and QAT schedules, the table's rows."""
 
     corpus_size: str | None  # generate_corpus size, None for a real LibriSpeech tree
+    reference: bool = False  # start from the shipped reference bundle instead of training fp32 here
+    synth_train: int | None = None  # synthesise only this many training utterances (QAT data)
     arch: str = "vggtransformer_small"
     encoder_dim: int = 144  # --enc-output-dim of the arch, for the auxiliary CTC head
     ctc_weight: float = 1.0  # auxiliary CTC loss during fp32 training (0 disables); speeds up alignment
@@ -49,26 +85,34 @@ class RecipeConfig:
     max_len_a: float = 0.2  # longest hypothesis: a * frames + b tokens (0.2: 20 tokens a second of audio)
     max_len_b: int = 10
     train_subsets: tuple = ("train-clean-100",)
+    eval_subsets: tuple = EVAL_SUBSETS
+    rows: tuple = DEMO_ROWS
     extra_train_args: tuple = ()
     threads: int = 2  # CPU threads in all: fp32 training uses them all, parallel jobs share them
     jobs: int = 2  # QAT trainings and evaluations run this many at a time (independent processes)
     num_workers: int = 0  # data-loading worker processes of fairseq-train (fbank is computed on the fly)
 
 
+REFERENCE = dict(corpus_size="reference", reference=True, arch="vggtransformer_ref", encoder_dim=128,
+                 vocab_size=256, batch_size=16)
 SIZES = {
     # a smoke run for CI: tiny corpus, a few updates; checks the plumbing, not accuracy
     "smoke": RecipeConfig(corpus_size="tiny", vocab_size=60, fp32_updates=30, warmup=10,
-                          qat_updates=6, calib_batches=2, beam=2, max_len_a=0.0, max_len_b=40),
-    # a few minutes: the plumbing on a real-sized corpus, far too short to learn much
-    "quick": RecipeConfig(corpus_size="quick", fp32_updates=600, qat_updates=40),
-    # the main job: about 30 minutes on 2 CPU cores (README)
-    "default": RecipeConfig(corpus_size="default"),
+                          qat_updates=6, calib_batches=2, beam=2, max_len_a=0.0, max_len_b=40,
+                          rows=("fp32", "ptq-w2-sym-channel", "dynamic-int8", "qat-w4a8", "qat-mixed2a8")),
+    # a few minutes: the plumbing from the reference model, far too short to mean anything
+    "quick": RecipeConfig(**REFERENCE, synth_train=400, qat_updates=20, calib_batches=4,
+                          eval_subsets=TEST_SUBSETS, rows=("fp32", "ptq-w2-sym-channel", "qat-w2a8")),
+    # the main job (README): the reference model, its baselines and QAT, test sets, at most 30 min on 2 cores
+    "default": RecipeConfig(**REFERENCE, synth_train=4000, eval_subsets=TEST_SUBSETS),
+    # every row on dev and test (make benchmark)
+    "benchmark": RecipeConfig(**REFERENCE, synth_train=4000, rows=tuple(ROWS)),
     # the paper's vggtransformer_2 on real LibriSpeech (GPU cluster; see README)
     "paper": RecipeConfig(corpus_size=None, arch="vggtransformer_2", encoder_dim=1024, vocab_size=5000, batch_size=0,
                           ctc_weight=0.3, threads=8, jobs=1, num_workers=4,
                           fp32_updates=300000, fp32_lr=1e-4, warmup=8000, qat_updates=20000, qat_lr=5e-5,
                           train_subsets=("train-clean-100", "train-clean-360", "train-other-500"),
-                          extra_train_args=("--max-tokens", "5000000", "--update-freq", "1")),
+                          rows=tuple(ROWS), extra_train_args=("--max-tokens", "5000000", "--update-freq", "1")),
 }
 
 
@@ -81,6 +125,8 @@ class ModelResult:
     wer: dict = field(default_factory=dict)  # subset -> WER %
     words: dict = field(default_factory=dict)  # subset -> reference words
     errors: dict = field(default_factory=dict)  # subset -> S + D + I
+    eval_dir: str = ""
+    seconds: float = 0.0  # making the model (QAT) and evaluating it
 
 
 def done_marker(path: Path) -> Path:
@@ -101,6 +147,7 @@ def run_logged(cmd: list[str], log_path: Path, env=None, tag: str = "") -> None:
         for line in proc.stdout:
             log.write(line)
             if LOG_LINE.search(line):
+                log.flush()
                 print(f"   {tag + ': ' if tag else ''}" + line.split(" | ", 2)[-1].strip()[:160], flush=True)
         if proc.wait() != 0:
             raise RuntimeError(f"command failed with exit code {proc.returncode}; see {log_path}")
@@ -149,48 +196,86 @@ def train_fp32(data: Path, out: Path, cfg: RecipeConfig) -> Path:
     return ckpt
 
 
-def train_qat(data: Path, out: Path, strategy: Path, fp32_ckpt: Path, cfg: RecipeConfig) -> Path:
+def strategy_path(name: str) -> Path:
+    return Path(name) if name.endswith(".yaml") else STRATEGY_DIR / f"{name}.yaml"
+
+
+def train_qat(data: Path, out: Path, strategy: Path, fp32_ckpt: Path, cfg: RecipeConfig, kd: bool = True,
+              tag: str = "") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint_best.pt"
     if done_marker(out).exists():
-        logger.info("QAT %s: already trained (%s)", strategy.stem, ckpt)
+        logger.info("QAT %s: already trained (%s)", tag or strategy.stem, ckpt)
         return ckpt
     cmd = common_train_args(data, out, cfg, cfg.qat_updates, cfg.qat_lr) + [
         "--arch", f"quant_{cfg.arch}", "--quant-strategy", str(strategy),
         "--quant-calib-batches", str(cfg.calib_batches), "--finetune-from-model", str(fp32_ckpt),
-        "--criterion", "quant_cross_entropy_acc", "--teacher-path", str(fp32_ckpt),
-        "--kd-weight", str(cfg.kd_weight), "--kd-temperature", str(cfg.kd_temperature),
+        "--criterion", "quant_cross_entropy_acc",
         "--lr-scheduler", "cosine", "--warmup-updates", str(min(50, cfg.qat_updates // 5)),
     ]
+    if kd:
+        cmd += ["--teacher-path", str(fp32_ckpt), "--kd-weight", str(cfg.kd_weight),
+                "--kd-temperature", str(cfg.kd_temperature)]
     start = time.perf_counter()
-    run_logged(cmd, out / "train.log", train_env(threads_per_job(cfg)), tag=strategy.stem)
+    run_logged(cmd, out / "train.log", train_env(threads_per_job(cfg)), tag=tag or strategy.stem)
     mark_done(out, {"seconds": round(time.perf_counter() - start, 1), "updates": cfg.qat_updates,
-                    "strategy": str(strategy)})
+                    "strategy": str(strategy), "kd": kd})
     return ckpt
 
 
-def evaluate_model(name: str, ckpt: Path, data: Path, out: Path, cfg: RecipeConfig) -> ModelResult:
-    """WER on every subset (cached in ``out/wer.json``) plus size and bits of the checkpoint's model."""
-    from fairseq_quant.evaluate import load_checkpoint
-    from fairseq_quant.quant import build_report
+def make_checkpoint(row: Row, data: Path, work: Path, fp32_ckpt: Path, cfg: RecipeConfig) -> Path:
+    """The checkpoint a row evaluates: fp32 itself, a post-training quantized copy, or a QAT run."""
+    if row.kind in ("fp32", "dynamic_int8"):
+        return fp32_ckpt
+    if row.kind == "ptq":
+        from fairseq_quant.baselines import ptq_checkpoint
+        from fairseq_quant.quant import Strategy
 
+        bits, granularity, method = row.ptq
+        out = work / "ptq" / f"{row.name}.pt"
+        if not out.exists():
+            ptq_checkpoint(fp32_ckpt, out, Strategy.uniform(bits, "fp32", granularity=granularity,
+                                                            weight_method=method))
+        return out
+    if row.kind == "qat":
+        return train_qat(data, work / "qat" / row.name, strategy_path(row.strategy), fp32_ckpt, cfg, row.kd,
+                         tag=row.name)
+    raise ValueError(f"unknown row kind {row.kind!r}")
+
+
+def evaluate_model(name: str, ckpt: Path, data: Path, out: Path, cfg: RecipeConfig,
+                   dynamic_int8: bool = False) -> ModelResult:
+    """WER on every evaluation subset (cached in ``out/wer.json``), with size and bits of the model."""
     summary = out / "wer.json"
-    if not summary.exists() or json.loads(summary.read_text()).get("checkpoint") != str(ckpt):
+    cached = json.loads(summary.read_text()) if summary.exists() else {}
+    if (cached.get("checkpoint") != str(ckpt) or cached.get("dynamic_int8", False) != dynamic_int8
+            or {r["subset"] for r in cached.get("results", [])} != set(cfg.eval_subsets)):
         out.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, str(Path(__file__).parents[2] / "scripts" / "evaluate.py"), "--checkpoint", str(ckpt),
-               "--data", str(data), "--subsets", ",".join(EVAL_SUBSETS), "--beam", str(cfg.beam),
-               "--max-len-a", str(cfg.max_len_a), "--max-len-b", str(cfg.max_len_b), "--out", str(out), "--threads", str(threads_per_job(cfg))]
+               "--data", str(data), "--subsets", ",".join(cfg.eval_subsets), "--beam", str(cfg.beam),
+               "--max-len-a", str(cfg.max_len_a), "--max-len-b", str(cfg.max_len_b), "--out", str(out),
+               "--threads", str(threads_per_job(cfg))]
+        if dynamic_int8:
+            cmd += ["--dynamic-int8", "--device", "cpu"]
         run_logged(cmd, out / "evaluate.log", train_env(threads_per_job(cfg)), tag=f"eval {name}")
-        logger.info("eval %s: %s", name, " ".join(f"{r['subset']} {r['wer']:.2f}"
-                                                   for r in json.loads(summary.read_text())["results"]))
-    results = json.loads(summary.read_text())["results"]
-    model, _ = load_checkpoint(ckpt, data)
-    report = getattr(model, "quant_report", None) or build_report(model)
+        cached = json.loads(summary.read_text())
+        logger.info("eval %s: %s", name, " ".join(f"{r['subset']} {r['wer']:.2f}" for r in cached["results"]))
+    results = cached["results"]
     return ModelResult(
-        name=name, checkpoint=str(ckpt), avg_weight_bits=report.avg_weight_bits, model_mb=report.quant_mb,
+        name=name, checkpoint=str(ckpt), avg_weight_bits=cached["avg_weight_bits"], model_mb=cached["model_mb"],
         wer={r["subset"]: r["wer"] for r in results}, words={r["subset"]: r["words"] for r in results},
         errors={r["subset"]: r["substitutions"] + r["deletions"] + r["insertions"] for r in results},
+        eval_dir=str(out),
     )
+
+
+def run_row(row: Row, data: Path, work: Path, fp32_ckpt: Path, cfg: RecipeConfig) -> ModelResult:
+    start = time.perf_counter()
+    ckpt = make_checkpoint(row, data, work, fp32_ckpt, cfg)
+    result = evaluate_model(row.name, ckpt, data, work / "eval" / row.name, cfg,
+                            dynamic_int8=row.kind == "dynamic_int8")
+    result.seconds = round(time.perf_counter() - start, 1)
+    return result
 
 
 def pooled_wer(result: ModelResult, subsets) -> float:
@@ -198,20 +283,69 @@ def pooled_wer(result: ModelResult, subsets) -> float:
     return 100.0 * sum(result.errors[s] for s in subsets) / words
 
 
-def results_table(results: list[ModelResult]) -> str:
-    """Markdown: strategy, bits, MB, WER per subset, relative test WER change against fp32 (first row)."""
+def table_subsets(subsets) -> list[str]:
+    """The subsets pooled into the table's summary column: the test sets, or all if there are none."""
+    tests = [s for s in subsets if s.startswith("test")]
+    return tests or list(subsets)
+
+
+def results_table(results: list[ModelResult], subsets=EVAL_SUBSETS) -> str:
+    """Markdown: model, bits, MB, WER per subset, pooled WER with its 95% bootstrap interval, and the
+    relative change against fp32 (the first row) with its 95% paired bootstrap interval."""
+    from fairseq_quant.stats import paired_relative_change, read_utterances, wer_interval
+
+    pooled = table_subsets(subsets)
+    utts = {r.name: [read_utterances(Path(r.eval_dir) / f"{s}.utt.tsv") for s in pooled] for r in results}
     base = results[0]
-    tests = [s for s in EVAL_SUBSETS if s.startswith("test")]
-    base_test = pooled_wer(base, tests)
-    head = ("| model | avg weight bits | model MB | " + " | ".join(EVAL_SUBSETS)
-            + " | test WER (pooled) | rel. change vs fp32 |")
-    lines = [head, "|" + "---|" * (5 + len(EVAL_SUBSETS))]
+    label = "+".join(pooled)
+    head = (f"| model | avg weight bits | model MB | " + " | ".join(subsets)
+            + f" | WER {label} [95% CI] | rel. change vs fp32 [95% CI] |")
+    lines = [head, "|---|---:|---:|" + "---:|" * len(subsets) + "---:|---:|"]
     for r in results:
-        test = pooled_wer(r, tests)
-        rel = "-" if r is base else f"{100.0 * (test - base_test) / base_test:+.1f}%"
+        wer = wer_interval(utts[r.name]).format(digits=2)
+        if r is base:
+            rel = "-"
+        else:
+            change = paired_relative_change(utts[base.name], utts[r.name])
+            rel = change.format(signed=True) + ("" if change.excludes_zero else " (n.s.)")
         lines.append(f"| {r.name} | {r.avg_weight_bits:.2f} | {r.model_mb:.3f} | "
-                     + " | ".join(f"{r.wer[s]:.2f}" for s in EVAL_SUBSETS) + f" | {test:.2f} | {rel} |")
+                     + " | ".join(f"{r.wer[s]:.2f}" for s in subsets) + f" | {wer} | {rel} |")
+    words = ", ".join(f"{s} {base.words[s]}" for s in subsets)
+    lines += ["", f"Reference words: {words}. Intervals: 95%, bootstrap over utterances (1000 resamples, "
+                  f"seed 0, paired for the relative change; n.s. = the interval contains 0)."]
     return "\n".join(lines) + "\n"
+
+
+def plot_results(results: list[ModelResult], subsets, path: Path) -> Path:
+    """PNG of pooled test WER (with 95% intervals) against model size, one labelled point per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fairseq_quant.stats import read_utterances, wer_interval
+
+    pooled = table_subsets(subsets)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = {"fp32": "black", "ptq": "tab:red", "dynamic_int8": "tab:orange", "qat": "tab:blue"}
+    for r in results:
+        kind = ROWS[r.name].kind if r.name in ROWS else "qat"
+        ci = wer_interval([read_utterances(Path(r.eval_dir) / f"{s}.utt.tsv") for s in pooled])
+        ax.errorbar(r.model_mb, ci.value, yerr=[[ci.value - ci.lo], [ci.hi - ci.value]], fmt="o",
+                    color=colors[kind], capsize=3)
+        ax.annotate(r.name, (r.model_mb, ci.value), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("model size, MB (packed weights + scales; log scale)")
+    ax.set_ylabel(f"WER % ({'+'.join(pooled)}), 95% CI")
+    ax.set_title("WER against model size: fp32 (black), post-training (red), dynamic int8 (orange), QAT (blue)",
+                 fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def parallel(jobs: int, calls: list[tuple]) -> list:
@@ -223,16 +357,34 @@ def parallel(jobs: int, calls: list[tuple]) -> list:
         return [f.result() for f in futures]
 
 
+def reference_fp32(work: Path, bundle: Path, corpus_params: dict) -> Path:
+    """The bundle's checkpoint, after checking its checksums and that it was trained on this corpus."""
+    from recipes.librispeech.reference import BundleError, load_manifest
+
+    manifest = load_manifest(bundle)
+    partial = ("synth_train", "synth_eval")  # which utterances are synthesised, not what they are
+    trained_on = {k: v for k, v in manifest["corpus"].items() if k not in partial}
+    wanted = {k: v for k, v in corpus_params.items() if k not in partial}
+    if trained_on != wanted:
+        raise BundleError(f"{bundle}: the reference model was trained on corpus {trained_on}, but this run "
+                          f"generates {wanted}; its test sets would not be held out. Use --train-fp32.")
+    return bundle / "model.pt"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="default")
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--librispeech-root", type=Path, default=None,
                         help="an official LibriSpeech tree (default: generate a corpus in its layout)")
-    parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
-                        help="names in recipes/librispeech/strategies or paths to YAML files")
-    parser.add_argument("--stages", default="corpus,prepare,fp32,qat,eval")
+    parser.add_argument("--rows", default=None,
+                        help=f"comma-separated table rows (default: the size's); 'all' for every row: {','.join(ROWS)}")
+    parser.add_argument("--stages", default="corpus,prepare,fp32,rows")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-fp32", action="store_true",
+                        help="train the fp32 reference here instead of using the shipped bundle "
+                             "(python -m recipes.librispeech.train_reference; about 2 hours on 2 cores)")
+    parser.add_argument("--bundle", type=Path, default=None, help="reference bundle (default: the shipped one)")
     parser.add_argument("--fp32-updates", type=int, default=None)
     parser.add_argument("--qat-updates", type=int, default=None)
     parser.add_argument("--jobs", type=int, default=None,
@@ -245,72 +397,89 @@ def main(argv=None) -> int:
     # per-layer quantization reports are in each train.log; keep the console to progress and results
     logging.getLogger("fairseq_quant.models.quant_vggtransformer").setLevel(logging.WARNING)
     cfg = SIZES[args.size]
-    if args.fp32_updates:
-        cfg = replace(cfg, fp32_updates=args.fp32_updates)
-    if args.qat_updates:
-        cfg = replace(cfg, qat_updates=args.qat_updates)
-    if args.jobs:
-        cfg = replace(cfg, jobs=args.jobs)
-    if args.threads:
-        cfg = replace(cfg, threads=args.threads)
-    if args.num_workers is not None:
-        cfg = replace(cfg, num_workers=args.num_workers)
+    overrides = {"fp32_updates": args.fp32_updates, "qat_updates": args.qat_updates, "jobs": args.jobs,
+                 "threads": args.threads, "num_workers": args.num_workers}
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if args.rows:
+        names = list(ROWS) if args.rows == "all" else [r for r in args.rows.split(",") if r]
+        unknown = [r for r in names if r not in ROWS]
+        if unknown:
+            parser.error(f"unknown rows {unknown}; rows are {','.join(ROWS)}")
+        if names[0] != "fp32":
+            names = ["fp32"] + [n for n in names if n != "fp32"]
+        cfg = replace(cfg, rows=tuple(names))
     stages = set(args.stages.split(","))
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     timings = {}
 
-    def timed(stage, fn, *a):
+    def timed(stage, fn, *a, **kw):
         t = time.perf_counter()
-        out = fn(*a)
+        out = fn(*a, **kw)
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t
         return out
 
+    from_reference = cfg.reference and not args.train_fp32
+    if from_reference and args.librispeech_root is not None:
+        parser.error(f"--size {args.size} starts from the reference model of the generated corpus; "
+                     "with --librispeech-root use --size paper (or --train-fp32)")
     root = args.librispeech_root
+    data = work / "data"
     if root is None:
         if cfg.corpus_size is None:
             parser.error(f"--size {args.size} needs --librispeech-root")
-        from recipes.librispeech.generate_corpus import SIZES as CORPUS_SIZES, generate_corpus
+        from recipes.librispeech.generate_corpus import generate_from_params, size_params
 
-        n_train, n_dev, n_test = CORPUS_SIZES[cfg.corpus_size]
-        logger.info("stage corpus: %d train, %d per dev/test subset (seed %d)", n_train, n_dev, args.seed)
+        params = size_params(cfg.corpus_size, args.seed, cfg.synth_train if from_reference else None)
+        logger.info("stage corpus: %s", params)
         if "corpus" in stages:
-            root = timed("corpus", generate_corpus, work / "corpus", args.seed, n_train, n_dev, n_test)
+            root = timed("corpus", generate_from_params, work / "corpus", params, cfg.threads)
         else:
             root = work / "corpus" / "LibriSpeech"
-    data = work / "data"
+    fp32_ckpt = work / "fp32" / "checkpoint_best.pt"
+    if from_reference:
+        from recipes.librispeech.reference import DEFAULT_BUNDLE
+
+        bundle = args.bundle or DEFAULT_BUNDLE
+        fp32_ckpt = reference_fp32(work, bundle, params)
+        logger.info("fp32: the reference model %s", fp32_ckpt)
+        spm_dict = {"spm_model": bundle / "spm.model", "dictionary": bundle / "dict.txt"}
+    else:
+        spm_dict = {}
     if "prepare" in stages:
         from recipes.librispeech.prepare_data import prepare
 
         logger.info("stage prepare: %s -> %s", root, data)
-        timed("prepare", prepare, root, data, list(cfg.train_subsets), list(EVAL_SUBSETS), cfg.vocab_size)
+        timed("prepare", prepare, root, data, list(cfg.train_subsets), list(EVAL_SUBSETS), cfg.vocab_size,
+              cfg.threads, **spm_dict)
+    if "fp32" in stages and not from_reference:
+        if cfg.reference:  # --train-fp32 of a reference-sized run: the reference recipe, here
+            from recipes.librispeech.train_reference import main as train_reference
 
-    fp32_ckpt = work / "fp32" / "checkpoint_best.pt"
-    if "fp32" in stages:
-        logger.info("stage fp32: %s, %d updates", cfg.arch, cfg.fp32_updates)
-        fp32_ckpt = timed("fp32", train_fp32, data, work / "fp32", cfg)
-    strategies = [Path(s) if s.endswith(".yaml") else STRATEGY_DIR / f"{s}.yaml" for s in args.strategies.split(",") if s]
-    for strategy in strategies:
-        if not strategy.is_file():
-            parser.error(f"strategy not found: {strategy}")
-    qat_ckpts = {s.stem: work / "qat" / s.stem / "checkpoint_best.pt" for s in strategies}
-    if "qat" in stages:
-        logger.info("stage qat: %s, %d updates each, %d at a time", ", ".join(qat_ckpts), cfg.qat_updates, cfg.jobs)
-        timed("qat", parallel, cfg.jobs, [(train_qat, data, work / "qat" / s.stem, s, fp32_ckpt, cfg)
-                                          for s in strategies])
-    if "eval" in stages:
-        logger.info("stage eval: %s on %s, beam %d, %d at a time", ", ".join(["fp32", *qat_ckpts]),
-                    ", ".join(EVAL_SUBSETS), cfg.beam, cfg.jobs)
-        models = {"fp32": fp32_ckpt, **qat_ckpts}
-        results = timed("eval", parallel, cfg.jobs, [(evaluate_model, name, ckpt, data, work / "eval" / name, cfg)
-                                                     for name, ckpt in models.items()])
-        table = results_table(results)
+            logger.info("stage fp32: train_reference in %s", work / "reference")
+            timed("fp32", train_reference, ["--workdir", str(work / "reference"), "--seed", str(args.seed),
+                                            "--stages", "corpus,prepare,train,average"])
+            fp32_ckpt, data = work / "reference" / "model.pt", work / "reference" / "data"
+        else:
+            logger.info("stage fp32: %s, %d updates", cfg.arch, cfg.fp32_updates)
+            fp32_ckpt = timed("fp32", train_fp32, data, work / "fp32", cfg)
+    if "rows" in stages:
+        rows = [ROWS[name] for name in cfg.rows]
+        for row in rows:
+            if row.kind == "qat" and not strategy_path(row.strategy).is_file():
+                parser.error(f"strategy not found: {strategy_path(row.strategy)}")
+        logger.info("stage rows: %s on %s, beam %d, %d at a time", ", ".join(cfg.rows),
+                    ", ".join(cfg.eval_subsets), cfg.beam, cfg.jobs)
+        results = timed("rows", parallel, cfg.jobs, [(run_row, row, data, work, fp32_ckpt, cfg) for row in rows])
+        table = results_table(results, cfg.eval_subsets)
         (work / "results.md").write_text(table)
+        plot = plot_results(results, cfg.eval_subsets, work / "results.png")
         (work / "results.json").write_text(json.dumps({
             "size": args.size, "config": cfg.__dict__, "timings_s": {k: round(v, 1) for k, v in timings.items()},
             "results": [r.__dict__ for r in results]}, indent=2, default=str) + "\n")
         print("\n" + table)
+        print(f"plot: {plot}")
     total = time.perf_counter() - started
     print("stage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
           + f"; total {total / 60:.1f} min")

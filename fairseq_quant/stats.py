@@ -1,0 +1,147 @@
+"""Word error counts per utterance and paired bootstrap confidence intervals for WER comparisons.
+
+WER over a set is total errors / total reference words. Comparing two systems on the same utterances,
+the paired bootstrap (Bisani and Ney 2004; Koehn 2004) resamples utterances with replacement, recomputes
+both corpus WERs on each resample and reads the interval of the statistic off the resampled values.
+Subsets (test-clean, test-other) are resampled separately and pooled, so each keeps its weight.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jiwer
+import numpy as np
+
+DEFAULT_RESAMPLES = 1000
+DEFAULT_SEED = 0
+
+
+@dataclass(frozen=True)
+class UttErrors:
+    """Alignment counts of one utterance."""
+
+    utt_id: str
+    words: int
+    substitutions: int
+    deletions: int
+    insertions: int
+
+    @property
+    def errors(self) -> int:
+        return self.substitutions + self.deletions + self.insertions
+
+
+def utterance_errors(rows: list[tuple[str, str, str]]) -> list[UttErrors]:
+    """[(utt_id, reference, hypothesis)] -> per-utterance counts (an empty hypothesis is all deletions)."""
+    out = []
+    for utt_id, ref, hyp in rows:
+        if not ref.strip():
+            raise ValueError(f"{utt_id}: empty reference transcript: WER is undefined for it")
+        if hyp.strip():
+            m = jiwer.process_words(ref, hyp)
+            out.append(UttErrors(utt_id, m.hits + m.substitutions + m.deletions, m.substitutions, m.deletions,
+                                 m.insertions))
+        else:
+            out.append(UttErrors(utt_id, len(ref.split()), 0, len(ref.split()), 0))
+    return out
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with a (lo, hi) confidence interval, in percent."""
+
+    value: float
+    lo: float
+    hi: float
+
+    def format(self, signed: bool = False, digits: int = 1) -> str:
+        f = f"{{:+.{digits}f}}" if signed else f"{{:.{digits}f}}"
+        return f"{f.format(self.value)}% [{f.format(self.lo)}, {f.format(self.hi)}]"
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.lo > 0 or self.hi < 0
+
+
+def _arrays(groups: list[list[UttErrors]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(np.array([u.errors for u in g], dtype=np.int64), np.array([u.words for u in g], dtype=np.int64))
+            for g in groups]
+
+
+def _check_groups(name: str, groups: list[list[UttErrors]]) -> None:
+    if not groups or any(len(g) == 0 for g in groups):
+        raise ValueError(f"{name}: every subset needs at least one utterance")
+
+
+def wer_interval(groups: list[list[UttErrors]], resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+                 level: float = 0.95) -> Interval:
+    """Pooled WER (%) of the groups with its bootstrap interval."""
+    _check_groups("wer_interval", groups)
+    arrays = _arrays(groups)
+    point = 100.0 * sum(e.sum() for e, _ in arrays) / sum(w.sum() for _, w in arrays)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for err, wrd in arrays:
+        idx = rng.integers(0, len(err), size=(resamples, len(err)))
+        samples.append((err[idx].sum(1), wrd[idx].sum(1)))
+    wer = 100.0 * sum(e for e, _ in samples) / sum(w for _, w in samples)
+    lo, hi = np.percentile(wer, [50 * (1 - level), 100 - 50 * (1 - level)])
+    return Interval(float(point), float(lo), float(hi))
+
+
+def paired_relative_change(base: list[list[UttErrors]], other: list[list[UttErrors]],
+                           resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+                           level: float = 0.95) -> Interval:
+    """Relative WER change (%) of ``other`` against ``base`` on the same utterances, with the paired
+    bootstrap interval: 100 * (WER_other - WER_base) / WER_base, both WERs from the same resample."""
+    _check_groups("paired_relative_change", base)
+    if len(base) != len(other):
+        raise ValueError(f"{len(base)} subsets against {len(other)}")
+    for b, o in zip(base, other):
+        if [u.utt_id for u in b] != [u.utt_id for u in o]:
+            raise ValueError("paired comparison needs the same utterances in the same order in both systems")
+        if [u.words for u in b] != [u.words for u in o]:
+            raise ValueError("paired comparison: reference word counts differ (different references?)")
+    base_a, other_a = _arrays(base), _arrays(other)
+    base_err = sum(e.sum() for e, _ in base_a)
+    if base_err == 0:
+        raise ValueError("relative change against a WER of 0 is undefined")
+    point = 100.0 * (sum(e.sum() for e, _ in other_a) - base_err) / base_err
+    rng = np.random.default_rng(seed)
+    b_sum = np.zeros(resamples, dtype=np.int64)
+    o_sum = np.zeros(resamples, dtype=np.int64)
+    for (b_err, _), (o_err, _) in zip(base_a, other_a):
+        idx = rng.integers(0, len(b_err), size=(resamples, len(b_err)))
+        b_sum += b_err[idx].sum(1)
+        o_sum += o_err[idx].sum(1)
+    # the words of a resample are the same for both systems: the ratio of WERs is the ratio of errors
+    rel = 100.0 * (o_sum - b_sum) / np.maximum(b_sum, 1)
+    lo, hi = np.percentile(rel, [50 * (1 - level), 100 - 50 * (1 - level)])
+    return Interval(float(point), float(lo), float(hi))
+
+
+UTT_HEADER = "utt_id\twords\tsub\tdel\tins\treference\thypothesis\n"
+
+
+def format_utterances(rows: list[tuple[str, str, str]]) -> str:
+    """The per-utterance results file: a TSV of id, word count, S, D, I, reference and hypothesis."""
+    lines = [UTT_HEADER]
+    for (utt_id, ref, hyp), u in zip(rows, utterance_errors(rows)):
+        lines.append(f"{utt_id}\t{u.words}\t{u.substitutions}\t{u.deletions}\t{u.insertions}\t{ref}\t{hyp}\n")
+    return "".join(lines)
+
+
+def read_utterances(path) -> list[UttErrors]:
+    """Per-utterance counts from a file written by `format_utterances`."""
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    if not text.startswith(UTT_HEADER):
+        raise ValueError(f"{path}: not a per-utterance results file (expected header {UTT_HEADER.strip()!r})")
+    out = []
+    for n, line in enumerate(text.splitlines()[1:], start=2):
+        fields = line.split("\t")
+        if len(fields) != 7:
+            raise ValueError(f"{path}:{n}: expected 7 tab-separated fields, got {len(fields)}")
+        out.append(UttErrors(fields[0], *map(int, fields[1:5])))
+    return out
