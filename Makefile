@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: env test demo demo-quick clean
+.PHONY: env test demo demo-quick benchmark reference clean
 
 env: $(STAMP)
 
@@ -15,11 +15,22 @@ $(STAMP): setup.py scripts/setup_env.sh
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# from the shipped reference model: baselines, QAT, test WER with intervals (at most 30 min on 2 cores)
 demo: $(STAMP)
 	$(PY) -m recipes.librispeech.run --size default --workdir exp/default
 
 demo-quick: $(STAMP)
 	$(PY) -m recipes.librispeech.run --size quick --workdir exp/quick
+
+# every row on dev and test, and the per-layer sensitivity of the reference model at 2 bits
+benchmark: $(STAMP)
+	$(PY) -m recipes.librispeech.run --size benchmark --workdir exp/benchmark
+	$(PY) scripts/sensitivity.py --checkpoint recipes/librispeech/reference/model.pt --data exp/benchmark/data \
+		--subset dev-clean --bits 2 --out exp/benchmark/sensitivity
+
+# retrain the shipped reference model from scratch (about 2 hours on 2 cores), then bundle it
+reference: $(STAMP)
+	$(PY) -m recipes.librispeech.train_reference --workdir exp/reference --bundle exp/reference/bundle
 
 clean:
 	rm -rf exp

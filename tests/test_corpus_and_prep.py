@@ -12,7 +12,15 @@ import sentencepiece as spm
 import soundfile as sf
 
 from recipes.librispeech import sentences
-from recipes.librispeech.generate_corpus import EVAL_SUBSETS, SUBSETS, TRAIN_SUBSET, generate_corpus
+from recipes.librispeech.generate_corpus import (
+    EVAL_SUBSETS,
+    SUBSETS,
+    TRAIN_SUBSET,
+    generate_corpus,
+    generate_from_params,
+    plan_corpus,
+    size_params,
+)
 from recipes.librispeech.prepare_data import load_features, prepare
 
 NUM_TRAIN, NUM_DEV, NUM_TEST = 24, 6, 6
@@ -70,9 +78,36 @@ def test_grammar_vocabulary_and_normalisation():
     assert sentences.normalise("  Don't  stop, Mr. Smith! ") == "DON'T STOP MR SMITH"
 
 
+def test_closed_lexicon_grammar_of_the_reference_corpus():
+    texts = sentences.sentences(np.random.default_rng(0), 5000, lexicon=4, max_words=9)
+    vocab = {w for t in texts for w in t.split()}
+    assert 250 <= len(vocab) <= 400
+    assert all(TEXT_RE.match(t) and 4 <= len(t.split()) <= 9 for t in texts)
+    with pytest.raises(ValueError, match="max_words must be at least 4"):
+        sentences.Grammar(np.random.default_rng(0), max_words=3)
+
+
 # ------------------------------------------------------------------------------------------
 # Generator
 # ------------------------------------------------------------------------------------------
+def test_partial_synthesis_is_a_subset_of_the_full_corpus(tmp_path):
+    full = size_params("reference", 0)
+    planned = {u.utt_id: (Path(u.flac_path).relative_to(tmp_path).parts[0], u.text)
+               for u in plan_corpus(full, tmp_path)[1]}
+    root = generate_from_params(tmp_path / "partial", size_params("reference", 0, synth_train=3, synth_eval=2))
+    made = transcripts(root)
+    counts = {s: len(transcripts(root, s)) for s in SUBSETS}
+    assert counts == {TRAIN_SUBSET: 3, **{s: 2 for s in EVAL_SUBSETS}}
+    for utt_id, text in made.items():  # the same utterances (ids, texts, subsets) as in the full corpus
+        subset = next(s for s in SUBSETS if utt_id in transcripts(root, s))
+        assert planned[utt_id] == (subset, text)
+    # held-out sentences: no evaluation text is a training text of the full corpus
+    train_texts = {t for s, t in planned.values() if s == TRAIN_SUBSET}
+    assert not {t for s, t in planned.values() if s != TRAIN_SUBSET} & train_texts
+    with pytest.raises(ValueError, match="synth_eval must be in 1..300"):
+        generate_from_params(tmp_path / "bad", size_params("reference", 0, synth_eval=301))
+
+
 def test_layout(tiny_corpus: Path):
     assert tiny_corpus.name == "LibriSpeech"
     assert sorted(p.name for p in tiny_corpus.iterdir() if p.is_dir()) == sorted(SUBSETS)

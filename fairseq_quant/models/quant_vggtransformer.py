@@ -231,19 +231,25 @@ class QuantVGGTransformerEncoderModel(QuantModelMixin, VGGTransformerEncoderMode
         return model
 
 
+def _cpu_arch_defaults(args, vgg: str, width: int, ffn: int, enc_layers: int, dec_layers: int) -> None:
+    """Defaults of the small CPU-trainable archs (a user's --*-config options still win)."""
+    layer = f"(({width}, 4, {ffn}, True, 0.1, 0.1, 0.1),)"
+    args.input_feat_per_channel = getattr(args, "input_feat_per_channel", 80)
+    args.vggblock_enc_config = getattr(args, "vggblock_enc_config", vgg)
+    args.transformer_enc_config = getattr(args, "transformer_enc_config", f"{layer} * {enc_layers}")
+    args.enc_output_dim = getattr(args, "enc_output_dim", width)
+    args.tgt_embed_dim = getattr(args, "tgt_embed_dim", width)
+    args.conv_dec_config = getattr(args, "conv_dec_config", f"(({width}, 3, True),) * 2")
+    args.transformer_dec_config = getattr(args, "transformer_dec_config", f"{layer} * {dec_layers}")
+    base_architecture(args)
+
+
 def vggtransformer_small(args):
     """A small VGGTransformer that trains on 2 CPU cores: two one-conv VGG blocks (16 channels, 4x
     subsampling), 2 encoder and 2 decoder transformer layers of 144 dims (about 1.5 M parameters with a
     300-token vocabulary). Measured on 2 cores: the two-conv VGG blocks of the larger archs took 60% of
     a training step, and a 4-layer encoder needed twice the updates to start aligning."""
-    args.input_feat_per_channel = getattr(args, "input_feat_per_channel", 80)
-    args.vggblock_enc_config = getattr(args, "vggblock_enc_config", "[(16, 3, 2, 1, True), (16, 3, 2, 1, True)]")
-    args.transformer_enc_config = getattr(args, "transformer_enc_config", "((144, 4, 576, True, 0.1, 0.1, 0.1),) * 2")
-    args.enc_output_dim = getattr(args, "enc_output_dim", 144)
-    args.tgt_embed_dim = getattr(args, "tgt_embed_dim", 144)
-    args.conv_dec_config = getattr(args, "conv_dec_config", "((144, 3, True),) * 2")
-    args.transformer_dec_config = getattr(args, "transformer_dec_config", "((144, 4, 576, True, 0.1, 0.1, 0.1),) * 2")
-    base_architecture(args)
+    _cpu_arch_defaults(args, "[(16, 3, 2, 1, True), (16, 3, 2, 1, True)]", 144, 576, 2, 2)
 
 
 def vggtransformer_ref(args):
@@ -253,14 +259,7 @@ def vggtransformer_ref(args):
     1024, two LinearizedConvolution decoder layers. One conv per VGG block: measured on 2 cores, two
     convs per block made a training step 44% slower (462 vs 321 ms at batch 8, 2.5 s utterances) for
     the same transformer, and the transformer depth is what the per-layer strategies act on."""
-    args.input_feat_per_channel = getattr(args, "input_feat_per_channel", 80)
-    args.vggblock_enc_config = getattr(args, "vggblock_enc_config", "[(16, 3, 2, 1, True), (32, 3, 2, 1, True)]")
-    args.transformer_enc_config = getattr(args, "transformer_enc_config", "((128, 4, 1024, True, 0.1, 0.1, 0.1),) * 4")
-    args.enc_output_dim = getattr(args, "enc_output_dim", 128)
-    args.tgt_embed_dim = getattr(args, "tgt_embed_dim", 128)
-    args.conv_dec_config = getattr(args, "conv_dec_config", "((128, 3, True),) * 2")
-    args.transformer_dec_config = getattr(args, "transformer_dec_config", "((128, 4, 1024, True, 0.1, 0.1, 0.1),) * 2")
-    base_architecture(args)
+    _cpu_arch_defaults(args, "[(16, 3, 2, 1, True), (32, 3, 2, 1, True)]", 128, 1024, 4, 2)
 
 
 register_model_architecture("asr_vggtransformer", "vggtransformer_small")(vggtransformer_small)

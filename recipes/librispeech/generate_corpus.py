@@ -442,15 +442,20 @@ def generate_from_params(out_dir: str | os.PathLike, params: dict, jobs: int = 2
     return root
 
 
-def _generate_into(tmp_root: Path, params: dict, jobs: int) -> None:
-    """Plan and synthesise the whole corpus under tmp_root, then write the marker."""
+def plan_corpus(params: dict, root: Path) -> tuple[list[Speaker], list[Utterance]]:
+    """Speakers and utterances of the full corpus that `params` describe (synth_* limits not applied)."""
     rng = np.random.default_rng([params["seed"], 0])
     sizes = subset_sizes(params["num_train"], params["num_dev"], params["num_test"])
     voices = plan_voices(rng, speaker_counts(params["num_train"], params["num_dev"],
                                              params["num_test"]), params["train_other"])
     speakers = plan_speakers(rng, sizes, voices, params["train_other"])
-    utterances = plan_utterances(params["seed"], sizes, speakers, tmp_root, params["lexicon"],
-                                 params["max_words"])
+    return speakers, plan_utterances(params["seed"], sizes, speakers, root, params["lexicon"],
+                                     params["max_words"])
+
+
+def _generate_into(tmp_root: Path, params: dict, jobs: int) -> None:
+    """Plan and synthesise the corpus under tmp_root, then write the marker."""
+    speakers, utterances = plan_corpus(params, tmp_root)
     limits = {TRAIN_SUBSET: params["synth_train"], **{s: params["synth_eval"] for s in EVAL_SUBSETS}}
     if any(n is not None for n in limits.values()):
         keep = set()

@@ -1,0 +1,77 @@
+"""The shipped reference bundle: it matches its manifest, its corruption is one clear error, and the
+model recognises freshly generated held-out utterances (a changed corpus generator that would invalidate
+the shipped model fails here)."""
+import json
+import re
+import shutil
+
+import pytest
+import sentencepiece as spm
+
+from recipes.librispeech.generate_corpus import generate_from_params, size_params
+from recipes.librispeech.reference import BUNDLE_FILES, DEFAULT_BUNDLE, BundleError, load_manifest
+
+# Bounds on 8 fresh utterances per test subset (about 55 words each), beam 5: well above the model's
+# measured WER on the full 500-utterance test sets (README), far below what a model that does not
+# recognise this corpus scores (about 100%).
+MAX_WER = {"test-clean": 20.0, "test-other": 40.0}
+
+
+def test_bundle_matches_its_manifest():
+    manifest = load_manifest(DEFAULT_BUNDLE)  # checks every file's sha256
+    assert manifest["corpus"] == size_params("reference", manifest["corpus"]["seed"])
+    assert manifest["arch"] == "vggtransformer_ref" and manifest["parameters"] >= 2_000_000
+    training = manifest["training"]
+    assert re.fullmatch(r"[0-9a-f]{40}", training["commit"])
+    assert training["updates"] > 0 and training["wall_time_s"] > 0
+    assert "--arch" in training["command"] and "vggtransformer_ref" in training["command"]
+    sp = spm.SentencePieceProcessor(model_file=str(DEFAULT_BUNDLE / "spm.model"))
+    assert sp.get_piece_size() == manifest["vocab_size"]
+    pieces = [line.split()[0] for line in (DEFAULT_BUNDLE / "dict.txt").read_text().splitlines()]
+    assert set(pieces) <= {sp.id_to_piece(i) for i in range(sp.get_piece_size())}
+    assert set(manifest["sha256"]) == set(BUNDLE_FILES)
+
+
+@pytest.fixture
+def bundle_copy(tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(DEFAULT_BUNDLE, copy)
+    return copy
+
+
+def test_corrupted_bundle_file_is_one_clear_error(bundle_copy):
+    model = bundle_copy / "model.pt"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"model.pt: sha256 does not match manifest.json"):
+        load_manifest(bundle_copy)
+
+
+def test_incomplete_or_foreign_bundle_is_one_clear_error(bundle_copy, tmp_path):
+    (bundle_copy / "dict.txt").unlink()
+    with pytest.raises(BundleError, match=r"dict.txt is missing"):
+        load_manifest(bundle_copy)
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    (bundle_copy / "manifest.json").write_text(json.dumps({**manifest, "bundle_version": 99}))
+    with pytest.raises(BundleError, match=r"bundle version 99, expected 1"):
+        load_manifest(bundle_copy)
+    with pytest.raises(BundleError, match=r"no manifest.json"):
+        load_manifest(tmp_path)
+
+
+def test_reference_model_recognises_fresh_held_out_utterances(tmp_path):
+    from fairseq_quant.evaluate import evaluate
+    from recipes.librispeech.prepare_data import prepare
+
+    manifest = load_manifest(DEFAULT_BUNDLE)
+    params = size_params("reference", manifest["corpus"]["seed"], synth_train=1, synth_eval=8)
+    root = generate_from_params(tmp_path / "corpus", params, jobs=2)
+    subsets = list(MAX_WER)
+    prepare(root, tmp_path / "data", ["train-clean-100"], subsets, jobs=2,
+            spm_model=DEFAULT_BUNDLE / "spm.model", dictionary=DEFAULT_BUNDLE / "dict.txt")
+    results = evaluate(DEFAULT_BUNDLE / "model.pt", tmp_path / "data", subsets, tmp_path / "eval", beam=5,
+                       progress=False, device="cpu", max_len_a=0.2, max_len_b=10)
+    for r in results:
+        assert r.utterances == 8
+        assert r.wer <= MAX_WER[r.subset], (r.subset, r.wer, (tmp_path / "eval" / f"{r.subset}.hyp").read_text())
