@@ -7,7 +7,7 @@ setup(
     description="Honest low-bit quantization (QAT, strategies, export) for fairseq's VGGTransformer ASR models",
     python_requires=">=3.11",
     packages=find_packages(include=["fairseq_quant", "fairseq_quant.*", "recipes", "recipes.*"]),
-    package_data={"recipes.librispeech": ["strategies/*.yaml"]},
+    package_data={"recipes.librispeech": ["strategies/*.yaml", "reference/*"]},
     install_requires=[
         "torch==2.11.0",
         "torchaudio==2.11.0",

@@ -112,9 +112,10 @@ def write_bundle(bundle: Path, work: Path, args) -> Path:
         raise BundleError(f"{model_path} not found: run the average stage first")
     state = torch.load(model_path, map_location="cpu", weights_only=False)
     train_dir = work / "train"
-    command = json.loads((train_dir / "command.json").read_text())
+    started = json.loads((train_dir / "command.json").read_text())
+    command = started["command"]
     repo = Path(__file__).resolve().parents[2]
-    command = [c.replace(str(work), "$WORKDIR").replace(str(repo), "$REPO").replace(sys.executable, "python")
+    command = [c.replace(sys.executable, "python").replace(str(work), "$WORKDIR").replace(str(repo), "$REPO")
                for c in command]
     extra = state.get("extra_state", {})
     wer = {}
@@ -131,7 +132,8 @@ def write_bundle(bundle: Path, work: Path, args) -> Path:
         "vocab_size": args.vocab_size,
         "training": {
             "command": command,
-            **git_commit(repo),
+            "commit": started["commit"],  # the code the training started from
+            "dirty": started["dirty"],
             "updates": int(state["optimizer_history"][-1]["num_updates"]),
             "epoch": int(extra.get("train_iterator", {}).get("epoch", 0)),
             "wall_time_s": round(float(extra.get("previous_training_time", 0.0)), 1),

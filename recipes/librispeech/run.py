@@ -94,14 +94,14 @@ class RecipeConfig:
 
 
 REFERENCE = dict(corpus_size="reference", reference=True, arch="vggtransformer_ref", encoder_dim=128,
-                 vocab_size=256, batch_size=16)
+                 vocab_size=256, batch_size=16, qat_updates=400)
 SIZES = {
     # a smoke run for CI: tiny corpus, a few updates; checks the plumbing, not accuracy
     "smoke": RecipeConfig(corpus_size="tiny", vocab_size=60, fp32_updates=30, warmup=10,
                           qat_updates=6, calib_batches=2, beam=2, max_len_a=0.0, max_len_b=40,
                           rows=("fp32", "ptq-w2-sym-channel", "dynamic-int8", "qat-w4a8", "qat-mixed2a8")),
     # a few minutes: the plumbing from the reference model, far too short to mean anything
-    "quick": RecipeConfig(**REFERENCE, synth_train=400, qat_updates=20, calib_batches=4,
+    "quick": RecipeConfig(**{**REFERENCE, "qat_updates": 20}, synth_train=400, calib_batches=4,
                           eval_subsets=TEST_SUBSETS, rows=("fp32", "ptq-w2-sym-channel", "qat-w2a8")),
     # the main job (README): the reference model, its baselines and QAT, test sets, at most 30 min on 2 cores
     "default": RecipeConfig(**REFERENCE, synth_train=4000, eval_subsets=TEST_SUBSETS),

@@ -21,10 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -102,7 +98,10 @@ def main(argv=None) -> int:
         save_dir.mkdir(parents=True, exist_ok=True)
         if not done_marker(save_dir).exists():
             cmd = training_command(data, save_dir, args)
-            (save_dir / "command.json").write_text(json.dumps(cmd) + "\n")
+            if not (save_dir / "command.json").exists():  # the first start: the code the training began with
+                from recipes.librispeech.reference import git_commit
+
+                (save_dir / "command.json").write_text(json.dumps({"command": cmd, **git_commit(REPO)}) + "\n")
             start = time.perf_counter()
             run_logged(cmd, save_dir / "train.log", train_env(args.threads))
             mark_done(save_dir, {"seconds_this_run": round(time.perf_counter() - start, 1)})
