@@ -11,10 +11,11 @@ import sentencepiece as spm
 from recipes.librispeech.generate_corpus import generate_from_params, size_params
 from recipes.librispeech.reference import BUNDLE_FILES, DEFAULT_BUNDLE, BundleError, load_manifest
 
-# Bounds on 8 fresh utterances per test subset (about 55 words each), beam 5: well above the model's
-# measured WER on the full 500-utterance test sets (README), far below what a model that does not
-# recognise this corpus scores (about 100%).
-MAX_WER = {"test-clean": 20.0, "test-other": 40.0}
+# Bounds on 20 fresh utterances per test subset (about 130 words each), beam 5: above the model's measured
+# WER on the full 500-utterance test sets (32.7 / 51.2, manifest.json) by more than the sampling noise of 20
+# utterances, and far below what a model that does not recognise this corpus scores (about 100%).
+MAX_WER = {"test-clean": 50.0, "test-other": 70.0}
+FRESH = 20
 
 
 def test_bundle_matches_its_manifest():
@@ -65,7 +66,7 @@ def test_reference_model_recognises_fresh_held_out_utterances(tmp_path):
     from recipes.librispeech.prepare_data import prepare
 
     manifest = load_manifest(DEFAULT_BUNDLE)
-    params = size_params("reference", manifest["corpus"]["seed"], synth_train=1, synth_eval=8)
+    params = size_params("reference", manifest["corpus"]["seed"], synth_train=1, synth_eval=FRESH)
     root = generate_from_params(tmp_path / "corpus", params, jobs=2)
     subsets = list(MAX_WER)
     prepare(root, tmp_path / "data", ["train-clean-100"], subsets, jobs=2,
@@ -73,5 +74,5 @@ def test_reference_model_recognises_fresh_held_out_utterances(tmp_path):
     results = evaluate(DEFAULT_BUNDLE / "model.pt", tmp_path / "data", subsets, tmp_path / "eval", beam=5,
                        progress=False, device="cpu", max_len_a=0.2, max_len_b=10)
     for r in results:
-        assert r.utterances == 8
+        assert r.utterances == FRESH
         assert r.wer <= MAX_WER[r.subset], (r.subset, r.wer, (tmp_path / "eval" / f"{r.subset}.hyp").read_text())
