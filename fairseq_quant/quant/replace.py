@@ -109,8 +109,9 @@ def quantize_model(model: nn.Module, strategy: Strategy) -> QuantizationReport:
                 plan(child, full)
                 continue
             spec = resolve(full)
-            if spec.is_fp32:
-                continue  # left float on purpose; the report lists it
+            inside = [n for n in names if n.startswith(full + ".")]
+            if spec.is_fp32 and all(resolve(n).is_fp32 for n in inside):
+                continue  # left float on purpose (with everything inside it); the report lists it
             planned.append((parent, child_name, quant_cls.from_float(child, spec, full, resolve)))
 
     # build every replacement first (any error leaves the model untouched), then swap them in

@@ -1,6 +1,6 @@
 """Strategies: per-layer bit allocation as ordered module-name patterns with a default.
 
-YAML layout (first matching rule wins; a rule's missing fields come from ``default``)::
+YAML layout (a rule's missing fields come from ``default``)::
 
     default: {weight_bits: 8, act_bits: 8, granularity: channel, weight_method: lsq, act_method: minmax}
     rules:
@@ -11,7 +11,9 @@ YAML layout (first matching rule wins; a rule's missing fields come from ``defau
         granularity: group
         group_size: 64
 
-``weight_bits``/``act_bits`` are 1..8 or ``fp32``.
+``weight_bits``/``act_bits`` are 1..8 or ``fp32``. A module gets the first rule that matches its own
+name; failing that, the first rule that matches its closest enclosing module (a rule on an attention
+reaches its q/k/v/out projections, a rule on ``encoder`` everything in it); failing that, the default.
 """
 import fnmatch
 import re
@@ -40,7 +42,7 @@ class Rule:
 
 
 class Strategy:
-    """Ordered rules plus a default spec; ``spec_for(name)`` is the spec of the first matching rule."""
+    """Ordered rules plus a default spec; ``spec_for(name)`` is the spec of the most specific matching rule."""
 
     def __init__(self, default: QuantSpec, rules: list[Rule] = (), source: str = "<strategy>"):
         self.default = default
@@ -102,18 +104,23 @@ class Strategy:
                 "rules": [{"match": r.pattern, **spec_dict(r.spec)} for r in self.rules]}
 
     def lookup(self, name: str) -> tuple[QuantSpec, int | None]:
-        for i, rule in enumerate(self.rules):
-            if rule.matches(name):
-                return rule.spec, i
+        """(spec, rule index or None for the default) deciding module ``name``: rules on the module itself
+        come first, then rules on each enclosing module from the closest outwards."""
+        for scope in enclosing_scopes(name):
+            for i, rule in enumerate(self.rules):
+                if rule.matches(scope):
+                    return rule.spec, i
         return self.default, None
 
     def spec_for(self, name: str) -> QuantSpec:
         return self.lookup(name)[0]
 
     def check_matches(self, module_names: list[str]) -> None:
-        """Every rule must match at least one quantizable module (catches strategies for other models)."""
+        """Every rule must match a quantizable module or a module around one (catches strategies for other
+        models)."""
+        scopes = {scope for n in module_names for scope in enclosing_scopes(n)}
         for i, rule in enumerate(self.rules):
-            if not any(rule.matches(n) for n in module_names):
+            if not any(rule.matches(n) for n in scopes):
                 examples = ", ".join(f"'{n}'" for n in module_names[:3])
                 raise StrategyError(
                     f"{self.source}: rule {i + 1} pattern '{rule.pattern}' matches no module; "
@@ -122,6 +129,12 @@ class Strategy:
 
     def __repr__(self) -> str:
         return f"Strategy({self.source}: default {self.default.label()}, {len(self.rules)} rules)"
+
+
+def enclosing_scopes(name: str) -> list[str]:
+    """'a.b.c' -> ['a.b.c', 'a.b', 'a']: the module and the modules around it, closest first."""
+    parts = name.split(".")
+    return [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
 
 
 def _spec(fields, base: QuantSpec, where: str) -> QuantSpec:
