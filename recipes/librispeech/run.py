@@ -273,10 +273,11 @@ def main(argv=None) -> int:
             parser.error(f"--size {args.size} needs --librispeech-root")
         from recipes.librispeech.generate_corpus import SIZES as CORPUS_SIZES, generate_corpus
 
-        n_train, n_dev, n_test = CORPUS_SIZES[cfg.corpus_size]
-        logger.info("stage corpus: %d train, %d per dev/test subset (seed %d)", n_train, n_dev, args.seed)
+        corpus = CORPUS_SIZES[cfg.corpus_size]
+        logger.info("stage corpus: %d train, %d per dev/test subset (seed %d)", corpus["num_train"],
+                    corpus["num_dev"], args.seed)
         if "corpus" in stages:
-            root = timed("corpus", generate_corpus, work / "corpus", args.seed, n_train, n_dev, n_test)
+            root = timed("corpus", lambda: generate_corpus(work / "corpus", args.seed, **corpus))
         else:
             root = work / "corpus" / "LibriSpeech"
     data = work / "data"
