@@ -2,33 +2,13 @@
 fairseq-train fp32 and QAT from the fp32 checkpoint with distillation, beam search, jiwer WER), then
 fairseq-generate on a quant checkpoint and resuming QAT with its quantizer state."""
 import json
-import os
 import shutil
-import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 import torch
+from conftest import ROOT, SMOKE_STRATEGIES as STRATEGIES, run
 
-ROOT = Path(__file__).resolve().parents[1]
-STRATEGIES = ("w4a8", "mixed2a8")
 SUBSETS = ("dev-clean", "dev-other", "test-clean", "test-other")
-
-
-def run(cmd, **kw):
-    env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
-    env["OMP_NUM_THREADS"] = "2"
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, **kw)
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    work = tmp_path_factory.mktemp("smoke")
-    proc = run([sys.executable, "-m", "recipes.librispeech.run", "--size", "smoke", "--workdir", str(work),
-                "--strategies", ",".join(STRATEGIES)])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return work, proc.stdout
 
 
 def test_recipe_produces_results_table(smoke):
@@ -131,3 +111,16 @@ def test_bad_strategy_is_one_clear_error(smoke, tmp_path):
     assert "Traceback" not in proc.stderr
     assert ("fairseq_quant: error: " + str(strategy) + ": rule 1 pattern 'encoder.layers.*.fc1' matches no module; "
             "modules look like 'encoder.conv_layers.0.layers.0'") in proc.stderr
+
+
+def test_bad_uniform_flag_is_one_clear_error(smoke, tmp_path):
+    work, _ = smoke
+    proc = run([sys.executable, "-m", "fairseq_cli.train", str(work / "data"), "--user-dir", "fairseq_quant",
+                "--task", "speech_recognition", "--arch", "quant_vggtransformer_small", "--quant-weight-bits", "4",
+                "--quant-act-method", "kl", "--criterion", "cross_entropy_acc", "--optimizer", "adam",
+                "--batch-size", "8", "--max-update", "1", "--save-dir", str(tmp_path / "ckpt")])
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "fairseq_quant: error: --quant-act-method kl: unknown act_method 'kl'; "
+        "expected one of ('minmax', 'percentile', 'mse', 'pact', 'lsq')")

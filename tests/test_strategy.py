@@ -298,3 +298,31 @@ def test_fp32_attention_with_a_quantized_projection_inside(dict_dir, tmp_path):
     assert isinstance(attn, QuantMultiheadAttention) and attn.spec.is_fp32
     assert attn.q_proj.weight_quantizer.bits == 2 and attn.q_proj.input_quantizer.bits == 8
     assert attn.k_proj.weight_quantizer.bits is None and attn.q_quantizer.bits is None
+
+
+# ---------------------------------------------------------------------------------------------
+# uniform flags: the same one-line errors as strategy files
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags,message", [
+    (["--quant-weight-bits", "9"], "--quant-weight-bits 9: weight_bits must be an integer in 1..8 or fp32, got 9"),
+    (["--quant-weight-bits", "4", "--quant-act-bits", "x"],
+     "--quant-act-bits x: act_bits must be an integer in 1..8 or fp32, got 'x'"),
+    (["--quant-weight-bits", "4", "--quant-act-method", "kl"],
+     "--quant-act-method kl: unknown act_method 'kl'; expected one of ('minmax', 'percentile', 'mse', 'pact', 'lsq')"),
+    (["--quant-weight-bits", "4", "--quant-weight-method", "gptq"],
+     "--quant-weight-method gptq: unknown weight_method 'gptq'; expected one of ('minmax', 'symmetric', 'lsq', 'binary')"),
+    (["--quant-weight-bits", "4", "--quant-granularity", "group"],
+     "--quant-granularity group: granularity 'group' needs group_size"),
+    (["--quant-weight-bits", "4", "--quant-granularity", "group", "--quant-group-size", "0"],
+     "--quant-group-size 0: group_size must be >= 1, got 0"),
+    (["--quant-weight-bits", "4", "--quant-granularity", "group", "--quant-group-size", "7"],
+     "--quant-weight-bits 4 --quant-granularity group --quant-group-size 7: encoder.conv_layers.0.layers.0: "
+     "9 input values per output channel are not divisible by group size 7"),
+])
+def test_uniform_flag_errors_name_the_flag(dict_dir, flags, message):
+    from conftest import build_tiny
+
+    with pytest.raises(StrategyError) as err:
+        build_tiny(dict_dir, extra=flags)
+    assert str(err.value) == message

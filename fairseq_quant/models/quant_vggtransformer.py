@@ -37,12 +37,14 @@ from ..quant import (
     register_quant_module,
 )
 from ..quant.quantizers import ActivationQuantizer, WeightQuantizer
+from ..quant.spec import SpecError
 
 logger = logging.getLogger(__name__)
 
 register_quant_module(MultiheadAttention, QuantMultiheadAttention)
 register_quant_module(ConvTBC, QuantConvTBC)  # LinearizedConvolution is a ConvTBC subclass
 QUANTIZER_KEY = "_quantizer."
+QUANT_FLAG_DEFAULTS = {"--quant-granularity": "channel", "--quant-weight-method": "lsq", "--quant-act-method": "minmax"}
 
 
 def add_quant_args(parser):
@@ -53,10 +55,11 @@ def add_quant_args(parser):
                        help="uniform weight bits 1..8 or fp32 (when no --quant-strategy)")
     group.add_argument("--quant-act-bits", type=str, metavar="M",
                        help="uniform activation bits 1..8, or 32/fp32 for weight-only (when no --quant-strategy)")
-    group.add_argument("--quant-granularity", type=str, default="channel", choices=("tensor", "channel", "group"))
+    group.add_argument("--quant-granularity", type=str, default=QUANT_FLAG_DEFAULTS["--quant-granularity"],
+                       choices=("tensor", "channel", "group"))
     group.add_argument("--quant-group-size", type=int, default=None)
-    group.add_argument("--quant-weight-method", type=str, default="lsq")
-    group.add_argument("--quant-act-method", type=str, default="minmax")
+    group.add_argument("--quant-weight-method", type=str, default=QUANT_FLAG_DEFAULTS["--quant-weight-method"])
+    group.add_argument("--quant-act-method", type=str, default=QUANT_FLAG_DEFAULTS["--quant-act-method"])
     group.add_argument("--quant-calib-batches", type=int, default=8, metavar="N",
                        help="training batches observed (fp32) to initialise activation ranges")
     # the resolved strategy, stored in the checkpoint's args so that decoding never needs the YAML file
@@ -81,9 +84,20 @@ def strategy_from_args(args) -> Strategy:
     def bits(value):
         return int(value) if str(value).isdigit() and int(value) != 32 else value
 
-    return Strategy.uniform(bits(wbits), bits(abits if abits is not None else "fp32"),
-                            granularity=args.quant_granularity, group_size=args.quant_group_size,
-                            weight_method=args.quant_weight_method, act_method=args.quant_act_method)
+    flags = {"weight_bits": ("--quant-weight-bits", wbits), "act_bits": ("--quant-act-bits", abits),
+             "granularity": ("--quant-granularity", args.quant_granularity),
+             "group_size": ("--quant-group-size", args.quant_group_size),
+             "weight_method": ("--quant-weight-method", args.quant_weight_method),
+             "act_method": ("--quant-act-method", args.quant_act_method)}
+    given = " ".join(f"{flag} {value}" for flag, value in flags.values()
+                     if value is not None and value != QUANT_FLAG_DEFAULTS.get(flag))
+    try:
+        return Strategy.uniform(bits(wbits), bits(abits if abits is not None else "fp32"), source=given,
+                                granularity=args.quant_granularity, group_size=args.quant_group_size,
+                                weight_method=args.quant_weight_method, act_method=args.quant_act_method)
+    except SpecError as err:
+        flag, value = flags[err.field]
+        raise StrategyError(f"{flag} {value}: {err}") from None
 
 
 class QuantTransformerDecoder(TransformerDecoder):

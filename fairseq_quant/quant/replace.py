@@ -13,7 +13,7 @@ from torch import nn
 from .attention import QuantMultiheadAttention
 from .modules import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule
 from .quantizers import ActivationQuantizer, WeightQuantizer
-from .strategy import Strategy
+from .strategy import Strategy, StrategyError
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def quantize_model(model: nn.Module, strategy: Strategy) -> QuantizationReport:
     """Replace every registered module of ``model`` in place by its quantized version.
 
     Raises :class:`~.strategy.StrategyError` when a strategy rule matches no module (for example a
-    strategy written for another model). Modules with parameters of unregistered types are reported
+    strategy written for another model) or a module cannot take its spec (a group size that does not divide it). Modules with parameters of unregistered types are reported
     as unsupported and logged; they stay fp32.
     """
     names = quantizable_names(model)
@@ -112,7 +112,10 @@ def quantize_model(model: nn.Module, strategy: Strategy) -> QuantizationReport:
             inside = [n for n in names if n.startswith(full + ".")]
             if spec.is_fp32 and all(resolve(n).is_fp32 for n in inside):
                 continue  # left float on purpose (with everything inside it); the report lists it
-            planned.append((parent, child_name, quant_cls.from_float(child, spec, full, resolve)))
+            try:
+                planned.append((parent, child_name, quant_cls.from_float(child, spec, full, resolve)))
+            except (ValueError, NotImplementedError) as err:  # e.g. a group size that does not divide a layer
+                raise StrategyError(f"{strategy.source}: {err}") from None
 
     # build every replacement first (any error leaves the model untouched), then swap them in
     plan(model, "")

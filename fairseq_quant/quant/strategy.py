@@ -50,9 +50,9 @@ class Strategy:
         self.source = source
 
     @classmethod
-    def uniform(cls, weight_bits, act_bits, **spec_fields) -> "Strategy":
+    def uniform(cls, weight_bits, act_bits, source: str | None = None, **spec_fields) -> "Strategy":
         spec = QuantSpec(weight_bits=weight_bits, act_bits=act_bits, **spec_fields)
-        return cls(spec, [], source=f"uniform {spec.label()}")
+        return cls(spec, [], source=source or f"uniform {spec.label()}")
 
     @classmethod
     def from_yaml(cls, path) -> "Strategy":
