@@ -24,6 +24,8 @@ import numpy as np
 import soundfile
 import torch
 
+from .quant.errors import FairseqQuantError
+
 logger = logging.getLogger(__name__)
 
 EXAMPLES_NAME = "examples"
@@ -86,17 +88,28 @@ def allow_fairseq_checkpoints() -> None:
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
 
+def user_error(exc):
+    """The FairseqQuantError behind ``exc``, if any: fairseq re-raises errors from loading a checkpoint's model
+    state as a generic ``Exception("Cannot load model parameters ...")``."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, FairseqQuantError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def install_excepthook() -> None:
     """Report fairseq_quant's user-input errors as one line instead of a traceback through fairseq."""
-    from .quant.errors import FairseqQuantError
-
     previous = sys.excepthook
     if getattr(previous, "_fairseq_quant", False):
         return
 
     def hook(exc_type, exc, tb):
-        if issubclass(exc_type, FairseqQuantError):
-            print(f"fairseq_quant: error: {exc}", file=sys.stderr)
+        err = user_error(exc)
+        if err is not None:
+            print(f"fairseq_quant: error: {err}", file=sys.stderr)
         else:
             previous(exc_type, exc, tb)
 
@@ -148,6 +161,33 @@ def cache_asr_features() -> None:
     AsrDataset.__getitem__ = getitem
 
 
+def annotate_loaded_checkpoints() -> None:
+    """Tell a quant model which file its state comes from: every quant checkpoint fairseq loads (trainer,
+    ensembles, teachers) gets ``path`` in its model state's ``_extra_state`` and, when written before the
+    per-module specs were saved there, the strategy stored in its arguments. Inside the model state, they
+    reach data-parallel workers that receive the state from rank 0."""
+    from fairseq import checkpoint_utils
+
+    original = checkpoint_utils.load_checkpoint_to_cpu
+    if getattr(original, "_fairseq_quant", False):
+        return
+
+    def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
+        state = original(path, arg_overrides, load_on_all_ranks)
+        model_state = state.get("model") if isinstance(state, dict) else None
+        if isinstance(model_state, dict) and any("_quantizer." in k for k in model_state):
+            extra = dict(model_state.get("_extra_state") or {})
+            extra["path"] = str(path)
+            if "quant_specs" not in extra:
+                model_cfg = (state.get("cfg") or {}).get("model") or state.get("args")
+                extra["quant_strategy"] = getattr(model_cfg, "quant_strategy_inline", None)
+            model_state["_extra_state"] = extra
+        return state
+
+    load_checkpoint_to_cpu._fairseq_quant = True
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+
+
 def apply() -> None:
     """Apply every fix, then import the upstream speech_recognition example (registers its
     task ``speech_recognition``, models ``asr_vggtransformer*`` and criterion ``cross_entropy_acc``)."""
@@ -158,3 +198,4 @@ def apply() -> None:
     importlib.import_module(f"{EXAMPLES_NAME}.speech_recognition")
     sort_asr_batches_by_length()
     cache_asr_features()
+    annotate_loaded_checkpoints()

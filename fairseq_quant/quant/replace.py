@@ -13,6 +13,7 @@ from torch import nn
 from .attention import QuantMultiheadAttention
 from .modules import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule
 from .quantizers import ActivationQuantizer, WeightQuantizer
+from .spec import QuantSpec
 from .strategy import Strategy, StrategyError
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class QuantizationReport:
     fp32_mb: float = 0.0
     quant_mb: float = 0.0
     avg_weight_bits: float = 32.0
+    specs: dict = field(default_factory=dict)  # module name -> the QuantSpec the strategy gave it
 
     def format(self) -> str:
         lines = [f"{'module':<48} {'type':<24} {'spec':<10} {'rule':<28} {'params':>10}"]
@@ -91,10 +93,12 @@ def quantize_model(model: nn.Module, strategy: Strategy) -> QuantizationReport:
     names = quantizable_names(model)
     strategy.check_matches(names)
     rules_used: dict[str, str] = {}
+    specs: dict[str, QuantSpec] = {}
 
     def resolve(name: str):
         spec, idx = strategy.lookup(name)
         rules_used[name] = "default" if idx is None else f"rule {idx + 1}: {strategy.rules[idx].pattern}"
+        specs[name] = spec
         return spec
 
     planned: list[tuple[nn.Module, str, nn.Module]] = []
@@ -122,6 +126,7 @@ def quantize_model(model: nn.Module, strategy: Strategy) -> QuantizationReport:
     for parent, child_name, replacement in planned:
         setattr(parent, child_name, replacement)
     report = build_report(model, rules_used)
+    report.specs = specs
     if report.unsupported:
         logger.warning("modules of unsupported types stay fp32: %s", ", ".join(report.unsupported))
     return report

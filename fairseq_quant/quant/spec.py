@@ -1,5 +1,5 @@
 """QuantSpec: how one module is quantized (weight and activation bits, granularity, methods)."""
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 from .granularity import Granularity, parse_granularity
 from .quantizers import ACT_METHODS, WEIGHT_METHODS, check_bits
@@ -74,6 +74,9 @@ class QuantSpec:
         a = "fp32" if self.act_bits is None else str(self.act_bits)
         return f"w{w}a{a}"
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
     def updated(self, **changes) -> "QuantSpec":
         return replace(self, **changes)
 
@@ -83,3 +86,24 @@ class QuantSpec:
 
 
 FP32 = QuantSpec(weight_bits=None, act_bits=None)
+
+
+def spec_changes(stored: dict, current: dict) -> list[tuple[str, str]]:
+    """(module, 'old -> new') for every module whose spec differs between two ``{module: QuantSpec.to_dict()}``
+    maps (a checkpoint's and the model's), in the order of ``current`` then any names only ``stored`` has."""
+    changes = []
+    for name in list(current) + [n for n in stored if n not in current]:
+        old, new = stored.get(name), current.get(name)
+        if old != new:
+            changes.append((name, f"{_describe(old)} -> {_describe(new)}" if _describe(old) != _describe(new)
+                            else ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in new if old.get(k) != new[k])))
+    return changes
+
+
+def _describe(spec_dict) -> str:
+    if spec_dict is None:
+        return "absent"
+    try:
+        return QuantSpec(**spec_dict).label()
+    except (TypeError, ValueError):
+        return str(spec_dict)
