@@ -50,6 +50,39 @@ def test_weight_levels_per_group(method, bits, gran_name):
 
 
 @pytest.mark.parametrize("gran_name", list(GRANULARITIES))
+@pytest.mark.parametrize("method,bits", [("binary", 1)] + [(m, b) for m in ("minmax", "symmetric", "lsq")
+                                                          for b in (2, 3, 4, 8)])
+def test_weights_lie_on_the_grid_the_quantizer_reports(method, bits, gran_name):
+    gran = GRANULARITIES[gran_name]
+    w = weight(3, (8, 64))
+    wq = make_wq(method, bits, gran, w.shape)
+    out = wq(w).detach()
+    grid = wq.last_grid
+    assert (grid.bits, grid.qmax - grid.qmin) == (bits, 2**bits - 1)
+    assert not grid.off_grid(gran.group_view(out)).any()
+    # the float weights are not on it (but for a min-max range's ends), nor are values moved by a fifth of a step
+    assert grid.off_grid(gran.group_view(w)).float().mean() > 0.8
+    assert grid.off_grid(gran.group_view(out) + 0.2 * grid.scale).all()
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse", "pact", "lsq"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_activations_lie_on_the_grid_the_quantizer_reports(method, bits):
+    torch.manual_seed(4)
+    q = ActivationQuantizer(bits=bits, method=method)
+    calibration_batch = torch.randn(1000) * 3
+    q.start_calibration()
+    q(calibration_batch)
+    q.finish_calibration()
+    for mode in (q.train, q.eval):
+        mode()
+        x = torch.randn(1000) * 3
+        out = q(x).detach()
+        assert not q.last_grid.off_grid(out).any()
+        assert q.last_grid.off_grid(x).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("gran_name", list(GRANULARITIES))
 def test_binary_weights_are_plus_minus_mean_abs(gran_name):
     gran = GRANULARITIES[gran_name]
     w = weight(1, (8, 64))
