@@ -11,7 +11,10 @@ Each fix is small and named for the upstream breakage it repairs (see PLATFORM.m
   order them as fairseq's other audio datasets do;
 - ``AsrDataset`` recomputes every utterance's fbank features in every epoch (about a quarter of a small
   model's training step on 2 CPU cores); we keep them in memory after the first epoch, up to
-  ``FAIRSEQ_QUANT_FEATURE_CACHE_MB`` (default 4096; 0 disables).
+  ``FAIRSEQ_QUANT_FEATURE_CACHE_MB`` (default 4096; 0 disables);
+- fairseq's ``all_gather_list`` allocates CUDA buffers, so data-parallel training on CPU (gloo) fails;
+- fairseq re-raises any error from loading a checkpoint's model state as a bare ``Exception``; our
+  one-line user errors are found behind it, and quant checkpoints carry their file name to the model.
 """
 import importlib
 import importlib.util
@@ -188,6 +191,28 @@ def annotate_loaded_checkpoints() -> None:
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
 
 
+def gather_lists_on_cpu() -> None:
+    """fairseq's ``all_gather_list`` (syncing logging outputs across data-parallel workers) allocates CUDA
+    buffers; without CUDA (gloo workers on CPU) gather the objects with torch.distributed instead."""
+    import torch.distributed as dist
+    from fairseq.distributed import utils as distributed_utils
+
+    original = distributed_utils.all_gather_list
+    if getattr(original, "_fairseq_quant", False):
+        return
+
+    def all_gather_list(data, group=None, max_size=16384):
+        if torch.cuda.is_available():
+            return original(data, group=group, max_size=max_size)
+        group = group if group is not None else distributed_utils.get_global_group()
+        gathered = [None] * distributed_utils.get_world_size(group=group)
+        dist.all_gather_object(gathered, data, group=group)
+        return gathered
+
+    all_gather_list._fairseq_quant = True
+    distributed_utils.all_gather_list = all_gather_list
+
+
 def apply() -> None:
     """Apply every fix, then import the upstream speech_recognition example (registers its
     task ``speech_recognition``, models ``asr_vggtransformer*`` and criterion ``cross_entropy_acc``)."""
@@ -199,3 +224,4 @@ def apply() -> None:
     sort_asr_batches_by_length()
     cache_asr_features()
     annotate_loaded_checkpoints()
+    gather_lists_on_cpu()

@@ -412,6 +412,44 @@ def test_training_self_initialises_then_ema_only_in_training():
     assert (q.lo.item(), q.hi.item()) == (lo, hi)
 
 
+def test_a_training_batch_is_quantized_with_the_range_before_it():
+    q = ActivationQuantizer(bits=2, method="minmax", momentum=0.5).train()
+    q(torch.tensor([-1.0, 2.0]))  # self-initialises to [-1, 2]: grid step 1
+    out = q(torch.tensor([-5.0, 0.4, 7.0]))
+    assert out.tolist() == [-1.0, 0.0, 2.0]  # clipped to the old range, then the range moves
+    assert (q.lo.item(), q.hi.item()) == (-3.0, 4.5)
+
+
+def test_deferred_range_updates_follow_the_global_batch_on_every_worker():
+    """Two data-parallel workers see different batches; with deferred updates both quantize with the same
+    grid and move their ranges toward the min/max over both batches."""
+    from fairseq_quant.quant import apply_range_updates
+
+    batches = [torch.tensor([-2.0, 1.0]), torch.tensor([-1.0, 6.0])]
+    workers = []
+    for batch in batches:
+        q = ActivationQuantizer(bits=8, method="minmax", momentum=0.5)
+        q._set_range(-1.0, 1.0)
+        q.defer_range_updates = True
+        workers.append(nn.Sequential(q).train())
+    outs = [w(b) for w, b in zip(workers, batches)]
+    scales = [w[0].last_grid.scale.item() for w in workers]
+    assert scales[0] == scales[1] == pytest.approx(2.0 / 255)
+    assert all(w[0].hi.item() == 1.0 for w in workers)  # nothing applied yet
+    assert outs[1].tolist()[1] == pytest.approx(1.0, abs=2 / 255)  # 6.0 clipped to the range before the batch
+    # reduce_max: what torch.distributed.all_reduce(MAX) returns, here with the other worker's statistics
+    local = {0: torch.tensor([2.0, 1.0]), 1: torch.tensor([1.0, 6.0])}  # [-min, max] of each batch
+    for i, w in enumerate(workers):
+        apply_range_updates(w, reduce_max=lambda t, other=local[1 - i]: torch.maximum(t, other))
+    for w in workers:
+        assert (w[0].lo.item(), w[0].hi.item()) == (-1.5, 3.5) and w[0].pending_range is None
+    # a single process applies its own batch range at once
+    q = ActivationQuantizer(bits=8, method="minmax", momentum=0.5)
+    q._set_range(-1.0, 1.0)
+    q.train()(batches[1])
+    assert (q.lo.item(), q.hi.item()) == (-1.0, 3.5)
+
+
 def test_fp32_activation_quantizer_is_identity():
     q = ActivationQuantizer(bits=None).eval()
     x = torch.randn(5)

@@ -171,7 +171,10 @@ def _kd_weight(teacher_path, kd_weight) -> float:
 
 
 def _unwrap(model):
-    return getattr(model, "module", model)
+    """The model inside fairseq's data-parallel wrappers (a proxy around a DistributedDataParallel)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
 
 
 def load_teacher(path: str, task):

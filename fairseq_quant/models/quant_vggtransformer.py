@@ -30,6 +30,7 @@ from fairseq.modules import ConvTBC, LinearizedConvolution, MultiheadAttention, 
 
 from ..quant import (
     QuantConvTBC,
+    apply_range_updates,
     QuantMultiheadAttention,
     Strategy,
     StrategyError,
@@ -256,7 +257,14 @@ class QuantModelMixin:
             for q in observed:
                 if isinstance(q, ActivationQuantizer):
                     q.start_calibration()  # activations pass through in fp32 while observed
+        distributed = _data_parallel()
+        if distributed and self.training:
+            for q in self.quantizers():
+                if isinstance(q, ActivationQuantizer):
+                    q.defer_range_updates = True  # applied below, reduced over the workers
         out = super().forward(*args, **kwargs)
+        if distributed and self.training:
+            apply_range_updates(self, reduce_max=_all_reduce_max)
         if calibrating:
             self._calib_seen += 1
             if self._calib_seen >= self.quant_calib_batches:
@@ -288,9 +296,18 @@ def _quantizer_owner(key: str) -> str:
     return key.rsplit(".", 2)[0]
 
 
+def _data_parallel() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_max(t):
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def _average_across_workers(quantizers):
     """Data-parallel workers calibrate on different batches: agree on the mean ranges."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _data_parallel():
         return
     with torch.no_grad():
         for q in quantizers:

@@ -277,7 +277,10 @@ class ActivationQuantizer(nn.Module):
     ``lsq`` (learned step size), ``fixed`` (a known range such as softmax probabilities in [0, 1]).
     Ranges come from calibration: run batches with ``observing=True`` (outputs stay fp32), then
     ``finish_calibration()``. An uncalibrated quantizer calibrates itself on its first training
-    batch, and refuses to run in eval mode.
+    batch, and refuses to run in eval mode. A ``minmax`` training batch is quantized with the range as it
+    was before the batch; the range then moves toward the batch's min/max, at once or, with
+    ``defer_range_updates``, when :func:`~.calibrate.apply_range_updates` reduces the pending batch ranges
+    of all data-parallel workers (so that every worker keeps the same grid).
     """
 
     def __init__(self, bits=None, method: str = "minmax", fixed_range: tuple[float, float] | None = None,
@@ -295,6 +298,8 @@ class ActivationQuantizer(nn.Module):
         self.momentum = momentum
         self.name = name
         self.last_grid: Grid | None = None  # the grid of the latest output (for the audit)
+        self.defer_range_updates = False
+        self.pending_range: tuple[torch.Tensor, torch.Tensor] | None = None  # batch (min, max) not yet applied
         self.observing = False
         self.observer: RangeObserver | None = None
         self.register_buffer("initialized", torch.tensor(method == "fixed"))
@@ -357,10 +362,21 @@ class ActivationQuantizer(nn.Module):
             observer.collect(x)
             self._set_range(*observer.compute_range(self.method, self.bits))
         elif self.training and self.method == "minmax":
-            with torch.no_grad():
-                m = self.momentum
-                self.lo.mul_(1 - m).add_(m * min(float(x.min()), 0.0))
-                self.hi.mul_(1 - m).add_(m * max(float(x.max()), 0.0))
+            self.pending_range = (x.detach().min().clamp(max=0.0), x.detach().max().clamp(min=0.0))
+        out = self._quantize(x)
+        if self.pending_range is not None and not self.defer_range_updates:
+            self.update_range(*self.pending_range)
+        return out
+
+    @torch.no_grad()
+    def update_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Move the running range toward a batch range (exponential moving average with ``momentum``)."""
+        m = self.momentum
+        self.lo.mul_(1 - m).add_(m * lo.to(self.lo))
+        self.hi.mul_(1 - m).add_(m * hi.to(self.hi))
+        self.pending_range = None
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.method == "pact":
             alpha = self.alpha.abs().clamp(min=1e-6)
             clipped = torch.minimum(torch.maximum(x, -alpha), alpha)
