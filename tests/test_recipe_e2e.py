@@ -124,3 +124,25 @@ def test_bad_uniform_flag_is_one_clear_error(smoke, tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "fairseq_quant: error: --quant-act-method kl: unknown act_method 'kl'; "
         "expected one of ('minmax', 'percentile', 'mse', 'pact', 'lsq')")
+
+
+def quant_report(*args):
+    proc = run([sys.executable, "scripts/quant_report.py", *map(str, args)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return "".join(line for line in proc.stdout.splitlines(keepends=True) if not line.startswith("| dictionary"))
+
+
+def test_quant_report_applies_the_strategy_to_a_qat_checkpoint(smoke):
+    work, _ = smoke
+    strategy = ROOT / "recipes/librispeech/strategies/mixed2a8.yaml"
+    qat = work / "qat" / "w4a8" / "checkpoint_best.pt"
+    from_qat = quant_report("--checkpoint", qat, "--data", work / "data", "--strategy", strategy)
+    from_fp32 = quant_report("--checkpoint", work / "fp32" / "checkpoint_best.pt", "--data", work / "data",
+                             "--strategy", strategy)
+    first, *rest = from_qat.splitlines()
+    assert first == (f"quant_report: {qat} is quantized with {ROOT / 'recipes/librispeech/strategies/w4a8.yaml'} "
+                     f"(stored in checkpoint); reporting {strategy} on its fp32 architecture")
+    assert rest == from_fp32.splitlines()  # what the strategy does, whatever the checkpoint was trained with
+    assert "average weight bits 2.04" in from_qat
+    assert "decoder.fc_out                                   QuantLinear              w4a8       rule 3: decoder.fc_out" \
+        in from_qat

@@ -25,7 +25,7 @@ from examples.speech_recognition.models.vggtransformer import (
     vggtransformer_base,
     vggtransformer_enc_1,
 )
-from fairseq.models import register_model, register_model_architecture
+from fairseq.models import ARCH_MODEL_REGISTRY, register_model, register_model_architecture
 from fairseq.modules import ConvTBC, LinearizedConvolution, MultiheadAttention, TransformerDecoderLayer
 
 from ..quant import (
@@ -355,6 +355,13 @@ class QuantVGGTransformerEncoderModel(QuantModelMixin, VGGTransformerEncoderMode
         model = super().build_model(args, task)
         model.quantize(args)
         return model
+
+
+def float_model(model_cfg, task):
+    """The fp32 model of a ``quant_`` architecture's config: the same layers, nothing quantized."""
+    args = argparse.Namespace(**vars(model_cfg))
+    args.arch = args._name = args.arch[len("quant_"):] if args.arch.startswith("quant_") else args.arch
+    return ARCH_MODEL_REGISTRY[args.arch].build_model(args, task)
 
 
 def vggtransformer_small(args):
