@@ -14,20 +14,23 @@ Each fix is small and named for the upstream breakage it repairs (see PLATFORM.m
   ``FAIRSEQ_QUANT_FEATURE_CACHE_MB`` (default 4096; 0 disables);
 - fairseq's ``all_gather_list`` allocates CUDA buffers, so data-parallel training on CPU (gloo) fails;
 - fairseq re-raises any error from loading a checkpoint's model state as a bare ``Exception``; our
-  one-line user errors are found behind it, and quant checkpoints carry their file name to the model.
+  one-line user errors are found behind it, and quant checkpoints carry their file name to the model;
+- torch.load never checks a checkpoint's CRCs: a bit-flipped file loads garbage, a truncated one fails deep
+  inside torch; every checkpoint is verified first and fails with one line.
 """
 import importlib
 import importlib.util
 import logging
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import soundfile
 import torch
 
-from .quant.errors import FairseqQuantError
+from .quant.errors import CheckpointError, FairseqQuantError
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +167,27 @@ def cache_asr_features() -> None:
     AsrDataset.__getitem__ = getitem
 
 
+def verify_checkpoint(path) -> None:
+    """Check a torch checkpoint's zip members against their CRC-32s, which torch.load never checks: a
+    truncated or bit-flipped file fails here with one line instead of deep inside torch or pickle, or of
+    loading garbage weights. Files that are not zip archives (torch's legacy format) are left to torch.load."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) != b"PK":
+                return
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint not found") from None
+    except Exception as err:  # zipfile raises many kinds on a damaged archive
+        raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({type(err).__name__}: {err})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupted checkpoint (CRC mismatch in {bad})")
+
+
 def annotate_loaded_checkpoints() -> None:
-    """Tell a quant model which file its state comes from: every quant checkpoint fairseq loads (trainer,
+    """Verify every checkpoint fairseq loads (trainer, ensembles, teachers), and tell a quant model which file
+    its state comes from: every quant checkpoint fairseq loads (trainer,
     ensembles, teachers) gets ``path`` in its model state's ``_extra_state`` and, when written before the
     per-module specs were saved there, the strategy stored in its arguments. Inside the model state, they
     reach data-parallel workers that receive the state from rank 0."""
@@ -176,7 +198,11 @@ def annotate_loaded_checkpoints() -> None:
         return
 
     def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
-        state = original(path, arg_overrides, load_on_all_ranks)
+        verify_checkpoint(path)
+        try:
+            state = original(path, arg_overrides, load_on_all_ranks)
+        except Exception as err:
+            raise CheckpointError(f"{path}: cannot load checkpoint ({type(err).__name__}: {err})") from err
         model_state = state.get("model") if isinstance(state, dict) else None
         if isinstance(model_state, dict) and any("_quantizer." in k for k in model_state):
             extra = dict(model_state.get("_extra_state") or {})

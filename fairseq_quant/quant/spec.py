@@ -45,19 +45,19 @@ class QuantSpec:
             object.__setattr__(self, "weight_method", "binary")
         if self.weight_method not in WEIGHT_METHODS:
             raise SpecError("weight_method",
-                            f"unknown weight_method '{self.weight_method}'; expected one of {WEIGHT_METHODS}")
+                            f"unknown weight_method {self.weight_method!r}; expected one of {WEIGHT_METHODS}")
         if self.weight_method == "binary" and self.weight_bits not in (1, None):
             raise SpecError("weight_method",
                             f"weight_method 'binary' means 1-bit weights, got weight_bits={self.weight_bits}")
         if self.act_method not in ACT_METHODS or self.act_method == "fixed":
             allowed = tuple(m for m in ACT_METHODS if m != "fixed")
-            raise SpecError("act_method", f"unknown act_method '{self.act_method}'; expected one of {allowed}")
+            raise SpecError("act_method", f"unknown act_method {self.act_method!r}; expected one of {allowed}")
         if self.act_bits == 1 and self.act_method in ("pact", "lsq"):
             raise SpecError("act_method",
-                            f"act_bits=1 needs act_method minmax, percentile or mse, not '{self.act_method}'")
+                            f"act_bits=1 needs act_method minmax, percentile or mse, not {self.act_method!r}")
         try:
             parse_granularity(self.granularity, self.group_size)
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, OverflowError) as err:
             field = "group_size" if self.granularity == "group" and self.group_size is not None else "granularity"
             raise SpecError(field, str(err)) from None
 

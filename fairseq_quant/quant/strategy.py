@@ -60,9 +60,13 @@ class Strategy:
         if not path.is_file():
             raise StrategyError(f"{path}: strategy file not found")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise StrategyError(f"{path}: not UTF-8 text ({err})") from None
         except yaml.YAMLError as err:
-            raise StrategyError(f"{path}: not valid YAML: {err}") from err
+            raise StrategyError(f"{path}: not valid YAML: {err}") from None
+        except RecursionError:
+            raise StrategyError(f"{path}: nested too deeply to be a strategy") from None
         return cls.from_dict(data, source=str(path))
 
     @classmethod
@@ -71,7 +75,8 @@ class Strategy:
             raise StrategyError(f"{source}: a strategy is a mapping with 'default' and 'rules', got {type(data).__name__}")
         unknown = set(data) - {"default", "rules", "description"}
         if unknown:
-            raise StrategyError(f"{source}: unknown top-level keys {sorted(unknown)}; expected default, rules, description")
+            raise StrategyError(f"{source}: unknown top-level keys {sorted(unknown, key=str)}; "
+                                "expected default, rules, description")
         default = _spec(data.get("default") or {}, QuantSpec(), f"{source}: default")
         rules = []
         raw_rules = data.get("rules") or []
@@ -87,10 +92,10 @@ class Strategy:
             if pattern.startswith("re:"):
                 try:
                     re.compile(pattern[3:])
-                except re.error as err:
-                    raise StrategyError(f"{where}: invalid regular expression {pattern[3:]!r}: {err}") from err
+                except (re.error, OverflowError, RecursionError) as err:
+                    raise StrategyError(f"{where}: invalid regular expression {pattern[3:]!r}: {err}") from None
             fields = {k: v for k, v in raw.items() if k != "match"}
-            rules.append(Rule(pattern, _spec(fields, default, f"{where} ('{pattern}')")))
+            rules.append(Rule(pattern, _spec(fields, default, f"{where} ({pattern!r})")))
         return cls(default, rules, source)
 
     def to_dict(self) -> dict:
@@ -123,7 +128,7 @@ class Strategy:
             if not any(rule.matches(n) for n in scopes):
                 examples = ", ".join(f"'{n}'" for n in module_names[:3])
                 raise StrategyError(
-                    f"{self.source}: rule {i + 1} pattern '{rule.pattern}' matches no module; "
+                    f"{self.source}: rule {i + 1} pattern {rule.pattern!r} matches no module; "
                     f"modules look like {examples}"
                 )
 
@@ -142,11 +147,12 @@ def _spec(fields, base: QuantSpec, where: str) -> QuantSpec:
         raise StrategyError(f"{where}: expected a mapping of spec fields, got {fields!r}")
     unknown = set(fields) - set(QuantSpec.field_names())
     if unknown:
-        raise StrategyError(f"{where}: unknown keys {sorted(unknown)}; allowed: {', '.join(QuantSpec.field_names())}")
+        raise StrategyError(f"{where}: unknown keys {sorted(unknown, key=str)}; "
+                            f"allowed: {', '.join(QuantSpec.field_names())}")
     if "weight_bits" in fields and "weight_method" not in fields and base.weight_method == "binary":
         # a binary default is implied by its 1 bit; a rule that raises the bits gets the usual method
         fields = {**fields, "weight_method": QuantSpec.weight_method}
     try:
         return base.updated(**fields)
-    except (ValueError, TypeError) as err:
-        raise StrategyError(f"{where}: {err}") from err
+    except (ValueError, TypeError, OverflowError) as err:
+        raise StrategyError(f"{where}: {err}") from None
