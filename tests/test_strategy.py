@@ -286,7 +286,7 @@ def test_rule_on_attention_reaches_its_projections(dict_dir, tmp_path):
 
 
 def test_fp32_attention_with_a_quantized_projection_inside(dict_dir, tmp_path):
-    from conftest import build_tiny
+    from conftest import VOCAB, build_tiny, fbank_batch
 
     from fairseq_quant.quant import QuantMultiheadAttention
 
@@ -298,6 +298,10 @@ def test_fp32_attention_with_a_quantized_projection_inside(dict_dir, tmp_path):
     assert isinstance(attn, QuantMultiheadAttention) and attn.spec.is_fp32
     assert attn.q_proj.weight_quantizer.bits == 2 and attn.q_proj.input_quantizer.bits == 8
     assert attn.k_proj.weight_quantizer.bits is None and attn.q_quantizer.bits is None
+    x, lengths, prev = fbank_batch(1)
+    model.train()
+    out, _ = model(x, lengths, prev)  # trains and calibrates like any other layer
+    assert out.shape == (3, 7, VOCAB + 4) and torch.isfinite(out).all()
 
 
 # ---------------------------------------------------------------------------------------------
