@@ -23,5 +23,5 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.8",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "hypothesis>=6.100"]},
 )

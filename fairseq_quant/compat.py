@@ -11,18 +11,26 @@ Each fix is small and named for the upstream breakage it repairs (see PLATFORM.m
   order them as fairseq's other audio datasets do;
 - ``AsrDataset`` recomputes every utterance's fbank features in every epoch (about a quarter of a small
   model's training step on 2 CPU cores); we keep them in memory after the first epoch, up to
-  ``FAIRSEQ_QUANT_FEATURE_CACHE_MB`` (default 4096; 0 disables).
+  ``FAIRSEQ_QUANT_FEATURE_CACHE_MB`` (default 4096; 0 disables);
+- fairseq's ``all_gather_list`` allocates CUDA buffers, so data-parallel training on CPU (gloo) fails;
+- fairseq re-raises any error from loading a checkpoint's model state as a bare ``Exception``; our
+  one-line user errors are found behind it, and quant checkpoints carry their file name to the model;
+- torch.load never checks a checkpoint's CRCs: a bit-flipped file loads garbage, a truncated one fails deep
+  inside torch; every checkpoint is verified first and fails with one line.
 """
 import importlib
 import importlib.util
 import logging
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import soundfile
 import torch
+
+from .quant.errors import CheckpointError, FairseqQuantError
 
 logger = logging.getLogger(__name__)
 
@@ -86,17 +94,28 @@ def allow_fairseq_checkpoints() -> None:
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
 
+def user_error(exc):
+    """The FairseqQuantError behind ``exc``, if any: fairseq re-raises errors from loading a checkpoint's model
+    state as a generic ``Exception("Cannot load model parameters ...")``."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, FairseqQuantError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def install_excepthook() -> None:
     """Report fairseq_quant's user-input errors as one line instead of a traceback through fairseq."""
-    from .quant.errors import FairseqQuantError
-
     previous = sys.excepthook
     if getattr(previous, "_fairseq_quant", False):
         return
 
     def hook(exc_type, exc, tb):
-        if issubclass(exc_type, FairseqQuantError):
-            print(f"fairseq_quant: error: {exc}", file=sys.stderr)
+        err = user_error(exc)
+        if err is not None:
+            print(f"fairseq_quant: error: {err}", file=sys.stderr)
         else:
             previous(exc_type, exc, tb)
 
@@ -148,6 +167,78 @@ def cache_asr_features() -> None:
     AsrDataset.__getitem__ = getitem
 
 
+def verify_checkpoint(path) -> None:
+    """Check a torch checkpoint's zip members against their CRC-32s, which torch.load never checks: a
+    truncated or bit-flipped file fails here with one line instead of deep inside torch or pickle, or of
+    loading garbage weights. Files that are not zip archives (torch's legacy format) are left to torch.load."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) != b"PK":
+                return
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint not found") from None
+    except Exception as err:  # zipfile raises many kinds on a damaged archive
+        raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({type(err).__name__}: {err})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupted checkpoint (CRC mismatch in {bad})")
+
+
+def annotate_loaded_checkpoints() -> None:
+    """Verify every checkpoint fairseq loads (trainer, ensembles, teachers), and tell a quant model which file
+    its state comes from: every quant checkpoint fairseq loads (trainer,
+    ensembles, teachers) gets ``path`` in its model state's ``_extra_state`` and, when written before the
+    per-module specs were saved there, the strategy stored in its arguments. Inside the model state, they
+    reach data-parallel workers that receive the state from rank 0."""
+    from fairseq import checkpoint_utils
+
+    original = checkpoint_utils.load_checkpoint_to_cpu
+    if getattr(original, "_fairseq_quant", False):
+        return
+
+    def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
+        verify_checkpoint(path)
+        try:
+            state = original(path, arg_overrides, load_on_all_ranks)
+        except Exception as err:
+            raise CheckpointError(f"{path}: cannot load checkpoint ({type(err).__name__}: {err})") from err
+        model_state = state.get("model") if isinstance(state, dict) else None
+        if isinstance(model_state, dict) and any("_quantizer." in k for k in model_state):
+            extra = dict(model_state.get("_extra_state") or {})
+            extra["path"] = str(path)
+            if "quant_specs" not in extra:
+                model_cfg = (state.get("cfg") or {}).get("model") or state.get("args")
+                extra["quant_strategy"] = getattr(model_cfg, "quant_strategy_inline", None)
+            model_state["_extra_state"] = extra
+        return state
+
+    load_checkpoint_to_cpu._fairseq_quant = True
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+
+
+def gather_lists_on_cpu() -> None:
+    """fairseq's ``all_gather_list`` (syncing logging outputs across data-parallel workers) allocates CUDA
+    buffers; without CUDA (gloo workers on CPU) gather the objects with torch.distributed instead."""
+    import torch.distributed as dist
+    from fairseq.distributed import utils as distributed_utils
+
+    original = distributed_utils.all_gather_list
+    if getattr(original, "_fairseq_quant", False):
+        return
+
+    def all_gather_list(data, group=None, max_size=16384):
+        if torch.cuda.is_available():
+            return original(data, group=group, max_size=max_size)
+        group = group if group is not None else distributed_utils.get_global_group()
+        gathered = [None] * distributed_utils.get_world_size(group=group)
+        dist.all_gather_object(gathered, data, group=group)
+        return gathered
+
+    all_gather_list._fairseq_quant = True
+    distributed_utils.all_gather_list = all_gather_list
+
+
 def apply() -> None:
     """Apply every fix, then import the upstream speech_recognition example (registers its
     task ``speech_recognition``, models ``asr_vggtransformer*`` and criterion ``cross_entropy_acc``)."""
@@ -158,3 +249,5 @@ def apply() -> None:
     importlib.import_module(f"{EXAMPLES_NAME}.speech_recognition")
     sort_asr_batches_by_length()
     cache_asr_features()
+    annotate_loaded_checkpoints()
+    gather_lists_on_cpu()

@@ -76,8 +76,8 @@ def find_spm_model(data_dir: Path) -> Path:
     return found[0]
 
 
-def load_checkpoint(checkpoint: Path, data_dir: Path):
-    """(model, task) from a fairseq checkpoint, with the data directory overridden."""
+def load_checkpoint(checkpoint: Path, data_dir: Path, with_cfg: bool = False):
+    """(model, task) from a fairseq checkpoint, with the data directory overridden (and its config too)."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
@@ -88,7 +88,7 @@ def load_checkpoint(checkpoint: Path, data_dir: Path):
         raise RuntimeError(f"cannot load checkpoint {checkpoint}: {type(err).__name__}: {err}") from err
     model = models[0]
     model.eval()
-    return model, task
+    return (model, task, _cfg) if with_cfg else (model, task)
 
 
 def default_device() -> str:

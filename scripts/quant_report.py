@@ -17,12 +17,19 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import fairseq_quant  # noqa: F401  (registers fairseq models)
     from fairseq_quant.evaluate import load_checkpoint
+    from fairseq_quant.models.quant_vggtransformer import float_model
     from fairseq_quant.quant import FairseqQuantError, Strategy, build_report, quantize_model
 
     try:
-        model, _ = load_checkpoint(args.checkpoint, args.data)
+        model, task, cfg = load_checkpoint(args.checkpoint, args.data, with_cfg=True)
         if args.strategy:
-            report = quantize_model(model, Strategy.from_yaml(args.strategy))
+            strategy = Strategy.from_yaml(args.strategy)
+            stored = getattr(model, "quant_strategy", None)
+            if stored is not None:  # a QAT checkpoint: apply the strategy to its fp32 architecture instead
+                print(f"quant_report: {args.checkpoint} is quantized with {stored.source}; reporting "
+                      f"{args.strategy} on its fp32 architecture")
+                model = float_model(cfg.model, task)
+            report = quantize_model(model, strategy)
         else:
             report = getattr(model, "quant_report", None) or build_report(model)
     except (FairseqQuantError, FileNotFoundError, RuntimeError) as err:

@@ -1,5 +1,9 @@
-"""Shared fixtures: tiny fairseq VGGTransformer models built through fairseq's own parser and task."""
+"""Shared fixtures: tiny fairseq VGGTransformer models built through fairseq's own parser and task, and the
+recipe's smoke run (a tiny generated corpus, fp32 and QAT checkpoints trained by fairseq-train)."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,3 +51,29 @@ def fbank_batch(seed=0, bsz=3, frames=(120, 100, 80), tgt_len=7):
     lengths = torch.tensor(frames)
     prev = torch.randint(4, VOCAB + 4, (bsz, tgt_len), generator=g)
     return x, lengths, prev
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE_ROWS = ("fp32", "ptq-w2-sym-channel", "dynamic-int8", "qat-w4a8", "qat-mixed2a8")  # the smoke size's
+
+
+def run(cmd, timeout=900, **kw):
+    """Run a command from the repository root as a user would (fresh environment, 2 threads)."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
+    env["OMP_NUM_THREADS"] = "2"
+    env.update(kw.pop("env", {}))
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory):
+    """(workdir, stdout) of ``recipes.librispeech.run --size smoke``: data/, fp32/, ptq/, qat/{qat-w4a8,qat-mixed2a8}/
+    and eval/ROW/ for every row.
+
+    ``FAIRSEQ_QUANT_SMOKE_DIR=DIR`` runs it in DIR instead of a fresh temporary directory (the runner skips
+    finished stages: a quick way to rerun these tests while working on them)."""
+    reuse = os.environ.get("FAIRSEQ_QUANT_SMOKE_DIR")
+    work = Path(reuse) if reuse else tmp_path_factory.mktemp("smoke")
+    proc = run([sys.executable, "-m", "recipes.librispeech.run", "--size", "smoke", "--workdir", str(work)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return work, proc.stdout

@@ -1,4 +1,5 @@
 """quant_cross_entropy_acc: distillation, auxiliary CTC, logged quantization stats, and its errors."""
+import logging
 import math
 
 import pytest
@@ -72,3 +73,29 @@ def test_teacher_errors_name_the_problem(dict_dir, tmp_path):
     truncated.write_bytes(b"PK\x03\x04 not a checkpoint")
     with pytest.raises(TeacherError, match="cannot load teacher checkpoint .*truncated.pt"):
         QuantCrossEntropyWithAccCriterion(task, False, teacher_path=str(truncated), kd_weight=0.5)
+
+
+def smoke_task_and_teacher(smoke):
+    from fairseq import checkpoint_utils
+
+    work, _ = smoke
+    fp32 = work / "fp32" / "checkpoint_best.pt"
+    _, _, task = checkpoint_utils.load_model_ensemble_and_task([str(fp32)], arg_overrides={"data": str(work / "data")})
+    return task, fp32
+
+
+def test_teacher_without_kd_weight_distils_with_the_default_weight(smoke, caplog):
+    task, fp32 = smoke_task_and_teacher(smoke)
+    with caplog.at_level(logging.INFO):
+        crit = QuantCrossEntropyWithAccCriterion(task, False, teacher_path=str(fp32))
+    assert crit.kd_weight == 0.5 and crit.teacher is not None
+    assert f"--teacher-path {fp32} without --kd-weight: distilling with --kd-weight 0.5" in caplog.text
+
+
+def test_teacher_with_kd_weight_zero_warns_that_it_is_unused(smoke, caplog):
+    task, fp32 = smoke_task_and_teacher(smoke)
+    with caplog.at_level(logging.WARNING):
+        crit = QuantCrossEntropyWithAccCriterion(task, False, teacher_path=str(fp32), kd_weight=0.0)
+    assert crit.teacher is None
+    assert [r.levelname for r in caplog.records if "--kd-weight 0" in r.getMessage()] == ["WARNING"]
+    assert f"--teacher-path {fp32} is not used: --kd-weight 0 disables distillation" in caplog.text

@@ -1,6 +1,7 @@
 """Honesty: every weight and activation operand of every linear / conv / matmul / embedding op is on a
 quantization grid, in training and in incremental beam decoding; leaving any one module float is caught;
 the quantized modules compute exactly what fairseq's modules compute when quantization is off."""
+import functools
 import math
 
 import pytest
@@ -39,20 +40,20 @@ def beam_decode(task, model):
 
 
 STRATEGIES = {
-    "w4a8-channel": (["--quant-weight-bits", "4", "--quant-act-bits", "8"], 4, 8, None),
-    "w2a8-lsq-channel": (["--quant-weight-bits", "2", "--quant-act-bits", "8"], 2, 8, None),
+    "w4a8-channel": (["--quant-weight-bits", "4", "--quant-act-bits", "8"], 4, 8),
+    "w2a8-lsq-channel": (["--quant-weight-bits", "2", "--quant-act-bits", "8"], 2, 8),
     "w3a4-minmax-pact": (["--quant-weight-bits", "3", "--quant-act-bits", "4", "--quant-weight-method", "minmax",
-                          "--quant-act-method", "pact"], 3, 4, None),
-    "w1a8-binary": (["--quant-weight-bits", "1", "--quant-act-bits", "8"], 1, 8, None),
+                          "--quant-act-method", "pact"], 3, 4),
+    "w1a8-binary": (["--quant-weight-bits", "1", "--quant-act-bits", "8"], 1, 8),
 }
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_every_operand_is_quantized_in_training_and_beam_decoding(dict_dir, name):
-    flags, wbits, abits, group = STRATEGIES[name]
+    flags, wbits, abits = STRATEGIES[name]
     task, model = calibrated_model(dict_dir, flags)
 
-    report = audit(model, lambda: train_forward(model), wbits, abits, group)
+    report = audit(model, lambda: train_forward(model), wbits, abits)
     assert report.violations == []
     counts = report.op_counts()
     # VGG convs, encoder/decoder linears, causal decoder convs, embedding, attention matmuls
@@ -60,7 +61,7 @@ def test_every_operand_is_quantized_in_training_and_beam_decoding(dict_dir, name
     assert counts["linear"] == 2 + 2 * (4 + 2) + 2 * (8 + 2) + 1  # adapters, enc layers, dec layers, fc_out
     assert counts["bmm"] == 2 * 2 + 2 * 2 * 2
 
-    report = audit(model, lambda: beam_decode(task, model), wbits, abits, group)
+    report = audit(model, lambda: beam_decode(task, model), wbits, abits)
     assert report.violations == []
     counts = report.op_counts()
     assert "conv_tbc" not in counts  # incremental decoding uses the linearized path ...
@@ -74,7 +75,7 @@ def test_group_granularity_is_audited_per_group(dict_dir, tmp_path):
     path = tmp_path / "g16.yaml"
     path.write_text(yaml.safe_dump(strategy))
     task, model = calibrated_model(dict_dir, ["--quant-strategy", str(path)])
-    report = audit(model, lambda: train_forward(model), 2, 8, group_size=16)
+    report = audit(model, lambda: train_forward(model), 2, 8)
     assert report.violations == []
     # with groups of 16, a 32-wide row carries up to 2 * 4 distinct values: more than a per-row 2-bit grid
     fc1 = model.encoder.transformer_layers[1].fc1
@@ -88,14 +89,15 @@ def top_level_quantizable(model):
     return [n for n in names if not any(n.startswith(p + ".") for p in names if p != n)]
 
 
-def leave_one_float(dict_dir, tmp_path, name):
-    strategy = {"default": {"weight_bits": 4, "act_bits": 8},
+def leave_one_float(dict_dir, tmp_path, name, bits=4):
+    strategy = {"default": {"weight_bits": bits, "act_bits": 8},
                 "rules": [{"match": name, "weight_bits": "fp32", "act_bits": "fp32"}]}
     path = tmp_path / "leave_one.yaml"
     path.write_text(yaml.safe_dump(strategy))
     return calibrated_model(dict_dir, ["--quant-strategy", str(path)])
 
 
+@functools.cache
 def _names(dict_dir):
     _, model, _ = build_tiny(dict_dir, extra=["--quant-weight-bits", "4", "--quant-act-bits", "8"])
     return top_level_quantizable(model)
@@ -108,11 +110,14 @@ def test_module_inventory(dict_dir):
     assert "decoder.conv_layers.3" in names and "decoder.embed_tokens" in names and "decoder.fc_out" in names
 
 
+@pytest.mark.parametrize("bits", [2, 8])
 @pytest.mark.parametrize("index", range(22))
-def test_audit_catches_any_single_float_module(dict_dir, tmp_path, index):
+def test_audit_catches_any_single_float_module(dict_dir, tmp_path, index, bits):
+    """At 8 bits too: rows of a small model have fewer than 256 values, so counting distinct values cannot
+    tell a float weight from an 8-bit one; membership on each quantizer's grid can."""
     name = _names(dict_dir)[index]
-    task, model = leave_one_float(dict_dir, tmp_path, name)
-    report = audit(model, lambda: train_forward(model), 4, 8)
+    task, model = leave_one_float(dict_dir, tmp_path, name, bits)
+    report = audit(model, lambda: train_forward(model), bits, 8)
     culprits = {v.module for v in report.violations}
     assert culprits and all(m == name or m.startswith(name + ".") for m in culprits), report.violations
     if name.endswith("attn") and "encoder_attn" not in name:
@@ -220,3 +225,26 @@ def test_encoder_only_quant_architecture_is_fully_quantized(dict_dir):
     assert report.violations == []
     assert report.op_counts()["conv2d"] == 2 and report.op_counts()["bmm"] == 2 * 2
     assert model.quant_report.unsupported == [] and model.quant_report.avg_weight_bits == 4.0
+
+
+def test_audit_catches_float_weights_behind_an_8_bit_layer():
+    """A layer whose weight quantizer is off while its input is quantized: its rows hold 64 float values,
+    fewer than an 8-bit grid's 256 levels, so only grid membership can tell."""
+    from fairseq_quant.quant import Strategy, calibrate, quantize_model
+    from fairseq_quant.quant.quantizers import WeightQuantizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    quantize_model(model, Strategy.uniform(8, 8))
+    batch = torch.randn(16, 64)
+    calibrate(model, [batch])
+    assert audit(model, lambda: model(batch), 8, 8).violations == []
+    model[2].weight_quantizer = WeightQuantizer(bits=None)  # weight left float behind an 8-bit input
+    report = audit(model, lambda: model(batch), 8, 8)
+    assert [str(v) for v in report.violations] == ["2: linear weight is not quantized (no weight quantizer)"]
+    # and a weight quantized to 8 bits where 4 were asked for is named too
+    model[2].weight_quantizer = WeightQuantizer(bits=8, method="symmetric")
+    report = audit(model, lambda: model(batch), 4, 8)
+    assert [str(v) for v in report.violations] == [
+        "0: linear weight is quantized to 8 bits, more than the 4 allowed",
+        "2: linear weight is quantized to 8 bits, more than the 4 allowed"]

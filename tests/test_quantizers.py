@@ -50,6 +50,39 @@ def test_weight_levels_per_group(method, bits, gran_name):
 
 
 @pytest.mark.parametrize("gran_name", list(GRANULARITIES))
+@pytest.mark.parametrize("method,bits", [("binary", 1)] + [(m, b) for m in ("minmax", "symmetric", "lsq")
+                                                          for b in (2, 3, 4, 8)])
+def test_weights_lie_on_the_grid_the_quantizer_reports(method, bits, gran_name):
+    gran = GRANULARITIES[gran_name]
+    w = weight(3, (8, 64))
+    wq = make_wq(method, bits, gran, w.shape)
+    out = wq(w).detach()
+    grid = wq.last_grid
+    assert (grid.bits, grid.qmax - grid.qmin) == (bits, 2**bits - 1)
+    assert not grid.off_grid(gran.group_view(out)).any()
+    # the float weights are not on it (but for a min-max range's ends), nor are values moved by a fifth of a step
+    assert grid.off_grid(gran.group_view(w)).float().mean() > 0.8
+    assert grid.off_grid(gran.group_view(out) + 0.2 * grid.scale).all()
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse", "pact", "lsq"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_activations_lie_on_the_grid_the_quantizer_reports(method, bits):
+    torch.manual_seed(4)
+    q = ActivationQuantizer(bits=bits, method=method)
+    calibration_batch = torch.randn(1000) * 3
+    q.start_calibration()
+    q(calibration_batch)
+    q.finish_calibration()
+    for mode in (q.train, q.eval):
+        mode()
+        x = torch.randn(1000) * 3
+        out = q(x).detach()
+        assert not q.last_grid.off_grid(out).any()
+        assert q.last_grid.off_grid(x).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("gran_name", list(GRANULARITIES))
 def test_binary_weights_are_plus_minus_mean_abs(gran_name):
     gran = GRANULARITIES[gran_name]
     w = weight(1, (8, 64))
@@ -377,6 +410,44 @@ def test_training_self_initialises_then_ema_only_in_training():
     q.eval()
     q(torch.tensor([-100.0, 100.0]))
     assert (q.lo.item(), q.hi.item()) == (lo, hi)
+
+
+def test_a_training_batch_is_quantized_with_the_range_before_it():
+    q = ActivationQuantizer(bits=2, method="minmax", momentum=0.5).train()
+    q(torch.tensor([-1.0, 2.0]))  # self-initialises to [-1, 2]: grid step 1
+    out = q(torch.tensor([-5.0, 0.4, 7.0]))
+    assert out.tolist() == [-1.0, 0.0, 2.0]  # clipped to the old range, then the range moves
+    assert (q.lo.item(), q.hi.item()) == (-3.0, 4.5)
+
+
+def test_deferred_range_updates_follow_the_global_batch_on_every_worker():
+    """Two data-parallel workers see different batches; with deferred updates both quantize with the same
+    grid and move their ranges toward the min/max over both batches."""
+    from fairseq_quant.quant import apply_range_updates
+
+    batches = [torch.tensor([-2.0, 1.0]), torch.tensor([-1.0, 6.0])]
+    workers = []
+    for batch in batches:
+        q = ActivationQuantizer(bits=8, method="minmax", momentum=0.5)
+        q._set_range(-1.0, 1.0)
+        q.defer_range_updates = True
+        workers.append(nn.Sequential(q).train())
+    outs = [w(b) for w, b in zip(workers, batches)]
+    scales = [w[0].last_grid.scale.item() for w in workers]
+    assert scales[0] == scales[1] == pytest.approx(2.0 / 255)
+    assert all(w[0].hi.item() == 1.0 for w in workers)  # nothing applied yet
+    assert outs[1].tolist()[1] == pytest.approx(1.0, abs=2 / 255)  # 6.0 clipped to the range before the batch
+    # reduce_max: what torch.distributed.all_reduce(MAX) returns, here with the other worker's statistics
+    local = {0: torch.tensor([2.0, 1.0]), 1: torch.tensor([1.0, 6.0])}  # [-min, max] of each batch
+    for i, w in enumerate(workers):
+        apply_range_updates(w, reduce_max=lambda t, other=local[1 - i]: torch.maximum(t, other))
+    for w in workers:
+        assert (w[0].lo.item(), w[0].hi.item()) == (-1.5, 3.5) and w[0].pending_range is None
+    # a single process applies its own batch range at once
+    q = ActivationQuantizer(bits=8, method="minmax", momentum=0.5)
+    q._set_range(-1.0, 1.0)
+    q.train()(batches[1])
+    assert (q.lo.item(), q.hi.item()) == (-1.0, 3.5)
 
 
 def test_fp32_activation_quantizer_is_identity():

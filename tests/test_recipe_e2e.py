@@ -2,34 +2,18 @@
 fairseq-train fp32 and QAT from the fp32 checkpoint with distillation, beam search, jiwer WER), then
 fairseq-generate on a quant checkpoint and resuming QAT with its quantizer state."""
 import json
-import os
+import re
 import shutil
-import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 import torch
+import pytest
+from conftest import ROOT, SMOKE_ROWS, run
 
 from fairseq_quant.stats import read_utterances
 
-ROOT = Path(__file__).resolve().parents[1]
-ROWS = ("fp32", "ptq-w2-sym-channel", "dynamic-int8", "qat-w4a8", "qat-mixed2a8")  # the smoke size's
+ROWS = SMOKE_ROWS
 SUBSETS = ("dev-clean", "dev-other", "test-clean", "test-other")
-
-
-def run(cmd, **kw):
-    env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
-    env["OMP_NUM_THREADS"] = "2"
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, **kw)
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    work = tmp_path_factory.mktemp("smoke")
-    proc = run([sys.executable, "-m", "recipes.librispeech.run", "--size", "smoke", "--workdir", str(work)])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return work, proc.stdout
 
 
 def test_recipe_produces_results_table(smoke):
@@ -73,15 +57,31 @@ def test_evaluation_scores_every_utterance_against_its_transcript(smoke):
         assert sum(u.errors for u in per_utt) == result["substitutions"] + result["deletions"] + result["insertions"]
 
 
-def test_fairseq_generate_decodes_a_quant_checkpoint(smoke):
+def subsets_without_unk(data):
+    """Evaluation subsets whose reference pieces are all in the dictionary (fairseq-generate scores the
+    reference pieces, scripts/evaluate.py the transcripts: they agree only there)."""
+    unk = 3  # fairseq Dictionary: <s> <pad> </s> <unk>
+    return [s for s in SUBSETS if all(unk not in map(int, u["output"]["tokenid"].split(", "))
+                                      for u in json.loads((data / f"{s}.json").read_text())["utts"].values())]
+
+
+def test_fairseq_generate_scores_words_like_evaluate(smoke):
+    """The README's fairseq-generate command: with --post-process sentencepiece its WER is word WER, the
+    value scripts/evaluate.py reports for the same checkpoint, beam and length limits."""
     work, _ = smoke
-    proc = run([sys.executable, "-m", "fairseq_cli.generate", str(work / "data"), "--user-dir", "fairseq_quant",
-                "--task", "speech_recognition", "--path", str(work / "qat" / "qat-w4a8" / "checkpoint_best.pt"),
-                "--gen-subset", "test-clean", "--beam", "2", "--batch-size", "4", "--max-len-b", "20",
-                "--required-batch-size-multiple", "1", "--scoring", "wer"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Generate test-clean with beam=2: WER:" in proc.stdout
-    assert proc.stdout.count("\nH-") + proc.stdout.startswith("H-") == 6
+    subsets = subsets_without_unk(work / "data")
+    assert subsets
+    expected = {r["subset"]: r["wer"] for r in json.loads((work / "eval" / "qat-w4a8" / "wer.json").read_text())["results"]}
+    for subset in subsets:
+        proc = run([sys.executable, "-m", "fairseq_cli.generate", str(work / "data"), "--user-dir", "fairseq_quant",
+                    "--task", "speech_recognition", "--path", str(work / "qat" / "qat-w4a8" / "checkpoint_best.pt"),
+                    "--gen-subset", subset, "--beam", "2", "--max-len-a", "0", "--max-len-b", "40",
+                    "--max-tokens", "60000", "--required-batch-size-multiple", "1",
+                    "--scoring", "wer", "--post-process", "sentencepiece"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("\nH-") + proc.stdout.startswith("H-") == 6
+        wer = float(re.search(rf"Generate {subset} with beam=2: WER: ([\d.]+)", proc.stdout).group(1))
+        assert wer == expected[subset], subset
 
 
 def quantizer_state(state_dict):
@@ -175,3 +175,38 @@ def test_post_training_refuses_a_quantized_checkpoint(smoke, tmp_path):
     with pytest.raises(BaselineError, match="already a quantized checkpoint"):
         ptq_checkpoint(work / "qat" / "qat-w4a8" / "checkpoint_best.pt", tmp_path / "x.pt", Strategy.uniform(2, "fp32"))
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_bad_uniform_flag_is_one_clear_error(smoke, tmp_path):
+    work, _ = smoke
+    proc = run([sys.executable, "-m", "fairseq_cli.train", str(work / "data"), "--user-dir", "fairseq_quant",
+                "--task", "speech_recognition", "--arch", "quant_vggtransformer_small", "--quant-weight-bits", "4",
+                "--quant-act-method", "kl", "--criterion", "cross_entropy_acc", "--optimizer", "adam",
+                "--batch-size", "8", "--max-update", "1", "--save-dir", str(tmp_path / "ckpt")])
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "fairseq_quant: error: --quant-act-method kl: unknown act_method 'kl'; "
+        "expected one of ('minmax', 'percentile', 'mse', 'pact', 'lsq')")
+
+
+def quant_report(*args):
+    proc = run([sys.executable, "scripts/quant_report.py", *map(str, args)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return "".join(line for line in proc.stdout.splitlines(keepends=True) if not line.startswith("| dictionary"))
+
+
+def test_quant_report_applies_the_strategy_to_a_qat_checkpoint(smoke):
+    work, _ = smoke
+    strategy = ROOT / "recipes/librispeech/strategies/mixed2a8.yaml"
+    qat = work / "qat" / "qat-w4a8" / "checkpoint_best.pt"
+    from_qat = quant_report("--checkpoint", qat, "--data", work / "data", "--strategy", strategy)
+    from_fp32 = quant_report("--checkpoint", work / "fp32" / "checkpoint_best.pt", "--data", work / "data",
+                             "--strategy", strategy)
+    first, *rest = from_qat.splitlines()
+    assert first == (f"quant_report: {qat} is quantized with {ROOT / 'recipes/librispeech/strategies/w4a8.yaml'} "
+                     f"(stored in checkpoint); reporting {strategy} on its fp32 architecture")
+    assert rest == from_fp32.splitlines()  # what the strategy does, whatever the checkpoint was trained with
+    assert "average weight bits 2.04" in from_qat
+    assert "decoder.fc_out                                   QuantLinear              w4a8       rule 3: decoder.fc_out" \
+        in from_qat

@@ -236,3 +236,97 @@ def test_group_size_not_dividing_input_names_module():
     with pytest.raises(ValueError, match=r"decoder\.out_proj.*24 input values per output channel are not "
                                          r"divisible by group size 16"):
         quantize_model(model, s)
+
+
+# ---------------------------------------------------------------------------------------------
+# rules on composite modules
+# ---------------------------------------------------------------------------------------------
+
+def test_rule_on_a_container_reaches_every_leaf_inside_unless_a_more_specific_rule_matches():
+    model = Tiny()
+    s = Strategy.from_dict({"default": {"weight_bits": 2, "act_bits": 8},
+                            "rules": [{"match": "encoder.layers.0", "weight_bits": 8},
+                                      {"match": "re:.*fc2", "weight_bits": 4}]})
+    assert s.lookup("encoder.layers.0.fc1") == (QuantSpec(8, 8), 0)
+    assert s.lookup("encoder.layers.0.fc2") == (QuantSpec(4, 8), 1)  # the leaf's own rule beats its parent's
+    report = quantize_model(model, s)
+    rows = {e.name: (e.spec_label, e.rule) for e in report.layers}
+    assert rows == {
+        "encoder.layers.0.fc1": ("w8a8", "rule 1: encoder.layers.0"),
+        "encoder.layers.0.fc2": ("w4a8", "rule 2: re:.*fc2"),
+        "encoder.layers.1.fc1": ("w2a8", "default"),
+        "encoder.layers.1.fc2": ("w4a8", "rule 2: re:.*fc2"),
+        "decoder.out_proj": ("w2a8", "default"),
+    }
+    assert model.encoder.layers[0].fc1.weight_quantizer.bits == 8
+
+
+def test_rule_on_attention_reaches_its_projections(dict_dir, tmp_path):
+    from conftest import build_tiny
+
+    path = write(tmp_path, "default: {weight_bits: 2, act_bits: 8}\n"
+                           "rules:\n  - match: encoder.transformer_layers.*.self_attn\n    weight_bits: 8\n"
+                           "  - match: 're:encoder\\.transformer_layers\\.2\\.self_attn\\.k_proj'\n    weight_bits: 4\n")
+    _, model, _ = build_tiny(dict_dir, extra=["--quant-strategy", str(path)])
+    rule1 = "rule 1: encoder.transformer_layers.*.self_attn"
+    rows = {e.name: (e.spec_label, e.rule) for e in model.quant_report.layers}
+    for layer in (1, 2):  # transformer_layers 0 and 3 are the encoder's Linear adapters
+        attn = f"encoder.transformer_layers.{layer}.self_attn"
+        assert rows[attn] == ("w8a8", rule1)
+        for proj in ("q_proj", "v_proj", "out_proj"):
+            assert rows[f"{attn}.{proj}"] == ("w8a8", rule1)
+            assert model.get_submodule(f"{attn}.{proj}").weight_quantizer.bits == 8
+    assert rows["encoder.transformer_layers.1.self_attn.k_proj"] == ("w8a8", rule1)
+    assert rows["encoder.transformer_layers.2.self_attn.k_proj"] == (
+        "w4a8", r"rule 2: re:encoder\.transformer_layers\.2\.self_attn\.k_proj")
+    assert rows["encoder.transformer_layers.1.fc1"] == ("w2a8", "default")
+    assert rows["decoder.layers.0.self_attn.q_proj"] == ("w2a8", "default")
+    text = model.quant_report.format()
+    assert "encoder.transformer_layers.1.self_attn.q_proj" in text and rule1 in text
+
+
+def test_fp32_attention_with_a_quantized_projection_inside(dict_dir, tmp_path):
+    from conftest import VOCAB, build_tiny, fbank_batch
+
+    from fairseq_quant.quant import QuantMultiheadAttention
+
+    path = write(tmp_path, "default: {weight_bits: 4, act_bits: 8}\n"
+                           "rules:\n  - match: 're:.*\\.q_proj'\n    weight_bits: 2\n"
+                           "  - match: encoder.transformer_layers.1.self_attn\n    weight_bits: fp32\n    act_bits: fp32\n")
+    _, model, _ = build_tiny(dict_dir, extra=["--quant-strategy", str(path)])
+    attn = model.encoder.transformer_layers[1].self_attn
+    assert isinstance(attn, QuantMultiheadAttention) and attn.spec.is_fp32
+    assert attn.q_proj.weight_quantizer.bits == 2 and attn.q_proj.input_quantizer.bits == 8
+    assert attn.k_proj.weight_quantizer.bits is None and attn.q_quantizer.bits is None
+    x, lengths, prev = fbank_batch(1)
+    model.train()
+    out, _ = model(x, lengths, prev)  # trains and calibrates like any other layer
+    assert out.shape == (3, 7, VOCAB + 4) and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# uniform flags: the same one-line errors as strategy files
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags,message", [
+    (["--quant-weight-bits", "9"], "--quant-weight-bits 9: weight_bits must be an integer in 1..8 or fp32, got 9"),
+    (["--quant-weight-bits", "4", "--quant-act-bits", "x"],
+     "--quant-act-bits x: act_bits must be an integer in 1..8 or fp32, got 'x'"),
+    (["--quant-weight-bits", "4", "--quant-act-method", "kl"],
+     "--quant-act-method kl: unknown act_method 'kl'; expected one of ('minmax', 'percentile', 'mse', 'pact', 'lsq')"),
+    (["--quant-weight-bits", "4", "--quant-weight-method", "gptq"],
+     "--quant-weight-method gptq: unknown weight_method 'gptq'; expected one of ('minmax', 'symmetric', 'lsq', 'binary')"),
+    (["--quant-weight-bits", "4", "--quant-granularity", "group"],
+     "--quant-granularity group: granularity 'group' needs group_size"),
+    (["--quant-weight-bits", "4", "--quant-granularity", "group", "--quant-group-size", "0"],
+     "--quant-group-size 0: group_size must be >= 1, got 0"),
+    (["--quant-weight-bits", "4", "--quant-granularity", "group", "--quant-group-size", "7"],
+     "--quant-weight-bits 4 --quant-granularity group --quant-group-size 7: encoder.conv_layers.0.layers.0: "
+     "9 input values per output channel are not divisible by group size 7"),
+])
+def test_uniform_flag_errors_name_the_flag(dict_dir, flags, message):
+    from conftest import build_tiny
+
+    with pytest.raises(StrategyError) as err:
+        build_tiny(dict_dir, extra=flags)
+    assert str(err.value) == message

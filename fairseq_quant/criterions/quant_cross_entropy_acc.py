@@ -21,6 +21,7 @@ from fairseq.criterions import register_criterion
 from ..quant.errors import FairseqQuantError
 
 logger = logging.getLogger(__name__)
+DEFAULT_KD_WEIGHT = 0.5  # with --teacher-path and no --kd-weight
 
 
 class TeacherError(FairseqQuantError, ValueError):
@@ -29,9 +30,10 @@ class TeacherError(FairseqQuantError, ValueError):
 
 @register_criterion("quant_cross_entropy_acc")
 class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
-    def __init__(self, task, sentence_avg, teacher_path=None, kd_weight=0.0, kd_temperature=1.0,
+    def __init__(self, task, sentence_avg, teacher_path=None, kd_weight=None, kd_temperature=1.0,
                  ctc_weight=0.0, ctc_encoder_dim=0):
         super().__init__(task, sentence_avg)
+        kd_weight = _kd_weight(teacher_path, kd_weight)
         if ctc_weight < 0:
             raise TeacherError(f"--ctc-weight must be >= 0, got {ctc_weight}")
         self.ctc_weight = ctc_weight
@@ -58,8 +60,9 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
     def add_args(parser):
         parser.add_argument("--teacher-path", type=str, default=None, metavar="FILE",
                             help="fp32 checkpoint to distil from")
-        parser.add_argument("--kd-weight", type=float, default=0.0, metavar="W",
-                            help="weight of the distillation loss (0 disables distillation)")
+        parser.add_argument("--kd-weight", type=float, default=None, metavar="W",
+                            help=f"weight of the distillation loss (default {DEFAULT_KD_WEIGHT} with --teacher-path, "
+                                 "else 0; 0 disables distillation)")
         parser.add_argument("--kd-temperature", type=float, default=1.0, metavar="T",
                             help="softmax temperature of teacher and student for distillation")
         parser.add_argument("--ctc-weight", type=float, default=0.0, metavar="W",
@@ -152,8 +155,26 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
         return False
 
 
+def _kd_weight(teacher_path, kd_weight) -> float:
+    """The distillation weight to use: the default when a teacher is given without one; a teacher with weight
+    0 is ignored, and the log says so."""
+    if kd_weight is None:
+        if teacher_path:
+            logger.info("fairseq_quant: --teacher-path %s without --kd-weight: distilling with --kd-weight %g",
+                        teacher_path, DEFAULT_KD_WEIGHT)
+            return DEFAULT_KD_WEIGHT
+        return 0.0
+    if teacher_path and kd_weight == 0:
+        logger.warning("fairseq_quant: --teacher-path %s is not used: --kd-weight 0 disables distillation",
+                       teacher_path)
+    return kd_weight
+
+
 def _unwrap(model):
-    return getattr(model, "module", model)
+    """The model inside fairseq's data-parallel wrappers (a proxy around a DistributedDataParallel)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
 
 
 def load_teacher(path: str, task):

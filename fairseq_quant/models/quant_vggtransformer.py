@@ -25,11 +25,12 @@ from examples.speech_recognition.models.vggtransformer import (
     vggtransformer_base,
     vggtransformer_enc_1,
 )
-from fairseq.models import register_model, register_model_architecture
+from fairseq.models import ARCH_MODEL_REGISTRY, register_model, register_model_architecture
 from fairseq.modules import ConvTBC, LinearizedConvolution, MultiheadAttention, TransformerDecoderLayer
 
 from ..quant import (
     QuantConvTBC,
+    apply_range_updates,
     QuantMultiheadAttention,
     Strategy,
     StrategyError,
@@ -37,12 +38,15 @@ from ..quant import (
     register_quant_module,
 )
 from ..quant.quantizers import ActivationQuantizer, WeightQuantizer
+from ..quant.spec import SpecError, spec_changes
 
 logger = logging.getLogger(__name__)
 
 register_quant_module(MultiheadAttention, QuantMultiheadAttention)
 register_quant_module(ConvTBC, QuantConvTBC)  # LinearizedConvolution is a ConvTBC subclass
 QUANTIZER_KEY = "_quantizer."
+EXTRA_STATE_KEY = "_extra_state"  # torch's key for get_extra_state()
+QUANT_FLAG_DEFAULTS = {"--quant-granularity": "channel", "--quant-weight-method": "lsq", "--quant-act-method": "minmax"}
 
 
 def add_quant_args(parser):
@@ -53,12 +57,17 @@ def add_quant_args(parser):
                        help="uniform weight bits 1..8 or fp32 (when no --quant-strategy)")
     group.add_argument("--quant-act-bits", type=str, metavar="M",
                        help="uniform activation bits 1..8, or 32/fp32 for weight-only (when no --quant-strategy)")
-    group.add_argument("--quant-granularity", type=str, default="channel", choices=("tensor", "channel", "group"))
+    group.add_argument("--quant-granularity", type=str, default=QUANT_FLAG_DEFAULTS["--quant-granularity"],
+                       choices=("tensor", "channel", "group"))
     group.add_argument("--quant-group-size", type=int, default=None)
-    group.add_argument("--quant-weight-method", type=str, default="lsq")
-    group.add_argument("--quant-act-method", type=str, default="minmax")
+    group.add_argument("--quant-weight-method", type=str, default=QUANT_FLAG_DEFAULTS["--quant-weight-method"])
+    group.add_argument("--quant-act-method", type=str, default=QUANT_FLAG_DEFAULTS["--quant-act-method"])
     group.add_argument("--quant-calib-batches", type=int, default=8, metavar="N",
                        help="training batches observed (fp32) to initialise activation ranges")
+    group.add_argument("--quant-strategy-mismatch", choices=("refuse", "reinit"), default="refuse",
+                       help="a checkpoint quantized with another strategy for some modules (fine-tuning from it, or "
+                            "resuming with a changed strategy): refuse it, or re-initialise and recalibrate those "
+                            "modules' quantizers")
     # the resolved strategy, stored in the checkpoint's args so that decoding never needs the YAML file
     group.add_argument("--quant-strategy-inline", type=str, default=None, help=argparse.SUPPRESS)
 
@@ -81,9 +90,20 @@ def strategy_from_args(args) -> Strategy:
     def bits(value):
         return int(value) if str(value).isdigit() and int(value) != 32 else value
 
-    return Strategy.uniform(bits(wbits), bits(abits if abits is not None else "fp32"),
-                            granularity=args.quant_granularity, group_size=args.quant_group_size,
-                            weight_method=args.quant_weight_method, act_method=args.quant_act_method)
+    flags = {"weight_bits": ("--quant-weight-bits", wbits), "act_bits": ("--quant-act-bits", abits),
+             "granularity": ("--quant-granularity", args.quant_granularity),
+             "group_size": ("--quant-group-size", args.quant_group_size),
+             "weight_method": ("--quant-weight-method", args.quant_weight_method),
+             "act_method": ("--quant-act-method", args.quant_act_method)}
+    given = " ".join(f"{flag} {value}" for flag, value in flags.values()
+                     if value is not None and value != QUANT_FLAG_DEFAULTS.get(flag))
+    try:
+        return Strategy.uniform(bits(wbits), bits(abits if abits is not None else "fp32"), source=given,
+                                granularity=args.quant_granularity, group_size=args.quant_group_size,
+                                weight_method=args.quant_weight_method, act_method=args.quant_act_method)
+    except SpecError as err:
+        flag, value = flags[err.field]
+        raise StrategyError(f"{flag} {value}: {err}") from None
 
 
 class QuantTransformerDecoder(TransformerDecoder):
@@ -120,38 +140,102 @@ class QuantTransformerDecoder(TransformerDecoder):
 
 
 class QuantModelMixin:
-    """Quantizes the built model; loads fp32 checkpoints; calibrates on the first training batches."""
+    """Quantizes the built model; loads fp32 checkpoints; calibrates on the first training batches; stores
+    every module's spec in its checkpoints and compares them with its own when loading one."""
 
     def quantize(self, args):
         self.quant_strategy = strategy_from_args(args)
         args.quant_strategy_inline = yaml.safe_dump(self.quant_strategy.to_dict(), sort_keys=False)
         self.quant_report = quantize_model(self, self.quant_strategy)
+        self.quant_specs = {name: spec.to_dict() for name, spec in self.quant_report.specs.items()}
+        self.quant_strategy_mismatch = getattr(args, "quant_strategy_mismatch", "refuse")
         self.quant_calib_batches = int(getattr(args, "quant_calib_batches", 8))
         self.register_buffer("quant_calibrated", torch.tensor(False))
         self._calib_seen = 0
+        self._calibrate_only = None  # after a strategy change: the activation quantizers to recalibrate
         logger.info("fairseq_quant: %s\n%s", self.quant_strategy, self.quant_report.format())
 
     def quantizers(self):
         return [m for m in self.modules() if isinstance(m, (WeightQuantizer, ActivationQuantizer))]
 
+    def get_extra_state(self):
+        """Saved in checkpoints as ``_extra_state``: the spec of every module, to compare at loading."""
+        return {"quant_specs": self.quant_specs}
+
+    def set_extra_state(self, state):
+        pass  # the model's specs come from its strategy; load_state_dict compares the checkpoint's with them
+
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        state_dict = dict(state_dict)
+        stored = state_dict.pop(EXTRA_STATE_KEY, None)
         own = self.state_dict()
-        quant_keys = {k for k in own if QUANTIZER_KEY in k or k == "quant_calibrated"}
-        given = {k for k in state_dict if QUANTIZER_KEY in k or k == "quant_calibrated"}
+        quant_keys = {k for k in own if _is_quant_key(k)}
+        given = {k for k in state_dict if _is_quant_key(k)}
+        changed = []
         if not given:  # an fp32 checkpoint: quantizers start fresh and calibrate on the first batches
-            state_dict = dict(state_dict)
             for k in quant_keys:
                 state_dict[k] = own[k]
             for q in self.quantizers():
                 q.reset()
             logger.info("fairseq_quant: loading an fp32 checkpoint; quantizers will be calibrated")
-        elif given != quant_keys:
-            missing, extra = sorted(quant_keys - given), sorted(given - quant_keys)
-            raise StrategyError(
-                "checkpoint was written with a different quantization strategy: "
-                f"missing quantizer state {missing[:3]}, unexpected {extra[:3]}"
-            )
-        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+        else:
+            changed = self._changed_specs(stored)
+            if changed:
+                names = {name for name, _ in changed}
+                _check_optimizer_can_resume(names, state_dict, own, stored, model_cfg)
+                for k in given:
+                    if _quantizer_owner(k) in names:
+                        del state_dict[k]
+                for k in quant_keys:
+                    if _quantizer_owner(k) in names:
+                        state_dict[k] = own[k]
+            given = {k for k in state_dict if _is_quant_key(k)}
+            if given != quant_keys:
+                missing, extra = sorted(quant_keys - given), sorted(given - quant_keys)
+                raise StrategyError(
+                    f"{(stored or {}).get('path', 'the checkpoint')} was written with a different quantization "
+                    f"strategy: missing quantizer state {missing[:3]}, unexpected {extra[:3]}"
+                )
+        state_dict[EXTRA_STATE_KEY] = own[EXTRA_STATE_KEY]
+        result = super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+        if changed:
+            self._recalibrate({name for name, _ in changed})
+        return result
+
+    def _changed_specs(self, stored) -> list[tuple[str, str]]:
+        """Modules whose spec in the checkpoint differs from the model's; refuses unless told to reinit."""
+        stored = stored or {}
+        source = stored.get("path", "the checkpoint")
+        theirs = stored.get("quant_specs")
+        if theirs is None and stored.get("quant_strategy"):  # written before the specs were saved per module
+            strategy = Strategy.from_dict(yaml.safe_load(stored["quant_strategy"]), source=source)
+            theirs = {name: strategy.spec_for(name).to_dict() for name in self.quant_specs}
+        if theirs is None:
+            logger.warning("fairseq_quant: %s stores no quantization strategy; its quantizer state is loaded "
+                           "without comparing strategies", source)
+            return []
+        changed = spec_changes(theirs, self.quant_specs)
+        if not changed:
+            return []
+        named = ", ".join(f"{name} ({change})" for name, change in changed[:3])
+        more = f", ... ({len(changed) - 3} more)" if len(changed) > 3 else ""
+        what = f"{source} was quantized with another strategy: {len(changed)} modules changed: {named}{more}"
+        if self.quant_strategy_mismatch != "reinit":
+            raise StrategyError(f"{what}; use the strategy it was trained with, or pass "
+                                "--quant-strategy-mismatch reinit to re-initialise and recalibrate their quantizers")
+        logger.warning("fairseq_quant: %s; their quantizers are re-initialised from the loaded weights and "
+                       "recalibrated on the first %d training batches", what, self.quant_calib_batches)
+        return changed
+
+    def _recalibrate(self, owners: set):
+        """Forget the quantizer state of the modules ``owners`` and calibrate their activations again."""
+        quantizers = [m for name, m in self.named_modules()
+                      if isinstance(m, (WeightQuantizer, ActivationQuantizer)) and name.rsplit(".", 1)[0] in owners]
+        for q in quantizers:
+            q.reset()
+        self._calibrate_only = [q for q in quantizers if isinstance(q, ActivationQuantizer)]
+        self._calib_seen = 0
+        self.quant_calibrated.fill_(False)
 
     def _finish_calibration(self):
         for q in self.quantizers():
@@ -159,6 +243,7 @@ class QuantModelMixin:
                 q.finish_calibration()
         _average_across_workers(self.quantizers())
         self.quant_calibrated.fill_(True)
+        self._calibrate_only = None
         logger.info("fairseq_quant: activation ranges calibrated on %d batches", self._calib_seen)
 
     def forward(self, *args, **kwargs):
@@ -168,10 +253,18 @@ class QuantModelMixin:
             self._finish_calibration()
             calibrating = False
         if calibrating and self._calib_seen == 0:
-            for q in self.quantizers():
+            observed = self._calibrate_only if self._calibrate_only is not None else self.quantizers()
+            for q in observed:
                 if isinstance(q, ActivationQuantizer):
                     q.start_calibration()  # activations pass through in fp32 while observed
+        distributed = _data_parallel()
+        if distributed and self.training:
+            for q in self.quantizers():
+                if isinstance(q, ActivationQuantizer):
+                    q.defer_range_updates = True  # applied below, reduced over the workers
         out = super().forward(*args, **kwargs)
+        if distributed and self.training:
+            apply_range_updates(self, reduce_max=_all_reduce_max)
         if calibrating:
             self._calib_seen += 1
             if self._calib_seen >= self.quant_calib_batches:
@@ -179,9 +272,42 @@ class QuantModelMixin:
         return out
 
 
+def _check_optimizer_can_resume(owners: set, state_dict, own, stored, model_cfg) -> None:
+    """Resuming keeps the optimizer state of the checkpoint; it no longer fits when the re-initialised modules'
+    learned quantizer parameters differ (a method or granularity change): ask for --reset-optimizer."""
+    path = (stored or {}).get("path", "the checkpoint")
+    if getattr(model_cfg, "reset_optimizer", True) or getattr(model_cfg, "finetune_from_model", None) == path:
+        return  # fairseq resets the optimizer when fine-tuning from a checkpoint
+
+    def shapes(state):
+        return {(k, tuple(v.shape)) for k, v in state.items() if _is_quant_key(k) and _quantizer_owner(k) in owners}
+
+    if shapes(state_dict) != shapes(own):
+        raise StrategyError(f"{path}: the re-initialised modules' quantizer parameters differ from the checkpoint's, "
+                            "so its optimizer state cannot be resumed; add --reset-optimizer")
+
+
+def _is_quant_key(key: str) -> bool:
+    return QUANTIZER_KEY in key or key == "quant_calibrated"
+
+
+def _quantizer_owner(key: str) -> str:
+    """'encoder.fc1.weight_quantizer.step' -> 'encoder.fc1': the module a quantizer state key belongs to."""
+    return key.rsplit(".", 2)[0]
+
+
+def _data_parallel() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_max(t):
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def _average_across_workers(quantizers):
     """Data-parallel workers calibrate on different batches: agree on the mean ranges."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _data_parallel():
         return
     with torch.no_grad():
         for q in quantizers:
@@ -229,6 +355,13 @@ class QuantVGGTransformerEncoderModel(QuantModelMixin, VGGTransformerEncoderMode
         model = super().build_model(args, task)
         model.quantize(args)
         return model
+
+
+def float_model(model_cfg, task):
+    """The fp32 model of a ``quant_`` architecture's config: the same layers, nothing quantized."""
+    args = argparse.Namespace(**vars(model_cfg))
+    args.arch = args._name = args.arch[len("quant_"):] if args.arch.startswith("quant_") else args.arch
+    return ARCH_MODEL_REGISTRY[args.arch].build_model(args, task)
 
 
 def _cpu_arch_defaults(args, vgg: str, width: int, ffn: int, enc_layers: int, dec_layers: int) -> None:

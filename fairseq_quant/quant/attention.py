@@ -106,8 +106,12 @@ class QuantMultiheadAttention(IncrementalStateMixin, nn.Module):
             return scores, v
         probs_float = F.softmax(scores, dim=-1, dtype=torch.float32)
         probs = self.prob_quantizer(probs_float.type_as(scores))
-        probs = F.dropout(probs, p=self.dropout, training=self.training)
-        attn = torch.bmm(probs, self.v_quantizer(v))
+        if self.training and self.dropout > 0:
+            # dropout as a 0/1 mask with the 1/(1-p) rescaling after AV: the operand stays on the probability grid
+            keep = torch.rand_like(probs) >= self.dropout
+            attn = torch.bmm(probs * keep, self.v_quantizer(v)) / (1 - self.dropout)
+        else:
+            attn = torch.bmm(probs, self.v_quantizer(v))
         attn = attn.transpose(0, 1).contiguous().view(tgt_len, bsz, self.embed_dim)
         attn = self.out_proj(attn)
         weights = None

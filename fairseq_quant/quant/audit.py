@@ -1,6 +1,9 @@
 """Operand-level honesty audit: intercept every linear / conv / matmul / bmm / embedding call during a
-forward pass and check that its weight operand has at most 2^b distinct values per quantization group
-and its activation operands at most 2^a distinct values per tensor.
+forward pass and check that each operand lies on the grid of a quantizer of the module that made the call:
+weights on the module's weight quantizer's grid (per group), activations on the grid of one of its
+activation quantizers, each value equal to ``offset + q * scale`` for an integer ``q`` in range (within
+float tolerance). The check holds at every bit width, where counting distinct values cannot tell an 8-bit
+row from a float row of fewer than 256 values.
 
 A module that bypasses quantization (a float Linear, fairseq's attention fast path calling
 ``F.multi_head_attention_forward`` with raw weights, a stale float weight cache) shows up as a
@@ -11,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from .quantizers import ActivationQuantizer, WeightQuantizer
 
 # op name -> (index of the activation operands, index of the weight operand or None)
 WEIGHT_OPS = {"linear": ((0,), 1), "conv1d": ((0,), 1), "conv2d": ((0,), 1), "conv_tbc": ((0,), 1),
@@ -25,12 +30,10 @@ class Violation:
     module: str
     op: str
     operand: str
-    distinct: int
-    allowed: int
+    problem: str
 
     def __str__(self) -> str:
-        return (f"{self.module or '<root>'}: {self.op} {self.operand} has {self.distinct} distinct values "
-                f"per group (allowed {self.allowed})")
+        return f"{self.module or '<root>'}: {self.op} {self.operand} {self.problem}"
 
 
 @dataclass
@@ -45,91 +48,111 @@ class AuditReport:
         return counts
 
 
-def _weight_groups(op: str, w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+def weight_layout(op: str, w: torch.Tensor) -> torch.Tensor:
+    """The op's weight in the output-channel-first layout its quantizer saw."""
     if op == "conv_tbc":  # [kernel, in, out] -> [out, kernel * in]
-        w = w.permute(2, 0, 1)
-    rows = w.reshape(w.shape[0], -1)
-    if group_size and rows.shape[1] % group_size == 0:
-        # finer groups never undercount a coarser grid; rows that cannot be grouped are checked whole
-        rows = rows.reshape(-1, group_size)
-    return rows
+        return w.permute(2, 0, 1).reshape(w.shape[2], -1)
+    return w
 
 
-def max_distinct_per_row(rows: torch.Tensor) -> int:
-    """Largest number of distinct values in any row."""
-    sorted_rows, _ = rows.detach().float().sort(dim=1)
-    distinct = 1 + (sorted_rows[:, 1:] != sorted_rows[:, :-1]).sum(dim=1)
-    return int(distinct.max()) if distinct.numel() else 0
+def weight_problem(quantizer, op: str, w: torch.Tensor, max_bits: int) -> str | None:
+    """Why ``w`` is not an output of ``quantizer`` (None when it is)."""
+    if quantizer is None or not quantizer.enabled:
+        return "is not quantized (no weight quantizer)"
+    if quantizer.bits > max_bits:
+        return f"is quantized to {quantizer.bits} bits, more than the {max_bits} allowed"
+    grid = quantizer.last_grid
+    groups = quantizer.granularity.group_view(weight_layout(op, w))
+    if grid is None or grid.scale.shape[0] != groups.shape[0]:
+        return f"is not the output of {quantizer.name}'s quantizer"
+    off = int(grid.off_grid(groups).sum())
+    return f"has {off} of {groups.numel()} values off the {grid.bits}-bit grid of {quantizer.name}" if off else None
 
 
-def distinct_values(t: torch.Tensor) -> int:
-    return int(torch.unique(t.detach().float()).numel())
+def activation_problem(quantizers, t: torch.Tensor, max_bits: int) -> str | None:
+    """Why ``t`` is on the grid of none of ``quantizers`` (None when it is on one)."""
+    enabled = [q for q in quantizers if q.enabled and q.last_grid is not None]
+    if not enabled:
+        return "is not quantized (no activation quantizer)"
+    best = None
+    for q in enabled:
+        off = int(q.last_grid.off_grid(t).sum())
+        if off == 0:
+            return None if q.bits <= max_bits else f"is quantized to {q.bits} bits, more than the {max_bits} allowed"
+        best = min(best or (off, q.name), (off, q.name))
+    return f"has {best[0]} of {t.numel()} values off the grid of {best[1]} (closest of {len(enabled)})"
 
 
 class _Auditor(TorchFunctionMode):
-    def __init__(self, report, module_stack, weight_bits, act_bits, group_size):
+    def __init__(self, report, module_stack, weight_bits, act_bits):
         super().__init__()
         self.report, self.stack = report, module_stack
-        self.weight_levels = 2**weight_bits if weight_bits else None
-        self.act_levels = 2**act_bits if act_bits else None
-        self.group_size = group_size
+        self.weight_bits, self.act_bits = weight_bits, act_bits
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        module = self.stack[-1] if self.stack else ""
+        module_name, module = self.stack[-1] if self.stack else ("", None)
         if name in BYPASS_OPS:
-            self.report.ops.append((module, name))
-            self.report.violations.append(Violation(module, name, "all operands (bypasses quantized layers)", -1, 0))
+            self.report.ops.append((module_name, name))
+            self._violation(module_name, name, "all operands", "bypass the quantized layers")
         elif name in WEIGHT_OPS:
-            self.report.ops.append((module, name))
+            self.report.ops.append((module_name, name))
             act_idx, w_idx = WEIGHT_OPS[name]
             weight = args[w_idx] if len(args) > w_idx else kwargs.get("weight")
-            if self.weight_levels and weight is not None:
-                d = max_distinct_per_row(_weight_groups(name, weight, self.group_size))
-                if d > self.weight_levels:
-                    self.report.violations.append(Violation(module, name, "weight", d, self.weight_levels))
-            self._check_acts(module, name, [args[i] for i in act_idx])
+            if self.weight_bits and weight is not None:
+                with torch.no_grad():
+                    problem = weight_problem(getattr(module, "weight_quantizer", None), name, weight,
+                                             self.weight_bits)
+                self._violation(module_name, name, "weight", problem)
+            self._check_acts(module_name, module, name, [args[i] for i in act_idx])
         elif name in MATMUL_OPS:
-            self.report.ops.append((module, name))
+            self.report.ops.append((module_name, name))
             idx = MATMUL_OPS[name]
             operands = [a for a in args[1:] if isinstance(a, torch.Tensor)] if idx is None else [args[i] for i in idx]
-            self._check_acts(module, name, operands)
+            self._check_acts(module_name, module, name, operands)
         return func(*args, **kwargs)
 
-    def _check_acts(self, module, op, operands):
-        if not self.act_levels:
+    def _violation(self, module_name, op, operand, problem):
+        if problem:
+            self.report.violations.append(Violation(module_name, op, operand, problem))
+
+    def _check_acts(self, module_name, module, op, operands):
+        if not self.act_bits:
             return
+        quantizers = [m for m in module.children() if isinstance(m, ActivationQuantizer)] if module is not None else []
         for i, t in enumerate(operands):
             if isinstance(t, torch.Tensor) and t.is_floating_point():
-                d = distinct_values(t)
-                if d > self.act_levels:
-                    self.report.violations.append(Violation(module, op, f"activation operand {i}", d, self.act_levels))
+                with torch.no_grad():
+                    self._violation(module_name, op, f"activation operand {i}",
+                                    activation_problem(quantizers, t, self.act_bits))
 
 
-def audit(model: nn.Module, run, weight_bits: int | None, act_bits: int | None,
-          group_size: int | None = None) -> AuditReport:
+def audit(model: nn.Module, run, weight_bits: int | None = None, act_bits: int | None = None) -> AuditReport:
     """Call ``run()`` (which drives ``model``) under interception and return what every op was fed.
 
-    ``weight_bits``/``act_bits`` are the allowed bit widths of a uniform allocation (None: not checked).
+    ``weight_bits``/``act_bits`` are the most bits a weight / activation quantizer may use (None: that kind
+    of operand is not checked).
     """
     report = AuditReport()
-    stack: list[str] = []
+    stack: list[tuple[str, nn.Module]] = []
     handles = []
 
     def enter(name):
         def hook(module, args):
-            stack.append(name)  # returns None: inputs unchanged
+            stack.append((name, module))  # returns None: inputs unchanged
         return hook
 
     def leave(module, args, output):
         stack.pop()  # returns None: output unchanged
 
     for name, module in model.named_modules():
+        if isinstance(module, (WeightQuantizer, ActivationQuantizer)):
+            continue  # a quantizer's own arithmetic is not an operand of the model
         handles.append(module.register_forward_pre_hook(enter(name)))
         handles.append(module.register_forward_hook(leave))
     try:
-        with _Auditor(report, stack, weight_bits, act_bits, group_size):
+        with _Auditor(report, stack, weight_bits, act_bits):
             run()
     finally:
         for h in handles:
@@ -137,4 +160,4 @@ def audit(model: nn.Module, run, weight_bits: int | None, act_bits: int | None,
     return report
 
 
-__all__ = ["AuditReport", "Violation", "audit", "distinct_values", "max_distinct_per_row"]
+__all__ = ["AuditReport", "Violation", "activation_problem", "audit", "weight_problem"]

@@ -49,3 +49,23 @@ def reset_quantizers(model: nn.Module) -> None:
 
 def is_calibrated(model: nn.Module) -> bool:
     return all(bool(q.initialized) for q in activation_quantizers(model))
+
+
+def apply_range_updates(model: nn.Module, reduce_max=None) -> None:
+    """Apply the pending batch ranges of the model's ``minmax`` activation quantizers (see
+    ``ActivationQuantizer.defer_range_updates``). ``reduce_max(t)`` returns the elementwise maximum of ``t``
+    over all data-parallel workers (one call per model forward, the same size on every worker), so that each
+    range follows the min/max of the whole global batch and every worker keeps identical ranges."""
+    quantizers = [q for q in activation_quantizers(model) if q.method == "minmax"]
+    if not quantizers:
+        return
+    none = torch.tensor(float("-inf"), device=quantizers[0].lo.device)
+    stats = torch.stack([-q.pending_range[0].float() if q.pending_range is not None else none for q in quantizers]
+                        + [q.pending_range[1].float() if q.pending_range is not None else none for q in quantizers])
+    if reduce_max is not None:
+        stats = reduce_max(stats)
+    n = len(quantizers)
+    for i, q in enumerate(quantizers):
+        if torch.isfinite(stats[i]) and torch.isfinite(stats[n + i]):
+            q.update_range(-stats[i], stats[n + i])
+        q.pending_range = None

@@ -83,4 +83,4 @@ def parse_granularity(text: str, group_size: int | None = None) -> Granularity:
         if group_size is None:
             raise ValueError("granularity 'group' needs group_size")
         return PerGroup(int(group_size))
-    raise ValueError(f"unknown granularity '{text}'; expected one of tensor, channel, group")
+    raise ValueError(f"unknown granularity {text!r}; expected one of tensor, channel, group")

@@ -8,6 +8,7 @@ Rounding uses the straight-through estimator: ``round_ste(x)`` is ``round(x)`` f
 identity backward, so gradients reach the fp32 master weights; values clamped away get zero gradient.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -68,6 +69,40 @@ def fake_quant_symmetric(x, scale, bits: int):
     return torch.clamp(round_ste(x / scale), qmin, qmax) * scale
 
 
+@dataclass
+class Grid:
+    """The values a quantizer outputs: ``offset + q * scale`` for integers ``q`` in ``[qmin, qmax]``.
+
+    ``scale``/``offset`` are per group ([groups, 1] for weights in their group view) or per tensor (scalars).
+    """
+
+    scale: torch.Tensor
+    offset: torch.Tensor
+    qmin: int
+    qmax: int
+    bits: int
+
+    def off_grid(self, values: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
+        """Mask of ``values`` (broadcast against scale/offset) farther than ``tol`` steps from a grid point."""
+        q = (values.detach().float() - self.offset.float()) / self.scale.float()
+        nearest = q.round()
+        return ((q - nearest).abs() > tol) | (nearest < self.qmin) | (nearest > self.qmax)
+
+
+def zero_point_grid(lo, hi, bits: int) -> Grid:
+    """Grid of :func:`fake_quant_zero_point`."""
+    levels = 2**bits - 1
+    scale = torch.clamp(hi - lo, min=1e-8) / levels
+    zero_point = torch.clamp(torch.round(-lo / scale), 0, levels)
+    return Grid(scale.detach(), (-zero_point * scale).detach(), 0, levels, bits)
+
+
+def symmetric_grid(scale, bits: int) -> Grid:
+    """Grid of :func:`fake_quant_symmetric`."""
+    qmin, qmax = signed_range(bits)
+    return Grid(scale.detach(), torch.zeros_like(scale).detach(), qmin, qmax, bits)
+
+
 class _BinarizeSTE(torch.autograd.Function):
     """sign(w) forward; gradient passes only where |w| <= 1 (BinaryConnect / XNOR-Net)."""
 
@@ -124,6 +159,7 @@ class WeightQuantizer(nn.Module):
         self.method = method
         self.granularity = granularity
         self.name = name
+        self.last_grid: Grid | None = None  # the grid of the latest output (for the audit)
         self.register_buffer("initialized", torch.tensor(False))
         if method == "lsq" and self.bits is not None:
             self.step = nn.Parameter(torch.ones(num_groups))
@@ -142,14 +178,19 @@ class WeightQuantizer(nn.Module):
         groups = self.granularity.group_view(w)
         if self.method == "binary":
             out = binarize(groups)
+            alpha = groups.abs().mean(dim=1, keepdim=True).detach()
+            self.last_grid = Grid((2 * alpha).clamp(min=1e-12), -alpha, 0, 1, 1)
         elif self.method == "minmax":
             lo = groups.amin(dim=1, keepdim=True).detach()
             hi = groups.amax(dim=1, keepdim=True).detach()
             out = fake_quant_affine(groups, lo, hi, self.bits)
+            levels = 2**self.bits - 1
+            self.last_grid = Grid(torch.clamp(hi - lo, min=1e-8) / levels, lo, 0, levels, self.bits)
         elif self.method == "symmetric":
             qmax = 2 ** (self.bits - 1) - 1 if self.bits > 1 else 1
             scale = (groups.abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-8).detach()
             out = fake_quant_symmetric(groups, scale, self.bits)
+            self.last_grid = symmetric_grid(scale, self.bits)
         else:
             out = self._lsq(groups)
         return out.reshape(w.shape)
@@ -164,6 +205,7 @@ class WeightQuantizer(nn.Module):
         _, qmax = signed_range(self.bits)
         g = 1.0 / math.sqrt(groups.shape[1] * max(qmax, 1))
         step = grad_scale(self.step, g).abs().clamp(min=1e-8).unsqueeze(1)
+        self.last_grid = symmetric_grid(step, self.bits)
         return fake_quant_symmetric(groups, step, self.bits)
 
     def scales_per_group(self) -> int:
@@ -235,7 +277,10 @@ class ActivationQuantizer(nn.Module):
     ``lsq`` (learned step size), ``fixed`` (a known range such as softmax probabilities in [0, 1]).
     Ranges come from calibration: run batches with ``observing=True`` (outputs stay fp32), then
     ``finish_calibration()``. An uncalibrated quantizer calibrates itself on its first training
-    batch, and refuses to run in eval mode.
+    batch, and refuses to run in eval mode. A ``minmax`` training batch is quantized with the range as it
+    was before the batch; the range then moves toward the batch's min/max, at once or, with
+    ``defer_range_updates``, when :func:`~.calibrate.apply_range_updates` reduces the pending batch ranges
+    of all data-parallel workers (so that every worker keeps the same grid).
     """
 
     def __init__(self, bits=None, method: str = "minmax", fixed_range: tuple[float, float] | None = None,
@@ -252,6 +297,9 @@ class ActivationQuantizer(nn.Module):
         self.method = method
         self.momentum = momentum
         self.name = name
+        self.last_grid: Grid | None = None  # the grid of the latest output (for the audit)
+        self.defer_range_updates = False
+        self.pending_range: tuple[torch.Tensor, torch.Tensor] | None = None  # batch (min, max) not yet applied
         self.observing = False
         self.observer: RangeObserver | None = None
         self.register_buffer("initialized", torch.tensor(method == "fixed"))
@@ -314,20 +362,34 @@ class ActivationQuantizer(nn.Module):
             observer.collect(x)
             self._set_range(*observer.compute_range(self.method, self.bits))
         elif self.training and self.method == "minmax":
-            with torch.no_grad():
-                m = self.momentum
-                self.lo.mul_(1 - m).add_(m * min(float(x.min()), 0.0))
-                self.hi.mul_(1 - m).add_(m * max(float(x.max()), 0.0))
+            self.pending_range = (x.detach().min().clamp(max=0.0), x.detach().max().clamp(min=0.0))
+        out = self._quantize(x)
+        if self.pending_range is not None and not self.defer_range_updates:
+            self.update_range(*self.pending_range)
+        return out
+
+    @torch.no_grad()
+    def update_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Move the running range toward a batch range (exponential moving average with ``momentum``)."""
+        m = self.momentum
+        self.lo.mul_(1 - m).add_(m * lo.to(self.lo))
+        self.hi.mul_(1 - m).add_(m * hi.to(self.hi))
+        self.pending_range = None
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.method == "pact":
             alpha = self.alpha.abs().clamp(min=1e-6)
             clipped = torch.minimum(torch.maximum(x, -alpha), alpha)
             _, qmax = signed_range(self.bits)
+            self.last_grid = symmetric_grid(alpha / max(qmax, 1), self.bits)
             return fake_quant_symmetric(clipped, alpha / max(qmax, 1), self.bits)
         if self.method == "lsq":
             _, qmax = signed_range(self.bits)
             g = 1.0 / math.sqrt(x.numel() * max(qmax, 1))
             step = grad_scale(self.step, g).abs().clamp(min=1e-8)
+            self.last_grid = symmetric_grid(step, self.bits)
             return fake_quant_symmetric(x, step, self.bits)
+        self.last_grid = zero_point_grid(self.lo, self.hi, self.bits)
         return fake_quant_zero_point(x, self.lo, self.hi, self.bits)
 
     def extra_repr(self) -> str:
@@ -337,7 +399,7 @@ class ActivationQuantizer(nn.Module):
 
 
 __all__ = [
-    "ACT_METHODS", "WEIGHT_METHODS", "ActivationQuantizer", "PerChannel", "PerTensor", "RangeObserver",
+    "ACT_METHODS", "WEIGHT_METHODS", "ActivationQuantizer", "Grid", "PerChannel", "PerTensor", "RangeObserver",
     "WeightQuantizer", "binarize", "check_bits", "fake_quant_affine", "fake_quant_symmetric", "fake_quant_zero_point",
     "round_ste",
 ]

@@ -13,7 +13,8 @@ from torch import nn
 from .attention import QuantMultiheadAttention
 from .modules import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule
 from .quantizers import ActivationQuantizer, WeightQuantizer
-from .strategy import Strategy
+from .spec import QuantSpec
+from .strategy import Strategy, StrategyError
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class QuantizationReport:
     fp32_mb: float = 0.0
     quant_mb: float = 0.0
     avg_weight_bits: float = 32.0
+    specs: dict = field(default_factory=dict)  # module name -> the QuantSpec the strategy gave it
 
     def format(self) -> str:
         lines = [f"{'module':<48} {'type':<24} {'spec':<10} {'rule':<28} {'params':>10}"]
@@ -85,16 +87,18 @@ def quantize_model(model: nn.Module, strategy: Strategy) -> QuantizationReport:
     """Replace every registered module of ``model`` in place by its quantized version.
 
     Raises :class:`~.strategy.StrategyError` when a strategy rule matches no module (for example a
-    strategy written for another model). Modules with parameters of unregistered types are reported
+    strategy written for another model) or a module cannot take its spec (a group size that does not divide it). Modules with parameters of unregistered types are reported
     as unsupported and logged; they stay fp32.
     """
     names = quantizable_names(model)
     strategy.check_matches(names)
     rules_used: dict[str, str] = {}
+    specs: dict[str, QuantSpec] = {}
 
     def resolve(name: str):
         spec, idx = strategy.lookup(name)
         rules_used[name] = "default" if idx is None else f"rule {idx + 1}: {strategy.rules[idx].pattern}"
+        specs[name] = spec
         return spec
 
     planned: list[tuple[nn.Module, str, nn.Module]] = []
@@ -109,15 +113,20 @@ def quantize_model(model: nn.Module, strategy: Strategy) -> QuantizationReport:
                 plan(child, full)
                 continue
             spec = resolve(full)
-            if spec.is_fp32:
-                continue  # left float on purpose; the report lists it
-            planned.append((parent, child_name, quant_cls.from_float(child, spec, full, resolve)))
+            inside = [n for n in names if n.startswith(full + ".")]
+            if spec.is_fp32 and all(resolve(n).is_fp32 for n in inside):
+                continue  # left float on purpose (with everything inside it); the report lists it
+            try:
+                planned.append((parent, child_name, quant_cls.from_float(child, spec, full, resolve)))
+            except (ValueError, NotImplementedError) as err:  # e.g. a group size that does not divide a layer
+                raise StrategyError(f"{strategy.source}: {err}") from None
 
     # build every replacement first (any error leaves the model untouched), then swap them in
     plan(model, "")
     for parent, child_name, replacement in planned:
         setattr(parent, child_name, replacement)
     report = build_report(model, rules_used)
+    report.specs = specs
     if report.unsupported:
         logger.warning("modules of unsupported types stay fp32: %s", ", ".join(report.unsupported))
     return report

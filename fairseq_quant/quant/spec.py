@@ -1,5 +1,5 @@
 """QuantSpec: how one module is quantized (weight and activation bits, granularity, methods)."""
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 from .granularity import Granularity, parse_granularity
 from .quantizers import ACT_METHODS, WEIGHT_METHODS, check_bits
@@ -16,6 +16,14 @@ def parse_bits(value, what: str):
     return check_bits(value, what)
 
 
+class SpecError(ValueError):
+    """An invalid QuantSpec field; ``field`` names it (so callers can name their own flag or key)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """Quantization of one module. ``None`` bits mean fp32 for that operand."""
@@ -28,20 +36,30 @@ class QuantSpec:
     act_method: str = "minmax"
 
     def __post_init__(self):
-        object.__setattr__(self, "weight_bits", parse_bits(self.weight_bits, "weight_bits"))
-        object.__setattr__(self, "act_bits", parse_bits(self.act_bits, "act_bits"))
+        for name in ("weight_bits", "act_bits"):
+            try:
+                object.__setattr__(self, name, parse_bits(getattr(self, name), name))
+            except ValueError as err:
+                raise SpecError(name, str(err)) from None
         if self.weight_bits == 1 and self.weight_method != "binary":
             object.__setattr__(self, "weight_method", "binary")
         if self.weight_method not in WEIGHT_METHODS:
-            raise ValueError(f"unknown weight_method '{self.weight_method}'; expected one of {WEIGHT_METHODS}")
+            raise SpecError("weight_method",
+                            f"unknown weight_method {self.weight_method!r}; expected one of {WEIGHT_METHODS}")
         if self.weight_method == "binary" and self.weight_bits not in (1, None):
-            raise ValueError(f"weight_method 'binary' means 1-bit weights, got weight_bits={self.weight_bits}")
+            raise SpecError("weight_method",
+                            f"weight_method 'binary' means 1-bit weights, got weight_bits={self.weight_bits}")
         if self.act_method not in ACT_METHODS or self.act_method == "fixed":
             allowed = tuple(m for m in ACT_METHODS if m != "fixed")
-            raise ValueError(f"unknown act_method '{self.act_method}'; expected one of {allowed}")
+            raise SpecError("act_method", f"unknown act_method {self.act_method!r}; expected one of {allowed}")
         if self.act_bits == 1 and self.act_method in ("pact", "lsq"):
-            raise ValueError(f"act_bits=1 needs act_method minmax, percentile or mse, not '{self.act_method}'")
-        parse_granularity(self.granularity, self.group_size)
+            raise SpecError("act_method",
+                            f"act_bits=1 needs act_method minmax, percentile or mse, not {self.act_method!r}")
+        try:
+            parse_granularity(self.granularity, self.group_size)
+        except (ValueError, TypeError, OverflowError) as err:
+            field = "group_size" if self.granularity == "group" and self.group_size is not None else "granularity"
+            raise SpecError(field, str(err)) from None
 
     @property
     def weight_granularity(self) -> Granularity:
@@ -56,6 +74,9 @@ class QuantSpec:
         a = "fp32" if self.act_bits is None else str(self.act_bits)
         return f"w{w}a{a}"
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
     def updated(self, **changes) -> "QuantSpec":
         return replace(self, **changes)
 
@@ -65,3 +86,24 @@ class QuantSpec:
 
 
 FP32 = QuantSpec(weight_bits=None, act_bits=None)
+
+
+def spec_changes(stored: dict, current: dict) -> list[tuple[str, str]]:
+    """(module, 'old -> new') for every module whose spec differs between two ``{module: QuantSpec.to_dict()}``
+    maps (a checkpoint's and the model's), in the order of ``current`` then any names only ``stored`` has."""
+    changes = []
+    for name in list(current) + [n for n in stored if n not in current]:
+        old, new = stored.get(name), current.get(name)
+        if old != new:
+            changes.append((name, f"{_describe(old)} -> {_describe(new)}" if _describe(old) != _describe(new)
+                            else ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in new if old.get(k) != new[k])))
+    return changes
+
+
+def _describe(spec_dict) -> str:
+    if spec_dict is None:
+        return "absent"
+    try:
+        return QuantSpec(**spec_dict).label()
+    except (TypeError, ValueError):
+        return str(spec_dict)

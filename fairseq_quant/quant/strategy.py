@@ -1,6 +1,6 @@
 """Strategies: per-layer bit allocation as ordered module-name patterns with a default.
 
-YAML layout (first matching rule wins; a rule's missing fields come from ``default``)::
+YAML layout (a rule's missing fields come from ``default``)::
 
     default: {weight_bits: 8, act_bits: 8, granularity: channel, weight_method: lsq, act_method: minmax}
     rules:
@@ -11,7 +11,9 @@ YAML layout (first matching rule wins; a rule's missing fields come from ``defau
         granularity: group
         group_size: 64
 
-``weight_bits``/``act_bits`` are 1..8 or ``fp32``.
+``weight_bits``/``act_bits`` are 1..8 or ``fp32``. A module gets the first rule that matches its own
+name; failing that, the first rule that matches its closest enclosing module (a rule on an attention
+reaches its q/k/v/out projections, a rule on ``encoder`` everything in it); failing that, the default.
 """
 import fnmatch
 import re
@@ -40,7 +42,7 @@ class Rule:
 
 
 class Strategy:
-    """Ordered rules plus a default spec; ``spec_for(name)`` is the spec of the first matching rule."""
+    """Ordered rules plus a default spec; ``spec_for(name)`` is the spec of the most specific matching rule."""
 
     def __init__(self, default: QuantSpec, rules: list[Rule] = (), source: str = "<strategy>"):
         self.default = default
@@ -48,9 +50,9 @@ class Strategy:
         self.source = source
 
     @classmethod
-    def uniform(cls, weight_bits, act_bits, **spec_fields) -> "Strategy":
+    def uniform(cls, weight_bits, act_bits, source: str | None = None, **spec_fields) -> "Strategy":
         spec = QuantSpec(weight_bits=weight_bits, act_bits=act_bits, **spec_fields)
-        return cls(spec, [], source=f"uniform {spec.label()}")
+        return cls(spec, [], source=source or f"uniform {spec.label()}")
 
     @classmethod
     def from_yaml(cls, path) -> "Strategy":
@@ -58,9 +60,13 @@ class Strategy:
         if not path.is_file():
             raise StrategyError(f"{path}: strategy file not found")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise StrategyError(f"{path}: not UTF-8 text ({err})") from None
         except yaml.YAMLError as err:
-            raise StrategyError(f"{path}: not valid YAML: {err}") from err
+            raise StrategyError(f"{path}: not valid YAML: {err}") from None
+        except RecursionError:
+            raise StrategyError(f"{path}: nested too deeply to be a strategy") from None
         return cls.from_dict(data, source=str(path))
 
     @classmethod
@@ -69,7 +75,8 @@ class Strategy:
             raise StrategyError(f"{source}: a strategy is a mapping with 'default' and 'rules', got {type(data).__name__}")
         unknown = set(data) - {"default", "rules", "description"}
         if unknown:
-            raise StrategyError(f"{source}: unknown top-level keys {sorted(unknown)}; expected default, rules, description")
+            raise StrategyError(f"{source}: unknown top-level keys {sorted(unknown, key=str)}; "
+                                "expected default, rules, description")
         default = _spec(data.get("default") or {}, QuantSpec(), f"{source}: default")
         rules = []
         raw_rules = data.get("rules") or []
@@ -85,10 +92,10 @@ class Strategy:
             if pattern.startswith("re:"):
                 try:
                     re.compile(pattern[3:])
-                except re.error as err:
-                    raise StrategyError(f"{where}: invalid regular expression {pattern[3:]!r}: {err}") from err
+                except (re.error, OverflowError, RecursionError) as err:
+                    raise StrategyError(f"{where}: invalid regular expression {pattern[3:]!r}: {err}") from None
             fields = {k: v for k, v in raw.items() if k != "match"}
-            rules.append(Rule(pattern, _spec(fields, default, f"{where} ('{pattern}')")))
+            rules.append(Rule(pattern, _spec(fields, default, f"{where} ({pattern!r})")))
         return cls(default, rules, source)
 
     def to_dict(self) -> dict:
@@ -102,21 +109,26 @@ class Strategy:
                 "rules": [{"match": r.pattern, **spec_dict(r.spec)} for r in self.rules]}
 
     def lookup(self, name: str) -> tuple[QuantSpec, int | None]:
-        for i, rule in enumerate(self.rules):
-            if rule.matches(name):
-                return rule.spec, i
+        """(spec, rule index or None for the default) deciding module ``name``: rules on the module itself
+        come first, then rules on each enclosing module from the closest outwards."""
+        for scope in enclosing_scopes(name):
+            for i, rule in enumerate(self.rules):
+                if rule.matches(scope):
+                    return rule.spec, i
         return self.default, None
 
     def spec_for(self, name: str) -> QuantSpec:
         return self.lookup(name)[0]
 
     def check_matches(self, module_names: list[str]) -> None:
-        """Every rule must match at least one quantizable module (catches strategies for other models)."""
+        """Every rule must match a quantizable module or a module around one (catches strategies for other
+        models)."""
+        scopes = {scope for n in module_names for scope in enclosing_scopes(n)}
         for i, rule in enumerate(self.rules):
-            if not any(rule.matches(n) for n in module_names):
+            if not any(rule.matches(n) for n in scopes):
                 examples = ", ".join(f"'{n}'" for n in module_names[:3])
                 raise StrategyError(
-                    f"{self.source}: rule {i + 1} pattern '{rule.pattern}' matches no module; "
+                    f"{self.source}: rule {i + 1} pattern {rule.pattern!r} matches no module; "
                     f"modules look like {examples}"
                 )
 
@@ -124,16 +136,23 @@ class Strategy:
         return f"Strategy({self.source}: default {self.default.label()}, {len(self.rules)} rules)"
 
 
+def enclosing_scopes(name: str) -> list[str]:
+    """'a.b.c' -> ['a.b.c', 'a.b', 'a']: the module and the modules around it, closest first."""
+    parts = name.split(".")
+    return [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
+
+
 def _spec(fields, base: QuantSpec, where: str) -> QuantSpec:
     if not isinstance(fields, dict):
         raise StrategyError(f"{where}: expected a mapping of spec fields, got {fields!r}")
     unknown = set(fields) - set(QuantSpec.field_names())
     if unknown:
-        raise StrategyError(f"{where}: unknown keys {sorted(unknown)}; allowed: {', '.join(QuantSpec.field_names())}")
+        raise StrategyError(f"{where}: unknown keys {sorted(unknown, key=str)}; "
+                            f"allowed: {', '.join(QuantSpec.field_names())}")
     if "weight_bits" in fields and "weight_method" not in fields and base.weight_method == "binary":
         # a binary default is implied by its 1 bit; a rule that raises the bits gets the usual method
         fields = {**fields, "weight_method": QuantSpec.weight_method}
     try:
         return base.updated(**fields)
-    except (ValueError, TypeError) as err:
-        raise StrategyError(f"{where}: {err}") from err
+    except (ValueError, TypeError, OverflowError) as err:
+        raise StrategyError(f"{where}: {err}") from None

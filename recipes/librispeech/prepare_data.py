@@ -101,7 +101,7 @@ def _init_worker() -> None:
 
 def probe_all(paths: list[str], jobs: int) -> dict[str, tuple[int, str | None]]:
     """Probe audio files in `jobs` processes; returns path -> (frames, error)."""
-    progress = tqdm(total=len(paths), desc="checking audio", unit="file", file=sys.stderr)
+    progress = tqdm(total=len(paths), desc=f"checking audio ({jobs} processes)", unit="file", file=sys.stderr)
     results = {}
     for path, frames, err in _run_probes(paths, jobs):
         results[path] = (frames, err)
@@ -415,7 +415,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-subsets", default="dev-clean,dev-other,test-clean,test-other",
                         help="comma-separated evaluation subsets (one {subset}.json each)")
     parser.add_argument("--vocab-size", type=int, default=5000)
-    parser.add_argument("--jobs", type=int, default=2, help="processes for checking audio")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="processes for checking audio (default: one per CPU core)")
     return parser.parse_args(argv)
 
 
@@ -427,8 +428,13 @@ def _split_list(value: str) -> list[str]:
 def main(argv=None) -> None:
     """Run `prepare` from the command line."""
     args = parse_args(argv)
-    prepare(args.librispeech_root, args.out, _split_list(args.train_subsets),
-            _split_list(args.eval_subsets), args.vocab_size, args.jobs)
+    if not Path(args.librispeech_root).is_dir():
+        sys.exit(f"prepare_data: error: --librispeech-root {args.librispeech_root}: not a directory")
+    try:
+        prepare(args.librispeech_root, args.out, _split_list(args.train_subsets),
+                _split_list(args.eval_subsets), args.vocab_size, args.jobs)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"prepare_data: error: {err}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ results table and plot.
     python -m recipes.librispeech.run --size default --workdir exp/default     # from the reference bundle
     python -m recipes.librispeech.run --size benchmark --workdir exp/benchmark # every row, dev and test
     python -m recipes.librispeech.run --librispeech-root /data/LibriSpeech --size paper --workdir exp/ls
+    python -m recipes.librispeech.run ... --dry-run   # the command lines and memory per batch; runs nothing
 
 Every stage is idempotent: a finished stage leaves a ``.done`` marker and is skipped on the next run;
 an interrupted fairseq-train resumes from its ``checkpoint_last.pt``.
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -112,8 +114,13 @@ SIZES = {
                           ctc_weight=0.3, threads=8, jobs=1, num_workers=4,
                           fp32_updates=300000, fp32_lr=1e-4, warmup=8000, qat_updates=20000, qat_lr=5e-5,
                           train_subsets=("train-clean-100", "train-clean-360", "train-other-500"),
-                          rows=tuple(ROWS), extra_train_args=("--max-tokens", "5000000", "--update-freq", "1")),
+                          rows=tuple(ROWS),
+                          # 200 s of audio per batch, 400 s per update: QAT with distillation peaks at about
+                          # 40 GB of an 80 GB GPU (--dry-run prints the estimate; recipes/librispeech/memory.py)
+                          extra_train_args=("--max-tokens", "20000", "--update-freq", "2")),
 }
+LONGEST_UTTERANCE_FRAMES = 3500  # LibriSpeech segments are at most 35 s (10 ms frames)
+TOKENS_PER_FRAME = 0.05  # upper bound: 5 SentencePiece pieces a second of speech
 
 
 @dataclass
@@ -170,13 +177,23 @@ def common_train_args(data: Path, save_dir: Path, cfg: RecipeConfig, updates: in
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(lr), "--clip-norm", "10",
         "--max-update", str(updates), "--save-dir", str(save_dir), "--num-workers", str(cfg.num_workers),
         "--no-epoch-checkpoints", "--log-format", "simple", "--log-interval", "25", "--seed", "1",
-        "--max-tokens", "10000000", "--skip-invalid-size-inputs-valid-test",
+        "--skip-invalid-size-inputs-valid-test",
         # fairseq drops a last batch that is not a multiple of this (default 8): keep every utterance
         "--required-batch-size-multiple", "1",
     ]
+    if "--max-tokens" not in cfg.extra_train_args:
+        args += ["--max-tokens", "10000000"]
     if cfg.batch_size:
         args += ["--batch-size", str(cfg.batch_size)]
     return args + list(cfg.extra_train_args)
+
+
+def fp32_command(data: Path, out: Path, cfg: RecipeConfig) -> list[str]:
+    return common_train_args(data, out, cfg, cfg.fp32_updates, cfg.fp32_lr) + [
+        "--arch", cfg.arch, "--criterion", "quant_cross_entropy_acc",
+        "--ctc-weight", str(cfg.ctc_weight), "--ctc-encoder-dim", str(cfg.encoder_dim),
+        "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(cfg.warmup),
+    ]
 
 
 def train_fp32(data: Path, out: Path, cfg: RecipeConfig) -> Path:
@@ -185,11 +202,7 @@ def train_fp32(data: Path, out: Path, cfg: RecipeConfig) -> Path:
     if done_marker(out).exists():
         logger.info("fp32: already trained (%s)", ckpt)
         return ckpt
-    cmd = common_train_args(data, out, cfg, cfg.fp32_updates, cfg.fp32_lr) + [
-        "--arch", cfg.arch, "--criterion", "quant_cross_entropy_acc",
-        "--ctc-weight", str(cfg.ctc_weight), "--ctc-encoder-dim", str(cfg.encoder_dim),
-        "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(cfg.warmup),
-    ]
+    cmd = fp32_command(data, out, cfg)
     start = time.perf_counter()
     run_logged(cmd, out / "train.log", train_env(cfg.threads))
     mark_done(out, {"seconds": round(time.perf_counter() - start, 1), "updates": cfg.fp32_updates})
@@ -200,13 +213,7 @@ def strategy_path(name: str) -> Path:
     return Path(name) if name.endswith(".yaml") else STRATEGY_DIR / f"{name}.yaml"
 
 
-def train_qat(data: Path, out: Path, strategy: Path, fp32_ckpt: Path, cfg: RecipeConfig, kd: bool = True,
-              tag: str = "") -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "checkpoint_best.pt"
-    if done_marker(out).exists():
-        logger.info("QAT %s: already trained (%s)", tag or strategy.stem, ckpt)
-        return ckpt
+def qat_command(data: Path, out: Path, strategy: Path, fp32_ckpt: Path, cfg: RecipeConfig, kd: bool = True) -> list[str]:
     cmd = common_train_args(data, out, cfg, cfg.qat_updates, cfg.qat_lr) + [
         "--arch", f"quant_{cfg.arch}", "--quant-strategy", str(strategy),
         "--quant-calib-batches", str(cfg.calib_batches), "--finetune-from-model", str(fp32_ckpt),
@@ -216,6 +223,17 @@ def train_qat(data: Path, out: Path, strategy: Path, fp32_ckpt: Path, cfg: Recip
     if kd:
         cmd += ["--teacher-path", str(fp32_ckpt), "--kd-weight", str(cfg.kd_weight),
                 "--kd-temperature", str(cfg.kd_temperature)]
+    return cmd
+
+
+def train_qat(data: Path, out: Path, strategy: Path, fp32_ckpt: Path, cfg: RecipeConfig, kd: bool = True,
+              tag: str = "") -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint_best.pt"
+    if done_marker(out).exists():
+        logger.info("QAT %s: already trained (%s)", tag or strategy.stem, ckpt)
+        return ckpt
+    cmd = qat_command(data, out, strategy, fp32_ckpt, cfg, kd)
     start = time.perf_counter()
     run_logged(cmd, out / "train.log", train_env(threads_per_job(cfg)), tag=tag or strategy.stem)
     mark_done(out, {"seconds": round(time.perf_counter() - start, 1), "updates": cfg.qat_updates,
@@ -243,6 +261,14 @@ def make_checkpoint(row: Row, data: Path, work: Path, fp32_ckpt: Path, cfg: Reci
     raise ValueError(f"unknown row kind {row.kind!r}")
 
 
+def eval_command(ckpt: Path, data: Path, out: Path, cfg: RecipeConfig, dynamic_int8: bool = False) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).parents[2] / "scripts" / "evaluate.py"), "--checkpoint", str(ckpt),
+           "--data", str(data), "--subsets", ",".join(cfg.eval_subsets), "--beam", str(cfg.beam),
+           "--max-len-a", str(cfg.max_len_a), "--max-len-b", str(cfg.max_len_b), "--out", str(out),
+           "--threads", str(threads_per_job(cfg))]
+    return cmd + (["--dynamic-int8", "--device", "cpu"] if dynamic_int8 else [])
+
+
 def evaluate_model(name: str, ckpt: Path, data: Path, out: Path, cfg: RecipeConfig,
                    dynamic_int8: bool = False) -> ModelResult:
     """WER on every evaluation subset (cached in ``out/wer.json``), with size and bits of the model."""
@@ -251,12 +277,7 @@ def evaluate_model(name: str, ckpt: Path, data: Path, out: Path, cfg: RecipeConf
     if (cached.get("checkpoint") != str(ckpt) or cached.get("dynamic_int8", False) != dynamic_int8
             or {r["subset"] for r in cached.get("results", [])} != set(cfg.eval_subsets)):
         out.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(Path(__file__).parents[2] / "scripts" / "evaluate.py"), "--checkpoint", str(ckpt),
-               "--data", str(data), "--subsets", ",".join(cfg.eval_subsets), "--beam", str(cfg.beam),
-               "--max-len-a", str(cfg.max_len_a), "--max-len-b", str(cfg.max_len_b), "--out", str(out),
-               "--threads", str(threads_per_job(cfg))]
-        if dynamic_int8:
-            cmd += ["--dynamic-int8", "--device", "cpu"]
+        cmd = eval_command(ckpt, data, out, cfg, dynamic_int8)
         run_logged(cmd, out / "evaluate.log", train_env(threads_per_job(cfg)), tag=f"eval {name}")
         cached = json.loads(summary.read_text())
         logger.info("eval %s: %s", name, " ".join(f"{r['subset']} {r['wer']:.2f}" for r in cached["results"]))
@@ -371,6 +392,56 @@ def reference_fp32(work: Path, bundle: Path, corpus_params: dict) -> Path:
     return bundle / "model.pt"
 
 
+def dry_run(work: Path, root: Path | None, stages: set, cfg: RecipeConfig, seed: int, fp32_ckpt: Path) -> str:
+    """Every stage's command lines (the corpus and prepare stages as their equivalent command lines; they run
+    in this process) and the estimated memory of the largest training batch; nothing runs, nothing is written."""
+    data = work / "data"
+    plan = []
+    if root is None and "corpus" in stages:
+        plan.append(("corpus", [sys.executable, "-m", "recipes.librispeech.generate_corpus", "--out", str(work / "corpus"),
+                                "--seed", str(seed), "--size", cfg.corpus_size, "--jobs", str(cfg.threads)]
+                     + (["--synth-train", str(cfg.synth_train)] if cfg.reference and cfg.synth_train else [])))
+    if "prepare" in stages:
+        plan.append(("prepare", [sys.executable, "-m", "recipes.librispeech.prepare_data", "--librispeech-root",
+                                 str(root or work / "corpus" / "LibriSpeech"), "--out", str(data),
+                                 "--train-subsets", ",".join(cfg.train_subsets), "--eval-subsets", ",".join(EVAL_SUBSETS),
+                                 "--vocab-size", str(cfg.vocab_size), "--jobs", str(cfg.threads)]))
+    if "fp32" in stages and not cfg.reference:
+        plan.append(("fp32", fp32_command(data, work / "fp32", cfg)))
+    if "rows" in stages:
+        for row in (ROWS[name] for name in cfg.rows):
+            ckpt = fp32_ckpt
+            if row.kind == "qat":
+                ckpt = work / "qat" / row.name / "checkpoint_best.pt"
+                plan.append((f"qat {row.name}", qat_command(data, ckpt.parent, strategy_path(row.strategy), fp32_ckpt,
+                                                            cfg, row.kd)))
+            elif row.kind == "ptq":
+                ckpt = work / "ptq" / f"{row.name}.pt"
+            plan.append((f"eval {row.name}", eval_command(ckpt, data, work / "eval" / row.name, cfg,
+                                                          row.kind == "dynamic_int8")))
+    lines = [f"# stage {stage}\n{shlex.join(cmd)}" for stage, cmd in plan]
+    return "\n".join(lines + memory_lines(cfg)) + "\n"
+
+
+def memory_lines(cfg: RecipeConfig) -> list[str]:
+    """Estimated peak memory of the largest fp32 and QAT training batch (recipes/librispeech/memory.py)."""
+    from recipes.librispeech.memory import arch_config, batch_memory
+
+    arch = arch_config(cfg.arch)
+    train_args = common_train_args(Path("DATA"), Path("OUT"), cfg, 0, 0.0)
+    max_tokens = int(train_args[len(train_args) - 1 - train_args[::-1].index("--max-tokens") + 1])
+    lines = [f"# memory per training batch (batches of up to {max_tokens} frames, utterances up to "
+             f"{LONGEST_UTTERANCE_FRAMES / 100:g} s, {cfg.vocab_size} tokens):"]
+    for stage, qat in (("fp32", False), ("qat", True)):
+        m = batch_memory(arch, cfg.vocab_size, max_tokens, LONGEST_UTTERANCE_FRAMES, TOKENS_PER_FRAME, qat=qat,
+                         distill=qat and cfg.kd_weight > 0, batch_size=cfg.batch_size)
+        state = "weights, gradients, Adam moments" + (", fp32 teacher" if qat and cfg.kd_weight > 0 else "")
+        lines.append(f"#   {stage} {cfg.arch}: {m.utterances} x {m.frames / 100:g} s: activations "
+                     f"{m.activations_gb:.1f} GB + model state ({state}) {m.model_state_gb:.1f} GB "
+                     f"= {m.total_gb:.1f} GB")
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="default")
@@ -392,6 +463,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads in all (default 2)")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="fairseq-train data-loading workers (default 0; raise it on GPU machines)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print every stage's command lines and the estimated memory per training batch; "
+                             "run nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")
     # per-layer quantization reports are in each train.log; keep the console to progress and results
@@ -410,6 +484,23 @@ def main(argv=None) -> int:
         cfg = replace(cfg, rows=tuple(names))
     stages = set(args.stages.split(","))
     work = args.workdir.resolve()
+    root = args.librispeech_root
+    if root is None and cfg.corpus_size is None:
+        parser.error(f"--size {args.size} needs --librispeech-root")
+    if root is not None and not root.is_dir():
+        parser.error(f"--librispeech-root {root}: not a directory; expected the LibriSpeech directory that holds "
+                     f"{', '.join(cfg.train_subsets + EVAL_SUBSETS)}")
+    for row in (ROWS[name] for name in cfg.rows):
+        if row.kind == "qat" and not strategy_path(row.strategy).is_file():
+            parser.error(f"strategy not found: {strategy_path(row.strategy)}")
+    from_reference = cfg.reference and not args.train_fp32
+    if from_reference and root is not None:
+        parser.error(f"--size {args.size} starts from the reference model of the generated corpus; "
+                     "with --librispeech-root use --size paper (or --train-fp32)")
+    if args.dry_run:
+        print(dry_run(work, root and root.resolve(), stages, cfg, args.seed, work / "fp32" / "checkpoint_best.pt"),
+              end="")
+        return 0
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     timings = {}
@@ -420,15 +511,8 @@ def main(argv=None) -> int:
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t
         return out
 
-    from_reference = cfg.reference and not args.train_fp32
-    if from_reference and args.librispeech_root is not None:
-        parser.error(f"--size {args.size} starts from the reference model of the generated corpus; "
-                     "with --librispeech-root use --size paper (or --train-fp32)")
-    root = args.librispeech_root
     data = work / "data"
     if root is None:
-        if cfg.corpus_size is None:
-            parser.error(f"--size {args.size} needs --librispeech-root")
         from recipes.librispeech.generate_corpus import generate_from_params, size_params
 
         params = size_params(cfg.corpus_size, args.seed, cfg.synth_train if from_reference else None)
@@ -451,8 +535,11 @@ def main(argv=None) -> int:
         from recipes.librispeech.prepare_data import prepare
 
         logger.info("stage prepare: %s -> %s", root, data)
-        timed("prepare", prepare, root, data, list(cfg.train_subsets), list(EVAL_SUBSETS), cfg.vocab_size,
-              cfg.threads, **spm_dict)
+        try:
+            timed("prepare", prepare, root, data, list(cfg.train_subsets), list(EVAL_SUBSETS), cfg.vocab_size,
+                  cfg.threads, **spm_dict)
+        except (FileNotFoundError, ValueError) as err:
+            parser.exit(2, f"run: error: {err}\n")
     if "fp32" in stages and not from_reference:
         if cfg.reference:  # --train-fp32 of a reference-sized run: the reference recipe, here
             from recipes.librispeech.train_reference import main as train_reference
@@ -466,9 +553,6 @@ def main(argv=None) -> int:
             fp32_ckpt = timed("fp32", train_fp32, data, work / "fp32", cfg)
     if "rows" in stages:
         rows = [ROWS[name] for name in cfg.rows]
-        for row in rows:
-            if row.kind == "qat" and not strategy_path(row.strategy).is_file():
-                parser.error(f"strategy not found: {strategy_path(row.strategy)}")
         logger.info("stage rows: %s on %s, beam %d, %d at a time", ", ".join(cfg.rows),
                     ", ".join(cfg.eval_subsets), cfg.beam, cfg.jobs)
         results = timed("rows", parallel, cfg.jobs, [(run_row, row, data, work, fp32_ckpt, cfg) for row in rows])

@@ -1,0 +1,122 @@
+"""The recipe runner's command line off the happy path: --dry-run (every stage's command lines and the memory
+estimate, nothing run or written), the paper preset's batch size, a wrong --librispeech-root, how many
+processes prepare uses, and the README's real-LibriSpeech commands."""
+import re
+import shlex
+import sys
+
+import pytest
+from conftest import ROOT, run
+
+from recipes.librispeech.memory import arch_config, batch_memory
+from recipes.librispeech.run import ROWS
+
+MEMORY = re.compile(r"^#   (fp32|qat) vggtransformer_2: (\d+) x 35 s: activations ([\d.]+) GB \+ model state "
+                    r"\([^)]*\) ([\d.]+) GB = ([\d.]+) GB$")
+
+
+def runner(*args, timeout=300):
+    return run([sys.executable, "-m", "recipes.librispeech.run", *map(str, args)], timeout=timeout)
+
+
+def test_dry_run_of_the_paper_recipe_prints_every_stage_and_fits_an_80_gb_gpu(tmp_path):
+    root = tmp_path / "LibriSpeech"
+    root.mkdir()
+    work = tmp_path / "exp"
+    proc = runner("--librispeech-root", root, "--size", "paper", "--workdir", work, "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    stages = [line[len("# stage "):] for line in lines if line.startswith("# stage ")]
+    expected = ["prepare", "fp32"]
+    for row in ROWS.values():  # every row of the paper preset: its QAT run, if any, then its evaluation
+        expected += ([f"qat {row.name}"] if row.kind == "qat" else []) + [f"eval {row.name}"]
+    assert stages == expected
+    assert "eval ptq-w2-sym-channel" in stages and "qat qat-w4a8-nokd" in stages
+    commands = {stage: shlex.split(lines[lines.index(f"# stage {stage}") + 1]) for stage in stages}
+    prepare = commands["prepare"]
+    assert prepare[1:3] == ["-m", "recipes.librispeech.prepare_data"]
+    assert prepare[prepare.index("--librispeech-root") + 1] == str(root)
+    assert prepare[prepare.index("--jobs") + 1] == "8"  # the preset's threads, not a fixed 2
+    for stage in ("fp32", "qat qat-w2a8"):
+        cmd = commands[stage]
+        assert cmd[1:3] == ["-m", "fairseq_cli.train"]
+        assert cmd.count("--max-tokens") == 1 and cmd[cmd.index("--max-tokens") + 1] == "20000"
+        assert cmd[cmd.index("--update-freq") + 1] == "2"
+    assert commands["fp32"][commands["fp32"].index("--arch") + 1] == "vggtransformer_2"
+    assert commands["qat qat-w2a8"][commands["qat qat-w2a8"].index("--arch") + 1] == "quant_vggtransformer_2"
+    assert "--teacher-path" in commands["qat qat-w2a8"] and "--teacher-path" not in commands["qat qat-w2a8-nokd"]
+
+    arch = arch_config("vggtransformer_2")
+    memory = {m.group(1): m for m in map(MEMORY.match, lines) if m}
+    assert set(memory) == {"fp32", "qat"}
+    for stage, qat in (("fp32", False), ("qat", True)):
+        expected = batch_memory(arch, 5000, 20000, 3500, 0.05, qat=qat, distill=qat)
+        utterances, activations, state, total = memory[stage].groups()[1:]
+        assert int(utterances) == expected.utterances == 5
+        assert (float(activations), float(state), float(total)) == (
+            round(expected.activations_gb, 1), round(expected.model_state_gb, 1), round(expected.total_gb, 1))
+        assert expected.total_gb < 0.6 * 80  # headroom for the allocator and transient backward buffers
+    assert not work.exists()  # nothing written
+
+
+def test_the_old_paper_batch_would_not_fit():
+    """--max-tokens 5000000 frames (about 14 hours of audio) was the preset before."""
+    memory = batch_memory(arch_config("vggtransformer_2"), 5000, 5_000_000, 3500, 0.05, qat=True, distill=True)
+    assert memory.utterances == 1428 and memory.total_gb > 1000
+
+
+@pytest.mark.parametrize("make_root,message", [
+    (lambda tmp: tmp / "missing", "not a directory; expected the LibriSpeech directory that holds train-clean-100, "
+                                  "train-clean-360, train-other-500, dev-clean, dev-other, test-clean, test-other"),
+    (lambda tmp: tmp, "subset directory {root}/train-clean-100 does not exist; subsets found in {root}: none"),
+])
+def test_a_wrong_librispeech_root_is_one_line(tmp_path, make_root, message):
+    root = make_root(tmp_path)
+    if root == tmp_path:
+        root = tmp_path / "empty"
+        root.mkdir()
+    proc = runner("--librispeech-root", root, "--size", "paper", "--workdir", tmp_path / "exp", "--stages", "prepare")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(message.format(root=root)), proc.stderr[-2000:]
+    proc = run([sys.executable, "-m", "recipes.librispeech.prepare_data", "--librispeech-root", str(root),
+                "--out", str(tmp_path / "data")])
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("prepare_data: error: ")
+
+
+def test_prepare_uses_the_runners_threads(smoke, tmp_path):
+    work, _ = smoke
+    proc = runner("--size", "smoke", "--workdir", tmp_path, "--librispeech-root", work / "corpus" / "LibriSpeech",
+                  "--stages", "prepare", "--threads", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checking audio (3 processes)" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "data").glob("*.json")) == [
+        "dev-clean.json", "dev-other.json", "test-clean.json", "test-other.json", "train.json"]
+
+
+def readme_block(title):
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(f"## {title}\n"):]
+    block = section[section.index("```bash\n") + len("```bash\n"):]
+    block = block[:block.index("```")]
+    return [shlex.split(cmd, comments=True) for cmd in block.replace("\\\n", " ").splitlines() if cmd.strip()
+            and not cmd.lstrip().startswith("#")]
+
+
+def test_readme_real_librispeech_commands_prepare_the_data_once(tmp_path):
+    root = tmp_path / "LibriSpeech"
+    root.mkdir()
+    prepared = 0
+    for cmd in readme_block("Real LibriSpeech"):
+        cmd = [str(root) if a == "/data/LibriSpeech" else a.replace("exp/ls", str(tmp_path / "exp")) for a in cmd]
+        assert cmd[0] == "python" and cmd[1] == "-m", cmd
+        if cmd[2] == "recipes.librispeech.prepare_data":
+            prepared += 1
+            continue
+        assert cmd[2] == "recipes.librispeech.run", cmd
+        proc = runner(*cmd[3:], *([] if "--dry-run" in cmd else ["--dry-run"]))
+        assert proc.returncode == 0, (cmd, proc.stderr[-2000:])
+        if "--dry-run" not in cmd:  # a preview prepares nothing
+            prepared += proc.stdout.count("# stage prepare\n")
+    assert prepared == 1
