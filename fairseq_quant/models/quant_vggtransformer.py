@@ -30,10 +30,10 @@ from fairseq.modules import ConvTBC, LinearizedConvolution, MultiheadAttention, 
 
 from ..quant import (
     QuantConvTBC,
-    apply_range_updates,
     QuantMultiheadAttention,
     Strategy,
     StrategyError,
+    apply_range_updates,
     quantize_model,
     register_quant_module,
 )
@@ -153,6 +153,7 @@ class QuantModelMixin:
         self.register_buffer("quant_calibrated", torch.tensor(False))
         self._calib_seen = 0
         self._calibrate_only = None  # after a strategy change: the activation quantizers to recalibrate
+        self._ranges_deferred = False  # data parallel: running ranges are updated from all workers' batches
         logger.info("fairseq_quant: %s\n%s", self.quant_strategy, self.quant_report.format())
 
     def quantizers(self):
@@ -183,6 +184,9 @@ class QuantModelMixin:
             if changed:
                 names = {name for name, _ in changed}
                 _check_optimizer_can_resume(names, state_dict, own, stored, model_cfg)
+                logger.warning("fairseq_quant: %s; their quantizers are re-initialised from the loaded weights and "
+                               "recalibrated on the first %d training batches", _describe_changes(stored, changed),
+                               self.quant_calib_batches)
                 for k in given:
                     if _quantizer_owner(k) in names:
                         del state_dict[k]
@@ -215,16 +219,9 @@ class QuantModelMixin:
                            "without comparing strategies", source)
             return []
         changed = spec_changes(theirs, self.quant_specs)
-        if not changed:
-            return []
-        named = ", ".join(f"{name} ({change})" for name, change in changed[:3])
-        more = f", ... ({len(changed) - 3} more)" if len(changed) > 3 else ""
-        what = f"{source} was quantized with another strategy: {len(changed)} modules changed: {named}{more}"
-        if self.quant_strategy_mismatch != "reinit":
-            raise StrategyError(f"{what}; use the strategy it was trained with, or pass "
+        if changed and self.quant_strategy_mismatch != "reinit":
+            raise StrategyError(f"{_describe_changes(stored, changed)}; use the strategy it was trained with, or pass "
                                 "--quant-strategy-mismatch reinit to re-initialise and recalibrate their quantizers")
-        logger.warning("fairseq_quant: %s; their quantizers are re-initialised from the loaded weights and "
-                       "recalibrated on the first %d training batches", what, self.quant_calib_batches)
         return changed
 
     def _recalibrate(self, owners: set):
@@ -258,10 +255,11 @@ class QuantModelMixin:
                 if isinstance(q, ActivationQuantizer):
                     q.start_calibration()  # activations pass through in fp32 while observed
         distributed = _data_parallel()
-        if distributed and self.training:
+        if distributed and self.training and not self._ranges_deferred:
             for q in self.quantizers():
                 if isinstance(q, ActivationQuantizer):
                     q.defer_range_updates = True  # applied below, reduced over the workers
+            self._ranges_deferred = True
         out = super().forward(*args, **kwargs)
         if distributed and self.training:
             apply_range_updates(self, reduce_max=_all_reduce_max)
@@ -270,6 +268,13 @@ class QuantModelMixin:
             if self._calib_seen >= self.quant_calib_batches:
                 self._finish_calibration()
         return out
+
+
+def _describe_changes(stored, changed) -> str:
+    named = ", ".join(f"{name} ({change})" for name, change in changed[:3])
+    more = f", ... ({len(changed) - 3} more)" if len(changed) > 3 else ""
+    return (f"{(stored or {}).get('path', 'the checkpoint')} was quantized with another strategy: "
+            f"{len(changed)} modules changed: {named}{more}")
 
 
 def _check_optimizer_can_resume(owners: set, state_dict, own, stored, model_cfg) -> None:
