@@ -51,6 +51,7 @@ ROWS = {r.name: r for r in [
     Row("fp32", "fp32"),
     *_ptq_rows(),
     Row("dynamic-int8", "dynamic_int8"),
+    Row("qat-fp32", "qat", "fp32"),  # control: the QAT schedule with nothing quantized
     Row("qat-w8a8", "qat", "w8a8"),
     Row("qat-w4a8-nokd", "qat", "w4a8", kd=False),
     Row("qat-w4a8", "qat", "w4a8"),
@@ -59,7 +60,7 @@ ROWS = {r.name: r for r in [
     Row("qat-mixed2a8", "qat", "mixed2a8"),
 ]}
 DEMO_ROWS = ("fp32", "ptq-w8-sym-channel", "ptq-w4-sym-channel", "ptq-w2-sym-channel", "ptq-w4-minmax-tensor",
-             "dynamic-int8", "qat-w8a8", "qat-w4a8", "qat-w2a8", "qat-mixed2a8")
+             "dynamic-int8", "qat-fp32", "qat-w8a8", "qat-w4a8", "qat-w2a8", "qat-mixed2a8")
 TEST_SUBSETS = ("test-clean", "test-other")
 
 
