@@ -62,6 +62,7 @@ ROWS = {r.name: r for r in [
 DEMO_ROWS = ("fp32", "ptq-w8-sym-channel", "ptq-w4-sym-channel", "ptq-w2-sym-channel", "ptq-w4-minmax-tensor",
              "dynamic-int8", "qat-fp32", "qat-w8a8", "qat-w4a8", "qat-w2a8", "qat-mixed2a8")
 TEST_SUBSETS = ("test-clean", "test-other")
+CONTROL_ROW = "qat-fp32"
 
 
 @dataclass(frozen=True)
@@ -319,19 +320,27 @@ def results_table(results: list[ModelResult], subsets=EVAL_SUBSETS) -> str:
     pooled = table_subsets(subsets)
     utts = {r.name: [read_utterances(Path(r.eval_dir) / f"{s}.utt.tsv") for s in pooled] for r in results}
     base = results[0]
+    # the QAT schedule with nothing quantized: QAT rows are also compared with it (same training, same data)
+    control = next((r for r in results if r.name == CONTROL_ROW), None)
     label = "+".join(pooled)
     head = (f"| model | avg weight bits | model MB | " + " | ".join(subsets)
-            + f" | WER {label} [95% CI] | rel. change vs fp32 [95% CI] |")
-    lines = [head, "|---|---:|---:|" + "---:|" * len(subsets) + "---:|---:|"]
+            + f" | WER {label} [95% CI] | rel. change vs fp32 [95% CI] |"
+            + (f" vs {CONTROL_ROW} (same training) [95% CI] |" if control else ""))
+    lines = [head, "|---|---:|---:|" + "---:|" * len(subsets) + "---:|---:|" + ("---:|" if control else "")]
+
+    def change(ref, r):
+        c = paired_relative_change(utts[ref.name], utts[r.name])
+        return c.format(signed=True) + ("" if c.excludes_zero else " (n.s.)")
+
     for r in results:
         wer = wer_interval(utts[r.name]).format(digits=2)
-        if r is base:
-            rel = "-"
-        else:
-            change = paired_relative_change(utts[base.name], utts[r.name])
-            rel = change.format(signed=True) + ("" if change.excludes_zero else " (n.s.)")
-        lines.append(f"| {r.name} | {r.avg_weight_bits:.2f} | {r.model_mb:.3f} | "
-                     + " | ".join(f"{r.wer[s]:.2f}" for s in subsets) + f" | {wer} | {rel} |")
+        rel = "-" if r is base else change(base, r)
+        line = (f"| {r.name} | {r.avg_weight_bits:.2f} | {r.model_mb:.3f} | "
+                + " | ".join(f"{r.wer[s]:.2f}" for s in subsets) + f" | {wer} | {rel} |")
+        if control:
+            is_qat = r.name in ROWS and ROWS[r.name].kind == "qat" and r is not control
+            line += f" {change(control, r) if is_qat else '-'} |"
+        lines.append(line)
     words = ", ".join(f"{s} {base.words[s]}" for s in subsets)
     lines += ["", f"Reference words: {words}. Intervals: 95%, bootstrap over utterances (1000 resamples, "
                   f"seed 0, paired for the relative change; n.s. = the interval contains 0)."]
