@@ -8,6 +8,7 @@ Subsets (test-clean, test-other) are resampled separately and pooled, so each ke
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import jiwer
 import numpy as np
@@ -133,8 +134,6 @@ def format_utterances(rows: list[tuple[str, str, str]]) -> str:
 
 def read_utterances(path) -> list[UttErrors]:
     """Per-utterance counts from a file written by `format_utterances`."""
-    from pathlib import Path
-
     text = Path(path).read_text()
     if not text.startswith(UTT_HEADER):
         raise ValueError(f"{path}: not a per-utterance results file (expected header {UTT_HEADER.strip()!r})")

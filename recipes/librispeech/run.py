@@ -323,7 +323,7 @@ def results_table(results: list[ModelResult], subsets=EVAL_SUBSETS) -> str:
     # the QAT schedule with nothing quantized: QAT rows are also compared with it (same training, same data)
     control = next((r for r in results if r.name == CONTROL_ROW), None)
     label = "+".join(pooled)
-    head = (f"| model | avg weight bits | model MB | " + " | ".join(subsets)
+    head = ("| model | avg weight bits | model MB | " + " | ".join(subsets)
             + f" | WER {label} [95% CI] | rel. change vs fp32 [95% CI] |"
             + (f" vs {CONTROL_ROW} (same training) [95% CI] |" if control else ""))
     lines = [head, "|---|---:|---:|" + "---:|" * len(subsets) + "---:|---:|" + ("---:|" if control else "")]
@@ -388,7 +388,7 @@ def parallel(jobs: int, calls: list[tuple]) -> list:
         return [f.result() for f in futures]
 
 
-def reference_fp32(work: Path, bundle: Path, corpus_params: dict) -> Path:
+def reference_fp32(bundle: Path, corpus_params: dict) -> Path:
     """The bundle's checkpoint, after checking its checksums and that it was trained on this corpus."""
     from recipes.librispeech.reference import BundleError, load_manifest
 
@@ -536,7 +536,7 @@ def main(argv=None) -> int:
         from recipes.librispeech.reference import DEFAULT_BUNDLE
 
         bundle = args.bundle or DEFAULT_BUNDLE
-        fp32_ckpt = reference_fp32(work, bundle, params)
+        fp32_ckpt = reference_fp32(bundle, params)
         logger.info("fp32: the reference model %s", fp32_ckpt)
         spm_dict = {"spm_model": bundle / "spm.model", "dictionary": bundle / "dict.txt"}
     else:
