@@ -1,0 +1,319 @@
+"""The VGGTransformer as two exportable graphs: the encoder, and one decoder step with explicit caches.
+
+fairseq keeps decoding state in a dict of tensors keyed by module ids (``incremental_state``), which ONNX
+cannot express. These modules recompute the same forward pass with every state tensor as a named input
+and output:
+
+- **encoder** ``(features [B, T, 80], lengths [B]) -> (enc_bias [B, S], cross_k_i, cross_v_i [B, H, S, d])``:
+  VGG blocks, the transformer stack, and each decoder layer's encoder-decoder keys and values, computed
+  once per utterance; ``enc_bias`` is 0 on frames and -inf on padding.
+- **decoder step** ``(tokens [N], enc_bias, cross_k_i, cross_v_i, conv_i [N, k-1, C], self_k_i, self_v_i
+  [N, H, t, d]) -> (log_probs [N, V], conv_i', self_k_i', self_v_i' [N, H, t+1, d])``: the newest token of
+  each hypothesis through the LinearizedConvolution buffers, self-attention over the cached keys and values,
+  encoder-decoder attention and the output projection.
+
+Weights are looked up by the fairseq parameter name of their module (``encoder.transformer_layers.1.fc1``)
+and registered as buffers named ``<name with . -> __>``; linear weights are stored transposed ([in, out]),
+so that each becomes the ``B`` initializer of one ONNX ``MatMul`` that the runtime can swap for a low-bit
+kernel. Activation fake quantization is left out: the runtime's kernels quantize activations themselves.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NEG_INF = float("-inf")
+
+
+def onnx_name(module_name: str) -> str:
+    return module_name.replace(".", "__")
+
+
+class WeightTable(nn.Module):
+    """Effective weights by module name, as buffers (``transposed`` ones in [in, out] layout)."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], floats: dict[str, torch.Tensor], transposed: set[str]):
+        super().__init__()
+        self.transposed = set(transposed)
+        for name, w in weights.items():
+            self.register_buffer(onnx_name(name + ".weight"), (w.t() if name in transposed else w).contiguous())
+        for name, t in floats.items():
+            self.register_buffer(onnx_name(name), t.contiguous())
+
+    def w(self, module: str) -> torch.Tensor:
+        return getattr(self, onnx_name(module + ".weight"))
+
+    def f(self, name: str) -> torch.Tensor:
+        return getattr(self, onnx_name(name))
+
+    def has(self, name: str) -> bool:
+        return hasattr(self, onnx_name(name))
+
+    def linear(self, x, module: str):
+        out = torch.matmul(x, self.w(module))
+        return out + self.f(module + ".bias") if self.has(module + ".bias") else out
+
+    def layer_norm(self, x, module: str, eps: float = 1e-5):
+        w, b = self.f(module + ".weight"), self.f(module + ".bias")
+        return F.layer_norm(x, (w.shape[0],), w, b, eps)
+
+
+class Layout:
+    """The architecture as plain data (stored in the model file's config)."""
+
+    @staticmethod
+    def from_model(model) -> dict:
+        from fairseq.modules import TransformerDecoderLayer, TransformerEncoderLayer
+
+        enc, dec = model.encoder, model.decoder
+        vgg = []
+        for i, block in enumerate(enc.conv_layers):
+            ops = []
+            for j, layer in enumerate(block.layers):
+                name = f"encoder.conv_layers.{i}.layers.{j}"
+                if isinstance(layer, nn.Conv2d) or type(layer).__name__ == "QuantConv2d":
+                    if layer.groups != 1 or tuple(layer.dilation) != (1, 1):
+                        raise ValueError(f"{name}: grouped or dilated convolutions are not exported")
+                    ops.append({"op": "conv", "name": name, "stride": list(layer.stride),
+                                "padding": list(layer.padding)})
+                elif isinstance(layer, nn.LayerNorm):
+                    ops.append({"op": "layer_norm", "name": name, "eps": layer.eps})
+                elif isinstance(layer, nn.ReLU):
+                    ops.append({"op": "relu"})
+                elif isinstance(layer, nn.MaxPool2d):
+                    k = layer.kernel_size if isinstance(layer.kernel_size, int) else layer.kernel_size[0]
+                    ops.append({"op": "max_pool", "kernel": int(k), "ceil_mode": bool(layer.ceil_mode)})
+                else:
+                    raise ValueError(f"{name}: {type(layer).__name__} in a VGG block is not exported")
+            vgg.append(ops)
+        if getattr(enc, "transformer_context", None) is not None or any(s != 1 for s in enc.transformer_sampling):
+            raise ValueError("encoders with a limited attention context or transformer sampling are not exported")
+        enc_stack = []
+        for i, layer in enumerate(enc.transformer_layers):
+            name = f"encoder.transformer_layers.{i}"
+            if isinstance(layer, TransformerEncoderLayer):
+                enc_stack.append({"op": "layer", "name": name, "normalize_before": bool(layer.normalize_before)})
+            elif isinstance(layer, nn.Linear) or type(layer).__name__ == "QuantLinear":
+                enc_stack.append({"op": "linear", "name": name})
+            elif isinstance(layer, nn.LayerNorm):
+                enc_stack.append({"op": "layer_norm", "name": name, "eps": layer.eps})
+            else:
+                raise ValueError(f"{name}: {type(layer).__name__} is not exported")
+        dec_convs = []
+        for i, layer in enumerate(dec.conv_layers):
+            name = f"decoder.conv_layers.{i}"
+            kind = type(layer).__name__
+            if kind in ("LinearizedConvolution", "QuantConvTBC"):
+                kernel = layer.kernel_size[0] if kind == "LinearizedConvolution" else layer.kernel_size
+                pad = layer.padding[0] if kind == "LinearizedConvolution" else layer.pad
+                if pad != kernel - 1:
+                    raise ValueError(f"{name}: only causal convolutions (padding = kernel - 1) are exported")
+                dec_convs.append({"op": "conv", "name": name, "kernel": int(kernel),
+                                  "in": int(layer.in_channels), "out": int(layer.out_channels)})
+            elif isinstance(layer, nn.LayerNorm):
+                dec_convs.append({"op": "layer_norm", "name": name, "eps": layer.eps})
+            elif isinstance(layer, nn.ReLU):
+                dec_convs.append({"op": "relu"})
+            else:
+                raise ValueError(f"{name}: {kind} is not exported")
+        dec_layers = []
+        for i, layer in enumerate(dec.layers):
+            name = f"decoder.layers.{i}"
+            if not isinstance(layer, TransformerDecoderLayer) or layer.encoder_attn is None:
+                raise ValueError(f"{name}: only transformer decoder layers with encoder attention are exported")
+            dec_layers.append({"name": name, "normalize_before": bool(layer.normalize_before)})
+        attn = dec.layers[0].self_attn
+        return {
+            "in_channels": int(enc.in_channels), "input_dim": int(enc.input_dim), "vgg": vgg,
+            "pooling": [int(k) for k in enc.pooling_kernel_sizes], "encoder": enc_stack,
+            "decoder_convs": dec_convs, "decoder_layers": dec_layers,
+            "embed_dim": int(attn.embed_dim), "heads": int(attn.num_heads),
+            "vocab_size": int(dec.fc_out.out_features if hasattr(dec.fc_out, "out_features")
+                              else dec.fc_out.weight.shape[0]),
+            "padding_idx": int(dec.padding_idx),
+        }
+
+
+def _heads(x, heads: int):
+    """[B, T, C] -> [B, H, T, d]."""
+    b, t, c = x.shape
+    return x.reshape(b, t, heads, c // heads).transpose(1, 2)
+
+
+def _merge(x):
+    """[B, H, T, d] -> [B, T, C]."""
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+def _attend(q, k, v, bias):
+    """softmax(q k^T + bias) v; q is already scaled."""
+    scores = torch.matmul(q, k.transpose(2, 3))
+    if bias is not None:
+        scores = scores + bias
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+class EncoderGraph(nn.Module):
+    def __init__(self, layout: dict, table: WeightTable):
+        super().__init__()
+        self.layout, self.table = layout, table
+        self.heads = layout["heads"]
+
+    def vgg(self, x):
+        t = self.table
+        for block in self.layout["vgg"]:
+            for op in block:
+                if op["op"] == "conv":
+                    x = F.conv2d(x, t.w(op["name"]), t.f(op["name"] + ".bias") if t.has(op["name"] + ".bias") else None,
+                                 tuple(op["stride"]), tuple(op["padding"]))
+                elif op["op"] == "layer_norm":
+                    x = t.layer_norm(x, op["name"], op["eps"])
+                elif op["op"] == "relu":
+                    x = F.relu(x)
+                else:
+                    x = F.max_pool2d(x, op["kernel"], op["kernel"], ceil_mode=op["ceil_mode"])
+        return x
+
+    def self_attention(self, x, prefix, bias):
+        t, h = self.table, self.heads
+        scaling = (x.shape[-1] // h) ** -0.5
+        q = _heads(t.linear(x, prefix + ".q_proj") * scaling, h)
+        k = _heads(t.linear(x, prefix + ".k_proj"), h)
+        v = _heads(t.linear(x, prefix + ".v_proj"), h)
+        return t.linear(_merge(_attend(q, k, v, bias)), prefix + ".out_proj")
+
+    def encoder_layer(self, x, op, bias):
+        t, name, pre = self.table, op["name"], op["normalize_before"]
+        residual = x
+        y = t.layer_norm(x, name + ".self_attn_layer_norm") if pre else x
+        x = residual + self.self_attention(y, name + ".self_attn", bias)
+        if not pre:
+            x = t.layer_norm(x, name + ".self_attn_layer_norm")
+        residual = x
+        y = t.layer_norm(x, name + ".final_layer_norm") if pre else x
+        x = residual + t.linear(F.relu(t.linear(y, name + ".fc1")), name + ".fc2")
+        if not pre:
+            x = t.layer_norm(x, name + ".final_layer_norm")
+        return x
+
+    def forward(self, features, lengths):
+        bsz, frames, _ = features.shape
+        x = features.reshape(bsz, frames, self.layout["in_channels"], self.layout["input_dim"]).transpose(1, 2)
+        x = self.vgg(x)  # [B, C, S, F]
+        x = x.transpose(1, 2).reshape(bsz, x.shape[2], -1)  # [B, S, C * F]
+        for k in self.layout["pooling"]:
+            lengths = torch.div(lengths + (k - 1), k, rounding_mode="floor")
+        steps = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+        pad = steps >= lengths.unsqueeze(1)  # [B, S]
+        bias = torch.where(pad, torch.tensor(NEG_INF, dtype=x.dtype), torch.tensor(0.0, dtype=x.dtype))
+        attn_bias = bias[:, None, None, :]
+        for op in self.layout["encoder"]:
+            if op["op"] == "linear":
+                x = self.table.linear(x, op["name"])
+            elif op["op"] == "layer_norm":
+                x = self.table.layer_norm(x, op["name"], op["eps"])
+            else:
+                x = self.encoder_layer(x, op, attn_bias)
+        outputs = [bias]
+        for layer in self.layout["decoder_layers"]:
+            prefix = layer["name"] + ".encoder_attn"
+            outputs.append(_heads(self.table.linear(x, prefix + ".k_proj"), self.heads))
+            outputs.append(_heads(self.table.linear(x, prefix + ".v_proj"), self.heads))
+        return tuple(outputs)
+
+
+class DecoderStepGraph(nn.Module):
+    """One step for N hypotheses; argument order as :func:`decoder_io_names`."""
+
+    def __init__(self, layout: dict, table: WeightTable):
+        super().__init__()
+        self.layout, self.table = layout, table
+        self.heads = layout["heads"]
+        self.n_layers = len(layout["decoder_layers"])
+        self.n_convs = sum(op["op"] == "conv" for op in layout["decoder_convs"])
+
+    def forward(self, tokens, enc_bias, *state):
+        t, h = self.table, self.heads
+        n = self.n_layers
+        cross = state[: 2 * n]
+        convs = state[2 * n: 2 * n + self.n_convs]
+        selfs = state[2 * n + self.n_convs:]
+        x = F.embedding(tokens, t.w("decoder.embed_tokens"))  # [N, C]
+        new_convs, new_selfs = [], []
+        conv_i = 0
+        for op in self.layout["decoder_convs"]:
+            if op["op"] == "conv":
+                buffer = torch.cat([convs[conv_i], x.unsqueeze(1)], dim=1)  # [N, k, C]
+                new_convs.append(buffer[:, 1:])
+                x = t.linear(buffer.reshape(buffer.shape[0], -1), op["name"])
+                conv_i += 1
+            elif op["op"] == "layer_norm":
+                x = t.layer_norm(x, op["name"], op["eps"])
+            else:
+                x = F.relu(x)
+        x = x.unsqueeze(1)  # [N, 1, C]
+        bias = enc_bias[:, None, None, :]
+        for i, layer in enumerate(self.layout["decoder_layers"]):
+            name, pre = layer["name"], layer["normalize_before"]
+            scaling = (x.shape[-1] // h) ** -0.5
+            # self-attention over the cached keys/values and the new step
+            residual = x
+            y = t.layer_norm(x, name + ".self_attn_layer_norm") if pre else x
+            q = _heads(t.linear(y, name + ".self_attn.q_proj") * scaling, h)
+            k = torch.cat([selfs[2 * i], _heads(t.linear(y, name + ".self_attn.k_proj"), h)], dim=2)
+            v = torch.cat([selfs[2 * i + 1], _heads(t.linear(y, name + ".self_attn.v_proj"), h)], dim=2)
+            new_selfs += [k, v]
+            x = residual + t.linear(_merge(_attend(q, k, v, None)), name + ".self_attn.out_proj")
+            if not pre:
+                x = t.layer_norm(x, name + ".self_attn_layer_norm")
+            # encoder-decoder attention over the precomputed keys/values
+            residual = x
+            y = t.layer_norm(x, name + ".encoder_attn_layer_norm") if pre else x
+            q = _heads(t.linear(y, name + ".encoder_attn.q_proj") * scaling, h)
+            x = residual + t.linear(_merge(_attend(q, cross[2 * i], cross[2 * i + 1], bias)),
+                                    name + ".encoder_attn.out_proj")
+            if not pre:
+                x = t.layer_norm(x, name + ".encoder_attn_layer_norm")
+            residual = x
+            y = t.layer_norm(x, name + ".final_layer_norm") if pre else x
+            x = residual + t.linear(F.relu(t.linear(y, name + ".fc1")), name + ".fc2")
+            if not pre:
+                x = t.layer_norm(x, name + ".final_layer_norm")
+        logits = t.linear(x.squeeze(1), "decoder.fc_out")
+        return (torch.log_softmax(logits, dim=-1), *new_convs, *new_selfs)
+
+
+def encoder_io_names(layout: dict) -> tuple[list[str], list[str]]:
+    outputs = ["enc_bias"]
+    for i in range(len(layout["decoder_layers"])):
+        outputs += [f"cross_k_{i}", f"cross_v_{i}"]
+    return ["features", "lengths"], outputs
+
+
+def decoder_io_names(layout: dict) -> tuple[list[str], list[str]]:
+    n = len(layout["decoder_layers"])
+    convs = [f"conv_{i}" for i in range(sum(op["op"] == "conv" for op in layout["decoder_convs"]))]
+    selfs = [name for i in range(n) for name in (f"self_k_{i}", f"self_v_{i}")]
+    cross = [name for i in range(n) for name in (f"cross_k_{i}", f"cross_v_{i}")]
+    inputs = ["tokens", "enc_bias", *cross, *convs, *selfs]
+    outputs = ["log_probs", *[c + "_out" for c in convs], *[s + "_out" for s in selfs]]
+    return inputs, outputs
+
+
+def initial_decoder_state(layout: dict, n: int, src_len: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Empty conv buffers and self-attention caches for ``n`` hypotheses (torch; the runtime has its own)."""
+    heads, dim = layout["heads"], layout["embed_dim"] // layout["heads"]
+    state = {}
+    convs = [op for op in layout["decoder_convs"] if op["op"] == "conv"]
+    for i, op in enumerate(convs):
+        state[f"conv_{i}"] = torch.zeros(n, op["kernel"] - 1, op["in"], dtype=dtype)
+    for i in range(len(layout["decoder_layers"])):
+        state[f"self_k_{i}"] = torch.zeros(n, heads, 0, dim, dtype=dtype)
+        state[f"self_v_{i}"] = torch.zeros(n, heads, 0, dim, dtype=dtype)
+    return state
+
+
+__all__ = ["DecoderStepGraph", "EncoderGraph", "Layout", "WeightTable", "decoder_io_names", "encoder_io_names",
+           "initial_decoder_state", "onnx_name"]

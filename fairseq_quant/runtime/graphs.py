@@ -1,0 +1,135 @@
+"""Turn the stored graph skeletons back into runnable ONNX models, choosing a kernel per weight.
+
+Each weight initializer the exporter removed is restored from the model file either as a float32 tensor
+(dequantized; plain ``MatMul``/``Conv``/``Gather``) or, for a ``MatMul`` whose weight is on a symmetric grid,
+as ONNX Runtime's low-bit ``MatMulNBits`` (com.microsoft): the stored integers re-packed into its blocks
+along the input dimension, each channel's scale repeated across its blocks. 3-bit weights ride in the
+4-bit kernel and 1-bit weights in the 2-bit one (exactly: same values). ``accuracy_level`` 4 makes the
+kernel quantize activations to int8 per block and multiply in integers.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .fqm import ModelFile, ModelFileError, QuantTensor, pack_bits
+
+KERNELS = ("fp32", "nbits")
+CONTAINER_BITS = {1: 2, 2: 2, 3: 4, 4: 4, 8: 8}
+ACCURACY_LEVEL = 4
+
+
+def block_size_for(k: int) -> int:
+    for size in (128, 64, 32, 16):
+        if k % size == 0:
+            return size
+    return 32
+
+
+def nbits_operands(tensor: QuantTensor) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """(container bits, unsigned integers [N, K] with the container's default zero point, scale per element
+    [N, K]) for a weight on a symmetric (or 1-bit binary) grid; None where the grid has other offsets."""
+    if len(tensor.shape) != 2:
+        return None
+    n, k = tensor.shape
+    bits = tensor.bits
+    container = CONTAINER_BITS[bits]
+    zero = 1 << (container - 1)
+    q = tensor.q.astype(np.int32)
+    scale = tensor.scale.astype(np.float32)
+    if tensor.offset is None and tensor.qmin == -(1 << (bits - 1)):
+        u = q + zero
+    elif bits == 1 and tensor.offset is not None and np.array_equal(tensor.offset, -scale / 2):
+        u = 2 * q + 1 + (zero - 2)  # values (2q - 1) * scale/2 = (u - zero) * scale/2
+        scale = scale / 2
+    else:
+        return None
+    per_group = q.shape[1]
+    u_full = u.reshape(n, k)
+    scale_full = np.repeat(scale, per_group).reshape(n, k)
+    return container, u_full.astype(np.uint8), scale_full
+
+
+def matmul_nbits(node: onnx.NodeProto, name: str, tensor: QuantTensor) -> tuple[onnx.NodeProto, list] | None:
+    operands = nbits_operands(tensor)
+    if operands is None:
+        return None
+    bits, u, scale_full = operands
+    n, k = u.shape
+    block = block_size_for(k)
+    blocks = -(-k // block)
+    padded = blocks * block
+    if padded != k:  # pad K with the zero point (dequantizes to 0)
+        u = np.concatenate([u, np.full((n, padded - k), 1 << (bits - 1), np.uint8)], axis=1)
+        scale_full = np.concatenate([scale_full, np.repeat(scale_full[:, -1:], padded - k, axis=1)], axis=1)
+    block_scales = scale_full.reshape(n, blocks, block)
+    if not np.all(block_scales == block_scales[:, :, :1]):
+        return None  # quantization groups smaller than the kernel's blocks
+    packed = np.frombuffer(pack_bits(u.reshape(-1), bits), np.uint8).reshape(n, blocks, block * bits // 8)
+    b_name, s_name = f"{name}.nbits_B", f"{name}.nbits_scales"
+    inits = [numpy_helper.from_array(packed, b_name),
+             numpy_helper.from_array(np.ascontiguousarray(block_scales[:, :, 0]), s_name)]
+    new = helper.make_node("MatMulNBits", [node.input[0], b_name, s_name], list(node.output), name=node.name + "_nbits",
+                           domain="com.microsoft", K=k, N=n, bits=bits, block_size=block,
+                           accuracy_level=ACCURACY_LEVEL)
+    return new, inits
+
+
+def materialize(model_file: ModelFile, graph: str, kernel: str = "fp32") -> onnx.ModelProto:
+    """A complete ONNX model of ``graph`` ("encoder" or "decoder") with its weights restored."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+    blob = model_file.blobs.get(f"{graph}.onnx")
+    refs = model_file.config.get("graphs", {}).get(graph)
+    if blob is None or refs is None:
+        raise ModelFileError(f"the model file has no {graph} graph")
+    proto = onnx.load_from_string(blob)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for inp in node.input:
+            consumers.setdefault(inp, []).append(node)
+    replaced: dict[str, tuple[onnx.NodeProto, list]] = {}
+    new_inits = []
+    for init_name, ref in refs.items():
+        tensor_name = ref["tensor"]
+        if tensor_name not in model_file.tensors:
+            raise ModelFileError(f"the {graph} graph needs tensor {tensor_name}, which the file lacks")
+        tensor = model_file.tensors[tensor_name]
+        users = consumers.get(init_name, [])
+        if (kernel == "nbits" and isinstance(tensor, QuantTensor) and ref.get("transpose") and len(users) == 1
+                and users[0].op_type == "MatMul" and users[0].input[1] == init_name):
+            swap = matmul_nbits(users[0], init_name, tensor)
+            if swap is not None:
+                replaced[users[0].name or users[0].output[0]] = swap
+                continue
+        value = model_file.float_tensor(tensor_name)
+        if ref.get("transpose"):
+            value = np.ascontiguousarray(value.T)
+        new_inits.append(numpy_helper.from_array(value.astype(np.float32), init_name))
+    nodes = []
+    for node in proto.graph.node:
+        key = node.name or node.output[0]
+        if key in replaced:
+            new, inits = replaced[key]
+            nodes.append(new)
+            new_inits.extend(inits)
+        else:
+            nodes.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    proto.graph.initializer.extend(new_inits)
+    if replaced and not any(op.domain == "com.microsoft" for op in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return proto
+
+
+def count_kernels(proto: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        if node.op_type in ("MatMul", "MatMulNBits", "Conv", "Gather"):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+__all__ = ["KERNELS", "count_kernels", "materialize", "matmul_nbits", "nbits_operands"]

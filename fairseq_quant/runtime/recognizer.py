@@ -1,0 +1,226 @@
+"""Speech recognition from an exported ``.fqm`` model with ONNX Runtime: encoder, batched beam search
+(fairseq's ``SequenceGenerator`` rules) and greedy search, in numpy. No torch, no fairseq."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import sentencepiece as spm
+
+from .fqm import ModelFile, ModelFileError, read
+from .graphs import KERNELS, materialize
+
+REQUIRED_CONFIG = ("model", "layout", "graphs", "dictionary", "eos", "pad", "unk")
+
+
+def check_config(config: dict, source: str) -> None:
+    missing = [k for k in REQUIRED_CONFIG if k not in config]
+    if missing:
+        raise ModelFileError(f"{source}: not a VGGTransformer model file (config lacks {', '.join(missing)})")
+    if config["model"] != "vggtransformer":
+        raise ModelFileError(f"{source}: architecture {config['model']!r}; this runtime decodes 'vggtransformer'")
+    layout = config["layout"]
+    if len(config["dictionary"]) != layout.get("vocab_size"):
+        raise ModelFileError(f"{source}: dictionary of {len(config['dictionary'])} symbols for an output layer "
+                             f"of {layout.get('vocab_size')}")
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # without the final EOS
+    score: float  # sum of token log-probabilities / length (EOS included)
+
+
+class Recognizer:
+    """Load once, then :meth:`transcribe_features` (batches of fbank matrices) or :meth:`transcribe` (files).
+
+    ``encoder_kernel``/``decoder_kernel``: "fp32" (dequantized float weights, ONNX Runtime's MatMul) or
+    "nbits" (MatMulNBits low-bit kernels where the grid allows). Measured on a 2-core AVX2 CPU without VNNI:
+    low-bit kernels pay off at decode shapes (a few rows per step), not at encoder shapes (hundreds of rows),
+    hence the defaults.
+    """
+
+    def __init__(self, model: str | os.PathLike | ModelFile, encoder_kernel: str = "fp32",
+                 decoder_kernel: str = "nbits", threads: int = 1):
+        for kernel in (encoder_kernel, decoder_kernel):
+            if kernel not in KERNELS:
+                raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+        source = str(model) if not isinstance(model, ModelFile) else "model"
+        self.file = model if isinstance(model, ModelFile) else read(model)
+        check_config(self.file.config, source)
+        cfg = self.file.config
+        self.layout = cfg["layout"]
+        self.symbols: list[str] = cfg["dictionary"]
+        self.eos, self.pad, self.unk = int(cfg["eos"]), int(cfg["pad"]), int(cfg["unk"])
+        self.bos = int(cfg.get("bos_token", self.eos))  # fairseq starts decoding from EOS
+        self.n_layers = len(self.layout["decoder_layers"])
+        self.convs = [op for op in self.layout["decoder_convs"] if op["op"] == "conv"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        self.encoder_graph = materialize(self.file, "encoder", encoder_kernel)
+        self.decoder_graph = materialize(self.file, "decoder", decoder_kernel)
+        self.encoder = ort.InferenceSession(self.encoder_graph.SerializeToString(), options, providers=providers)
+        self.decoder = ort.InferenceSession(self.decoder_graph.SerializeToString(), options, providers=providers)
+        self.decoder_inputs = [i.name for i in self.decoder.get_inputs()]
+        self.decoder_outputs = [o.name for o in self.decoder.get_outputs()]
+        self.sp = spm.SentencePieceProcessor(model_proto=self.file.blobs["spm.model"])
+        self.feature_dim = self.layout["in_channels"] * self.layout["input_dim"]
+
+    # ------------------------------------------------------------------------------------------
+    def encode(self, features: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Pad a batch of [frames, 80] matrices with zeros (as fairseq's collater does) and run the encoder."""
+        for f in features:
+            if f.ndim != 2 or f.shape[1] != self.feature_dim:
+                raise ValueError(f"features must be [frames, {self.feature_dim}], got {list(f.shape)}")
+        lengths = np.array([f.shape[0] for f in features], dtype=np.int64)
+        batch = np.zeros((len(features), int(lengths.max()), self.feature_dim), dtype=np.float32)
+        for i, f in enumerate(features):
+            batch[i, : f.shape[0]] = f
+        names = [o.name for o in self.encoder.get_outputs()]
+        return dict(zip(names, self.encoder.run(None, {"features": batch, "lengths": lengths})))
+
+    def _initial_state(self, n: int) -> dict[str, np.ndarray]:
+        heads, dim = self.layout["heads"], self.layout["embed_dim"] // self.layout["heads"]
+        state = {f"conv_{i}": np.zeros((n, op["kernel"] - 1, op["in"]), np.float32) for i, op in enumerate(self.convs)}
+        for i in range(self.n_layers):
+            state[f"self_k_{i}"] = np.zeros((n, heads, 0, dim), np.float32)
+            state[f"self_v_{i}"] = np.zeros((n, heads, 0, dim), np.float32)
+        return state
+
+    def _step(self, tokens: np.ndarray, enc: dict, state: dict) -> tuple[np.ndarray, dict]:
+        feed = {"tokens": tokens.astype(np.int64), **{k: enc[k] for k in enc}, **state}
+        outputs = self.decoder.run(None, {name: feed[name] for name in self.decoder_inputs})
+        new_state = {name.removesuffix("_out"): value for name, value in zip(self.decoder_outputs[1:], outputs[1:])}
+        return outputs[0], new_state
+
+    @staticmethod
+    def _take(arrays: dict, rows: np.ndarray) -> dict:
+        return {k: np.take(v, rows, axis=0) for k, v in arrays.items()}
+
+    def max_len(self, frames: int, max_len_a: float, max_len_b: int) -> int:
+        return int(max_len_a * frames + max_len_b)
+
+    # ------------------------------------------------------------------------------------------
+    def beam_search(self, features: list[np.ndarray], beam: int = 5, max_len_a: float = 0.2,
+                    max_len_b: int = 10, len_penalty: float = 1.0) -> list[Hypothesis]:
+        """Best hypothesis per utterance, by fairseq's beam search: 2*beam candidates per step, EOS among the
+        first ``beam`` candidates finalises a hypothesis (score normalised by its length), a sentence is done
+        when it has ``beam`` finalised hypotheses; finished sentences leave the batch."""
+        bsz = len(features)
+        enc = self.encode(features)
+        max_len = self.max_len(max(f.shape[0] for f in features), max_len_a, max_len_b)
+        vocab = self.layout["vocab_size"]
+        rows = np.repeat(np.arange(bsz), beam)
+        enc = self._take(enc, rows)
+        state = self._initial_state(bsz * beam)
+        tokens = np.full((bsz * beam, 1), self.bos, dtype=np.int64)
+        scores = np.zeros((bsz * beam,), dtype=np.float32)
+        finalized: list[list[Hypothesis]] = [[] for _ in range(bsz)]
+        active = list(range(bsz))  # original sentence index of each remaining batch slot
+        for step in range(max_len + 1):
+            lprobs, state = self._step(tokens[:, -1], enc, state)
+            lprobs = lprobs.astype(np.float32)
+            lprobs[np.isnan(lprobs)] = -math.inf
+            lprobs[:, self.pad] = -math.inf
+            if step >= max_len:
+                lprobs[:, : self.eos] = -math.inf
+                lprobs[:, self.eos + 1:] = -math.inf
+            if step < 1:  # min_len 1
+                lprobs[:, self.eos] = -math.inf
+            n_sent = len(active)
+            lp = lprobs.reshape(n_sent, beam, vocab)
+            if step == 0:
+                cand = lp[:, 0, :]
+            else:
+                cand = (lp + scores.reshape(n_sent, beam, 1)).reshape(n_sent, beam * vocab)
+            k = min(2 * beam, cand.shape[1] - 1)
+            # top-k in descending order; ties broken by lower index, as torch.topk on CPU
+            order = np.argsort(-cand, axis=1, kind="stable")[:, :k]
+            cand_scores = np.take_along_axis(cand, order, axis=1)
+            cand_tokens = order % vocab
+            cand_beams = order // vocab if step > 0 else np.zeros_like(order)
+            eos_mask = (cand_tokens == self.eos) & (cand_scores != -math.inf)
+            finished_now = []
+            for s in range(n_sent):
+                for c in range(beam):
+                    if eos_mask[s, c] and len(finalized[active[s]]) < beam:
+                        row = s * beam + cand_beams[s, c]
+                        finalized[active[s]].append(Hypothesis(
+                            tokens[row, 1:].tolist(), float(cand_scores[s, c]) / (step + 1) ** len_penalty))
+                if len(finalized[active[s]]) == beam or step == max_len:
+                    finished_now.append(s)
+            if step == max_len or len(finished_now) == n_sent:
+                break
+            # the first `beam` candidates that are not EOS continue
+            keep_slots = [s for s in range(n_sent) if s not in finished_now]
+            new_rows, new_tokens, new_scores = [], [], []
+            for s in keep_slots:
+                picks = [c for c in range(k) if not eos_mask[s, c]][:beam]
+                for c in picks:
+                    new_rows.append(s * beam + cand_beams[s, c])
+                    new_tokens.append(cand_tokens[s, c])
+                    new_scores.append(cand_scores[s, c])
+            new_rows = np.array(new_rows, dtype=np.int64)
+            tokens = np.concatenate([tokens[new_rows], np.array(new_tokens, dtype=np.int64)[:, None]], axis=1)
+            scores = np.array(new_scores, dtype=np.float32)
+            state = self._take(state, new_rows)
+            if finished_now:
+                slot_rows = np.concatenate([np.arange(s * beam, (s + 1) * beam) for s in keep_slots])
+                enc = self._take(enc, slot_rows)
+            active = [active[s] for s in keep_slots]
+        return [max(hyps, key=lambda h: h.score) if hyps else Hypothesis([], -math.inf) for hyps in finalized]
+
+    def greedy_search(self, features: list[np.ndarray], max_len_a: float = 0.2, max_len_b: int = 10) -> list[Hypothesis]:
+        """Most probable token at every step until EOS (one decoder row per utterance)."""
+        bsz = len(features)
+        enc = self.encode(features)
+        max_len = self.max_len(max(f.shape[0] for f in features), max_len_a, max_len_b)
+        state = self._initial_state(bsz)
+        last = np.full((bsz,), self.bos, dtype=np.int64)
+        out: list[list[int]] = [[] for _ in range(bsz)]
+        total = np.zeros(bsz)
+        done = np.zeros(bsz, dtype=bool)
+        for step in range(max_len + 1):
+            lprobs, state = self._step(last, enc, state)
+            lprobs[:, self.pad] = -math.inf
+            if step < 1:
+                lprobs[:, self.eos] = -math.inf
+            if step >= max_len:
+                lprobs[:, : self.eos] = -math.inf
+                lprobs[:, self.eos + 1:] = -math.inf
+            last = lprobs.argmax(axis=1)
+            for i in np.flatnonzero(~done):
+                total[i] += lprobs[i, last[i]]
+                if last[i] == self.eos:
+                    done[i] = True
+                    total[i] /= len(out[i]) + 1
+                else:
+                    out[i].append(int(last[i]))
+            if done.all():
+                break
+        return [Hypothesis(tokens, float(score)) for tokens, score in zip(out, total)]
+
+    # ------------------------------------------------------------------------------------------
+    def text(self, tokens: list[int]) -> str:
+        pieces = [self.symbols[t] for t in tokens if t not in (self.eos, self.pad)]
+        return self.sp.decode_pieces(pieces).strip() if pieces else ""
+
+    def transcribe_features(self, features: list[np.ndarray], beam: int = 5, **kwargs) -> list[str]:
+        hyps = self.greedy_search(features, **kwargs) if beam <= 1 else self.beam_search(features, beam, **kwargs)
+        return [self.text(h.tokens) for h in hyps]
+
+    def transcribe(self, paths: list[str | os.PathLike], beam: int = 5, **kwargs) -> list[str]:
+        from .audio import features as audio_features
+
+        return self.transcribe_features([audio_features(Path(p)) for p in paths], beam, **kwargs)
+
+
+__all__ = ["Hypothesis", "Recognizer", "check_config"]

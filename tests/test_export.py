@@ -1,0 +1,233 @@
+"""Export (.fqm) and the ONNX Runtime decoder: bit packing, the exact QAT grid, graph parity with fairseq,
+low-bit kernels, and one clear error for every damaged or foreign model file."""
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import ROOT, build_tiny, fbank_batch
+from fairseq_quant.export.exporter import build_model_file, decode_only_spm
+from fairseq_quant.quant.quantizers import ActivationQuantizer
+from fairseq_quant.runtime import fqm
+from fairseq_quant.runtime.graphs import count_kernels, materialize
+from fairseq_quant.runtime.recognizer import Recognizer
+
+SPM = ROOT / "recipes/librispeech/reference/spm.model"
+
+
+def test_pack_bits_layout_and_round_trip():
+    # 2 bits, low bits first: 1 | 2 << 2 | 3 << 4 | 0 << 6 = 0x39
+    assert fqm.pack_bits(np.array([1, 2, 3, 0]), 2) == bytes([0x39])
+    assert fqm.pack_bits(np.array([5, 1]), 3) == bytes([0b00_001_101])
+    assert fqm.pack_bits(np.array([0xA, 0x3]), 4) == bytes([0x3A])
+    with pytest.raises(ValueError, match="does not fit in 2 bits"):
+        fqm.pack_bits(np.array([4]), 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(1, 8), data=st.data())
+def test_pack_unpack_round_trip(bits, data):
+    values = np.array(data.draw(st.lists(st.integers(0, (1 << bits) - 1), max_size=300)), dtype=np.uint8)
+    packed = fqm.pack_bits(values, bits)
+    assert len(packed) == fqm.packed_nbytes(values.size, bits)
+    assert np.array_equal(fqm.unpack_bits(packed, bits, values.size), values)
+
+
+def calibrated(dict_dir, extra, act_bits="8"):
+    torch.manual_seed(0)
+    task, model, _ = build_tiny(dict_dir, extra=[*extra, "--quant-act-bits", act_bits, "--quant-calib-batches", "1"])
+    model.train()
+    x, lengths, prev = fbank_batch(0)
+    model(x, lengths, prev)
+    model.eval()
+    return task, model
+
+
+def export(task, model, **kw):
+    d = task.target_dictionary
+    special = {"eos": d.eos(), "pad": d.pad(), "unk": d.unk(), "bos": d.bos()}
+    file, _ = build_model_file(model, list(d.symbols), decode_only_spm(SPM), special, {}, {}, **kw)
+    payload, sizes = fqm.encode(file)
+    return fqm.decode(payload), payload, sizes
+
+
+@pytest.mark.parametrize("bits,method", [(1, "binary"), (2, "lsq"), (3, "lsq"), (4, "symmetric"), (8, "lsq"),
+                                         (4, "minmax")])
+def test_stored_integers_reproduce_the_fake_quantized_weights_bit_for_bit(dict_dir, bits, method):
+    task, model = calibrated(dict_dir, ["--quant-weight-bits", str(bits), "--quant-weight-method", method])
+    file, _, sizes = export(task, model)
+    modules = dict(model.named_modules())
+    quantized = {n: t for n, t in file.tensors.items() if isinstance(t, fqm.QuantTensor)}
+    # VGG convs, encoder (input projection, 2 layers, output projection), embedding, decoder convs and layers, output
+    assert len(quantized) == 2 + (1 + 2 * 6 + 1) + 1 + 2 + 2 * 10 + 1
+    for name, tensor in quantized.items():
+        layout, quantizer = modules[name.removesuffix(".weight")].quantized_weights()[0]
+        with torch.no_grad():
+            expected = quantizer(layout)
+        assert tensor.bits == bits
+        assert torch.equal(torch.from_numpy(tensor.dequantize()), expected), name
+        assert tensor.q.min() >= tensor.qmin and tensor.q.max() <= tensor.qmin + (1 << bits) - 1
+    n_values = sum(t.q.size for t in quantized.values())
+    assert sizes["weights"] == sum(fqm.packed_nbytes(t.q.size, bits) for t in quantized.values())
+    assert sizes["weights"] <= n_values * bits / 8 + len(quantized)
+
+
+def without_activation_quantization(model):
+    for module in model.modules():
+        if isinstance(module, ActivationQuantizer):
+            module.bits = None
+    return model
+
+
+def fairseq_step_log_probs(model, x, lengths, tokens):
+    """fairseq's incremental decoding of ``tokens`` [B, T]: log-probs at every step [B, T, V]."""
+    with torch.no_grad():
+        enc = model.encoder(x, lengths)
+        state, out = {}, []
+        for t in range(tokens.size(1)):
+            logits, _ = model.decoder(tokens[:, : t + 1], enc, incremental_state=state)
+            out.append(torch.log_softmax(logits[:, -1], dim=-1))
+    return torch.stack(out, dim=1)
+
+
+def runtime_step_log_probs(recognizer, x, lengths, tokens):
+    feats = [x[i, : int(lengths[i])].numpy() for i in range(x.size(0))]
+    enc = recognizer.encode(feats)
+    state = recognizer._initial_state(x.size(0))
+    out = []
+    for t in range(tokens.size(1)):
+        lp, state = recognizer._step(tokens[:, t].numpy(), enc, state)
+        out.append(lp)
+    return np.stack(out, axis=1)
+
+
+def test_onnx_graphs_compute_what_fairseq_computes(dict_dir):
+    """fp32 kernels: the exported encoder + decoder-step graphs equal fairseq's incremental decoding of the same
+    quantized weights (activation quantization off in both), batched with padding."""
+    task, model = calibrated(dict_dir, ["--quant-weight-bits", "4"])
+    without_activation_quantization(model)
+    file, _, _ = export(task, model, float16=False)
+    x, lengths, _ = fbank_batch(3)
+    x = x.clone()
+    for i, n in enumerate(lengths.tolist()):
+        x[i, n:] = 0  # padding is zeros, as fairseq's collater pads
+    tokens = torch.randint(4, 40, (3, 6), generator=torch.Generator().manual_seed(1))
+    tokens[:, 0] = task.target_dictionary.eos()
+    expected = fairseq_step_log_probs(model, x, lengths, tokens).numpy()
+    got = runtime_step_log_probs(Recognizer(file, "fp32", "fp32"), x, lengths, tokens)
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bits,bound", [(2, 0.05), (4, 0.05), (8, 0.05)])
+def test_low_bit_kernels_replace_every_quantized_matmul(dict_dir, bits, bound):
+    """MatMulNBits holds the same weights; it differs from fp32 MatMul only by its int8 activation blocks
+    (measured max |log-prob difference| on this tiny model: under 0.01 at every width)."""
+    task, model = calibrated(dict_dir, ["--quant-weight-bits", str(bits)])
+    file, _, _ = export(task, model)
+    low = Recognizer(file, "nbits", "nbits")
+    # decoder convs; per layer self-attention q/k/v/out, encoder-attention q/out, fc1, fc2; output projection
+    assert count_kernels(low.decoder_graph).get("MatMulNBits") == 2 + 2 * 8 + 1
+    # encoder projections and layers, and the decoder layers' encoder-side keys and values
+    assert count_kernels(materialize(file, "encoder", "nbits")).get("MatMulNBits") == (1 + 2 * 6 + 1) + 2 * 2
+    x, lengths, _ = fbank_batch(3)
+    tokens = torch.randint(4, 40, (3, 5), generator=torch.Generator().manual_seed(2))
+    tokens[:, 0] = task.target_dictionary.eos()
+    exact = runtime_step_log_probs(Recognizer(file, "fp32", "fp32"), x, lengths, tokens)
+    approx = runtime_step_log_probs(low, x, lengths, tokens)
+    assert np.abs(np.exp(approx) - np.exp(exact)).max() < bound
+
+
+# ---------------------------------------------------------------------------------------------------------
+# damaged and foreign files
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def payload(dict_dir):
+    task, model = calibrated(dict_dir, ["--quant-weight-bits", "2"])
+    return export(task, model)[1]
+
+
+def test_a_written_file_reads_back(payload, tmp_path):
+    path = tmp_path / "m.fqm"
+    path.write_bytes(payload)
+    model = fqm.read(path)
+    assert model.config["model"] == "vggtransformer" and model.config["layout"]["heads"] == 2
+    assert set(model.blobs) == {"encoder.onnx", "decoder.onnx", "spm.model"}
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_truncated_file(payload):
+    with pytest.raises(fqm.ModelFileError, match="checksum mismatch"):
+        fqm.decode(payload[:-100])
+    with pytest.raises(fqm.ModelFileError, match="too short"):
+        fqm.decode(payload[:20])
+
+
+def test_bit_flip_fails_the_checksum(payload):
+    damaged = bytearray(payload)
+    damaged[len(damaged) // 2] ^= 0x10
+    with pytest.raises(fqm.ModelFileError, match="checksum mismatch"):
+        fqm.decode(bytes(damaged))
+
+
+def resealed(body: bytes) -> bytes:
+    import hashlib
+
+    return body + hashlib.sha256(body).digest()
+
+
+def test_wrong_format_version_and_magic(payload):
+    body = bytearray(payload[:-32])
+    struct.pack_into("<I", body, 8, 99)
+    with pytest.raises(fqm.ModelFileError, match="format version 99; this runtime reads version 1"):
+        fqm.decode(resealed(bytes(body)))
+    with pytest.raises(fqm.ModelFileError, match="not a fairseq_quant model file"):
+        fqm.decode(b"PK\x03\x04" + payload[4:])
+
+
+def test_a_model_file_of_another_architecture(payload):
+    model = fqm.decode(payload)
+    model.config["model"] = "transformer_lm"
+    other = fqm.decode(fqm.encode(model)[0])
+    with pytest.raises(fqm.ModelFileError, match="architecture 'transformer_lm'; this runtime decodes 'vggtransformer'"):
+        Recognizer(other)
+    del model.config["layout"]
+    with pytest.raises(fqm.ModelFileError, match="config lacks layout"):
+        Recognizer(fqm.decode(fqm.encode(model)[0]))
+
+
+def test_a_checkpoint_is_not_a_model_file(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": {}}, path)
+    with pytest.raises(fqm.ModelFileError, match="not a fairseq_quant model file"):
+        fqm.read(path)
+    with pytest.raises(fqm.ModelFileError, match="cannot read model file"):
+        fqm.read(tmp_path / "missing.fqm")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(0, 10**9), flip=st.integers(0, 10**9), bit=st.integers(0, 7), truncate=st.booleans())
+def test_fuzz_truncated_and_bit_flipped_files(payload, cut, flip, bit, truncate):
+    if truncate:
+        damaged = payload[: cut % len(payload)]
+    else:
+        damaged = bytearray(payload)
+        damaged[flip % len(damaged)] ^= 1 << bit
+        damaged = bytes(damaged)
+    with pytest.raises(fqm.ModelFileError):
+        fqm.decode(damaged)
+
+
+def test_header_errors_behind_a_valid_checksum(payload):
+    """A file whose checksum matches but whose header is garbage (written by a broken exporter)."""
+    prefix = struct.pack("<8sIQ", fqm.MAGIC, fqm.FORMAT_VERSION, 5)
+    with pytest.raises(fqm.ModelFileError, match="unreadable header"):
+        fqm.decode(resealed(prefix + b"xxxxx"))
+    header = zlib.compress(b'{"config": {}, "tensors": {"w": {"kind": "float", "dtype": "float32", "shape": [4], '
+                           b'"data": {"offset": 0, "nbytes": 999}}}, "blobs": {}}')
+    prefix = struct.pack("<8sIQ", fqm.MAGIC, fqm.FORMAT_VERSION, len(header))
+    with pytest.raises(fqm.ModelFileError, match="tensor w: bytes 0..999 lie outside the data section"):
+        fqm.decode(resealed(prefix + header + b"\0" * 16))
