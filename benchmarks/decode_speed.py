@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""Decoding speed, peak memory and file size: fairseq eager (fp32, torch dynamic int8) against the ONNX Runtime
+decoder (fp32, 8-, 4- and 2-bit exports), on the same utterances and batches, side by side in one run.
+
+Each row runs in its own process (peak memory = that process's maximum resident set), at 1 and 2 threads.
+End to end = audio read + features + encoder + beam search; the encoder and the decoder steps are also timed
+apart. Ratios are against fairseq fp32 eager and against the runtime at fp32, at the same thread count.
+
+    python benchmarks/decode_speed.py --workdir exp/default --subsets test-clean,test-other --out exp/default/speed
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "recipes/librispeech/reference"
+# row -> (engine, checkpoint relative to the workdir or "reference", kernels)
+ROWS = {
+    "fairseq-fp32": ("fairseq", "reference", None),
+    "fairseq-dynamic-int8": ("fairseq-int8", "reference", None),
+    "runtime-fp32": ("runtime", "reference", ("fp32", "fp32")),
+    "runtime-w8a8": ("runtime", "qat/qat-w8a8/checkpoint_best.pt", ("fp32", "nbits")),
+    "runtime-w4a8": ("runtime", "qat/qat-w4a8/checkpoint_best.pt", ("fp32", "nbits")),
+    "runtime-mixed2a8": ("runtime", "qat/qat-mixed2a8/checkpoint_best.pt", ("fp32", "nbits")),
+    "runtime-w2a8": ("runtime", "qat/qat-w2a8/checkpoint_best.pt", ("fp32", "nbits")),
+    "runtime-w2a8-nbits-encoder": ("runtime", "qat/qat-w2a8/checkpoint_best.pt", ("nbits", "nbits")),
+}
+BATCH = 10  # utterances per batch, sorted by length (the same batches for every row)
+
+
+def batches(manifests: list[Path], limit: int | None):
+    utts = []
+    for manifest in manifests:
+        entries = json.loads(manifest.read_text())["utts"]
+        utts += [(u, e["input"]["path"], e["output"]["text"].strip(), e["input"]["length_ms"])
+                 for u, e in entries.items()]
+    if limit:
+        utts = utts[:limit]
+    utts.sort(key=lambda x: x[3])
+    return [utts[i:i + BATCH] for i in range(0, len(utts), BATCH)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# workers (one process per row and thread count)
+# ---------------------------------------------------------------------------------------------------------
+def worker_fairseq(args, groups) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import fairseq_quant  # noqa: F401
+    from fairseq.sequence_generator import SequenceGenerator
+
+    from fairseq_quant.evaluate import load_checkpoint
+    from recipes.librispeech.prepare_data import load_features
+
+    model, task = load_checkpoint(args.checkpoint, args.data)
+    if args.engine == "fairseq-int8":
+        from fairseq_quant.baselines import dynamic_int8
+
+        model, _ = dynamic_int8(model)
+    gen = SequenceGenerator([model], task.target_dictionary, beam_size=args.beam, max_len_a=0.2, max_len_b=10)
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(Path(args.data) / "spm.model"))
+    times = {"features": 0.0, "encoder": 0.0, "search": 0.0}
+    hyps = []
+    with torch.no_grad():
+        for group in groups:
+            t0 = time.perf_counter()
+            feats = [load_features(p) for _, p, _, _ in group]
+            lengths = torch.tensor([f.shape[0] for f in feats])
+            x = torch.zeros(len(feats), int(lengths.max()), feats[0].shape[1])
+            for i, f in enumerate(feats):
+                x[i, : f.shape[0]] = f
+            t1 = time.perf_counter()
+            model.encoder(x, lengths)
+            t2 = time.perf_counter()
+            out = gen.generate([model], {"net_input": {"src_tokens": x, "src_lengths": lengths}})
+            t3 = time.perf_counter()
+            times["features"] += t1 - t0
+            times["encoder"] += t2 - t1
+            times["search"] += t3 - t2  # includes its own encoder pass
+            for o in out:
+                pieces = task.target_dictionary.string(o[0]["tokens"].int())
+                hyps.append(sp.decode_pieces(pieces.split()).strip() if pieces else "")
+    times["decoder"] = times["search"] - times["encoder"]
+    times["total"] = times["features"] + times["search"]
+    return {"times": times, "hyps": hyps}
+
+
+def worker_runtime(args, groups) -> dict:
+    from fairseq_quant.runtime.audio import features
+    from fairseq_quant.runtime.recognizer import Recognizer
+
+    enc_kernel, dec_kernel = args.kernels.split(",")
+    rec = Recognizer(args.model_file, enc_kernel, dec_kernel, threads=args.threads)
+    times = {"features": 0.0, "encoder": 0.0, "search": 0.0}
+    hyps = []
+    for group in groups:
+        t0 = time.perf_counter()
+        feats = [features(Path(p)) for _, p, _, _ in group]
+        t1 = time.perf_counter()
+        rec.encode(feats)
+        t2 = time.perf_counter()
+        out = rec.beam_search(feats, beam=args.beam)
+        t3 = time.perf_counter()
+        times["features"] += t1 - t0
+        times["encoder"] += t2 - t1
+        times["search"] += t3 - t2
+        hyps += [rec.text(h.tokens) for h in out]
+    times["decoder"] = times["search"] - times["encoder"]
+    times["total"] = times["features"] + times["search"]
+    return {"times": times, "hyps": hyps}
+
+
+def run_worker(args) -> int:
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    groups = batches([Path(m) for m in args.manifests.split(",")], args.limit)
+    result = worker_runtime(args, groups) if args.engine == "runtime" else worker_fairseq(args, groups)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["refs"] = [ref for group in groups for _, _, ref, _ in group]
+    result["audio_s"] = sum(ms for group in groups for _, _, _, ms in group) / 1000
+    Path(args.result).write_text(json.dumps(result))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------------------
+def ensure_export(row: str, checkpoint: Path, data: Path, out_dir: Path) -> Path:
+    from fairseq_quant.export.exporter import export_checkpoint
+
+    path = out_dir / f"{row.removeprefix('runtime-').removesuffix('-nbits-encoder')}.fqm"
+    if not path.is_file():
+        export_checkpoint(checkpoint, data, path, float16=row != "runtime-fp32")
+    return path
+
+
+def wer(refs, hyps) -> float:
+    import jiwer
+
+    out = jiwer.process_words(refs, hyps)
+    return 100.0 * (out.substitutions + out.deletions + out.insertions) / sum(len(r.split()) for r in refs)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="exp/default", help="the main job's workdir (data/, qat/)")
+    parser.add_argument("--subsets", default="test-clean,test-other")
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--limit", type=int, help="first N utterances only")
+    parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--out", help="default: WORKDIR/speed")
+    # worker mode
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--engine", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--model-file", help=argparse.SUPPRESS)
+    parser.add_argument("--kernels", help=argparse.SUPPRESS)
+    parser.add_argument("--manifests", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        args.threads = int(args.threads)
+        return run_worker(args)
+
+    work = Path(args.workdir)
+    data = work / "data"
+    out = Path(args.out or work / "speed")
+    out.mkdir(parents=True, exist_ok=True)
+    manifests = ",".join(str(data / f"{s}.json") for s in args.subsets.split(","))
+    results = {}
+    for row in args.rows.split(","):
+        engine, ckpt, kernels = ROWS[row]
+        checkpoint = BUNDLE / "model.pt" if ckpt == "reference" else work / ckpt
+        if not checkpoint.is_file():
+            print(f"decode_speed: skipping {row}: no checkpoint {checkpoint}", file=sys.stderr)
+            continue
+        size = checkpoint.stat().st_size
+        model_file = None
+        if engine == "runtime":
+            model_file = ensure_export(row, checkpoint, data, out / "exports")
+            size = model_file.stat().st_size
+        for threads in (int(t) for t in args.threads.split(",")):
+            result_path = out / f"{row}.t{threads}.json"
+            cmd = [sys.executable, __file__, "--worker", "--engine", engine, "--threads", str(threads),
+                   "--data", str(data), "--manifests", manifests, "--result", str(result_path),
+                   "--beam", str(args.beam), "--checkpoint", str(checkpoint)]
+            if model_file:
+                cmd += ["--model-file", str(model_file), "--kernels", ",".join(kernels)]
+            if args.limit:
+                cmd += ["--limit", str(args.limit)]
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode:
+                print(f"decode_speed: {row} at {threads} thread(s) failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                return 1
+            r = json.loads(result_path.read_text())
+            r.update({"row": row, "threads": threads, "file_bytes": size, "wer": wer(r["refs"], r["hyps"])})
+            results[(row, threads)] = r
+            print(f"{row:<28} {threads} thread(s): total {r['times']['total']:.1f} s, WER {r['wer']:.2f}", flush=True)
+    table = format_table(results)
+    print(table)
+    (out / "decode_speed.md").write_text(table)
+    (out / "decode_speed.json").write_text(json.dumps(
+        [{k: v for k, v in r.items() if k not in ("hyps", "refs")} for r in results.values()], indent=2))
+    return 0
+
+
+def format_table(results: dict) -> str:
+    lines = []
+    for threads in sorted({t for _, t in results}):
+        base = results.get(("fairseq-fp32", threads))
+        rt = results.get(("runtime-fp32", threads))
+        some = next(r for (_, t), r in results.items() if t == threads)
+        lines += [f"\n**{threads} thread(s)**, {len(some['refs'])} utterances, {some['audio_s']:.0f} s of audio, "
+                  f"beam 5, batches of {BATCH}\n",
+                  "| row | file MB | WER % | RTF | end-to-end speed-up vs fairseq fp32 | vs runtime fp32 | "
+                  "encoder s | decoder steps s | decoder speed-up vs runtime fp32 | encoder vs runtime fp32 | "
+                  "peak RSS MB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for (row, t), r in results.items():
+            if t != threads:
+                continue
+            tm = r["times"]
+            vs_base = base["times"]["total"] / tm["total"] if base else float("nan")
+            vs_rt = rt["times"]["total"] / tm["total"] if rt else float("nan")
+            dec = rt["times"]["decoder"] / tm["decoder"] if rt else float("nan")
+            enc = tm["encoder"] / rt["times"]["encoder"] if rt else float("nan")
+            lines.append(f"| {row} | {r['file_bytes'] / 1e6:.3f} | {r['wer']:.2f} | {tm['total'] / r['audio_s']:.4f} | "
+                         f"x{vs_base:.2f} | x{vs_rt:.2f} | {tm['encoder']:.2f} | {tm['decoder']:.2f} | x{dec:.2f} | "
+                         f"{enc:.2f} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
