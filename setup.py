@@ -8,20 +8,35 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["fairseq_quant", "fairseq_quant.*", "recipes", "recipes.*"]),
     package_data={"recipes.librispeech": ["strategies/*.yaml", "reference/*"]},
-    install_requires=[
-        "torch==2.11.0",
-        "torchaudio==2.11.0",
-        # fairseq's main branch as a wheel that imports on Python 3.11/3.12; never depend on the
-        # distribution name `fairseq` (pip would install the broken 0.12.2 over it).
-        "ve-fairseq==0.12.3",
-        "sentencepiece>=0.2,<0.3",
-        "jiwer>=4.0,<5",
-        "editdistance>=0.8",  # fairseq-generate --scoring wer
-        "numpy>=1.26",
-        "soundfile>=0.13",
-        "pyyaml>=6.0",
-        "tqdm>=4.60",
-        "matplotlib>=3.8",
-    ],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6.100"]},
+    # the base install is what every part needs; `train` is the fairseq plugin (torch, 4 GB), `runtime` the
+    # on-device decoder (no torch): a device installs `fairseq_quant[runtime]` only
+    install_requires=["numpy>=1.26", "pyyaml>=6.0"],
+    extras_require={
+        "train": [
+            "torch==2.11.0",
+            "torchaudio==2.11.0",
+            # fairseq's main branch as a wheel that imports on Python 3.11/3.12; never depend on the
+            # distribution name `fairseq` (pip would install the broken 0.12.2 over it).
+            "ve-fairseq==0.12.3",
+            "sentencepiece>=0.2,<0.3",
+            "jiwer>=4.0,<5",
+            "editdistance>=0.8",  # fairseq-generate --scoring wer
+            "soundfile>=0.13",
+            "tqdm>=4.60",
+            "matplotlib>=3.8",
+            "onnx>=1.16",  # the exporter writes ONNX graphs
+        ],
+        "test": ["pytest>=8", "hypothesis>=6.100"],
+        # the on-device runtime (fairseq_quant.runtime): imports neither torch nor fairseq
+        "runtime": [
+            "onnxruntime>=1.20",
+            "onnx>=1.16",
+            "numpy>=1.26",
+            "soundfile>=0.13",
+            "sentencepiece>=0.2,<0.3",
+            "kaldi-native-fbank>=1.23",  # options verified against torchaudio on 1.23
+            "soxr>=0.5",  # resampling to 16 kHz
+            "jiwer>=4.0,<5",  # --manifest mode reports the WER
+        ],
+    },
 )

@@ -20,5 +20,5 @@ PYTHON=${PYTHON:-python3}
 "$VENV/bin/python" -m pip install -q --upgrade "pip<26" wheel
 # torch first, so fairseq resolves against exactly this build.
 "$VENV/bin/python" -m pip install -q torch==2.11.0 torchaudio==2.11.0
-"$VENV/bin/python" -m pip install -q -e ".[test]"
+"$VENV/bin/python" -m pip install -q -e ".[train,runtime,test]"
 "$VENV/bin/python" -c "import fairseq, torch, torchaudio, sentencepiece, jiwer, soundfile; print('setup_env: torch', torch.__version__, 'fairseq', fairseq.__version__)"

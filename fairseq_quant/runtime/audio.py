@@ -1,0 +1,186 @@
+"""Audio input and features of the on-device runtime: the training front end without torch.
+
+Training (``recipes.librispeech.prepare_data.load_features``, fairseq's ``AsrDataset``) reads 16 kHz mono
+audio with soundfile as int16-range floats, computes torchaudio's ``kaldi.fbank`` (80 mel bins, 25 ms frames,
+10 ms shift, torchaudio's defaults otherwise) and normalises each utterance's mean and variance per
+dimension. This module reproduces that path with ``kaldi_native_fbank`` and numpy (within 2e-3 of torchaudio
+on normalised features, see ``tests/test_runtime_audio.py``), and accepts what training would refuse:
+several channels are averaged into one, other sample rates are resampled to 16 kHz with soxr.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import kaldi_native_fbank as knf
+import numpy as np
+import soundfile as sf
+import soxr
+
+SAMPLE_RATE = 16000
+NUM_MEL_BINS = 80
+FRAME_LENGTH_MS = 25.0
+FRAME_SHIFT_MS = 10.0
+FRAME_SAMPLES = int(SAMPLE_RATE * FRAME_LENGTH_MS / 1000)  # 400
+MV_NORM_EPS = 1e-8  # as fairseq's data_utils.apply_mv_norm
+INT16_SCALE = 32768.0  # soundfile's float read of 16-bit PCM is int16 / 32768
+_BYTES_PER_SAMPLE = {"PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8,
+                     "ULAW": 1, "ALAW": 1}
+
+
+class AudioError(ValueError):
+    """An audio input the runtime cannot use (missing, empty, unreadable, truncated, too short), named in
+    the message."""
+
+
+def _fbank_options() -> knf.FbankOptions:
+    """kaldi-native-fbank options equal to ``torchaudio.compliance.kaldi.fbank(wave, num_mel_bins=80,
+    frame_length=25, frame_shift=10)`` with torchaudio's defaults for everything else.
+
+    Every option is set explicitly: kaldi-native-fbank's own defaults differ from torchaudio's (dither
+    3e-5 instead of 0, 23 mel bins, energy_floor 0 instead of 1).
+    """
+    opts = knf.FbankOptions()
+    frame = opts.frame_opts
+    frame.samp_freq = float(SAMPLE_RATE)       # sample_frequency=16000
+    frame.frame_length_ms = FRAME_LENGTH_MS    # frame_length=25
+    frame.frame_shift_ms = FRAME_SHIFT_MS      # frame_shift=10
+    frame.dither = 0.0                         # dither=0.0 (knf: 3e-5)
+    frame.preemph_coeff = 0.97                 # preemphasis_coefficient=0.97
+    frame.remove_dc_offset = True              # remove_dc_offset=True
+    frame.window_type = "povey"                # window_type='povey'
+    frame.round_to_power_of_two = True         # round_to_power_of_two=True (512-point FFT)
+    frame.blackman_coeff = 0.42                # blackman_coeff=0.42 (unused by povey)
+    frame.snip_edges = True                    # snip_edges=True
+    mel = opts.mel_opts
+    mel.num_bins = NUM_MEL_BINS                # num_mel_bins=80 (knf: 23)
+    mel.low_freq = 20.0                        # low_freq=20
+    mel.high_freq = 0.0                        # high_freq=0 (Nyquist)
+    mel.vtln_low = 100.0                       # vtln_low=100 (no warping: vtln_warp=1)
+    mel.vtln_high = -500.0                     # vtln_high=-500
+    mel.htk_mode = False                       # kaldi mel banks, not HTK/librosa ones
+    mel.is_librosa = False
+    mel.debug_mel = False
+    opts.use_energy = False                    # use_energy=False
+    opts.energy_floor = 1.0                    # energy_floor=1.0 (unused without energy; knf: 0)
+    opts.raw_energy = True                     # raw_energy=True
+    opts.htk_compat = False                    # htk_compat=False
+    opts.use_log_fbank = True                  # use_log_fbank=True
+    opts.use_power = True                      # use_power=True
+    opts.use_log_floor = True                  # log(max(energy, eps)), as torchaudio
+    opts.eps = float(np.finfo(np.float32).eps)  # torchaudio's floor: torch.finfo(float32).eps
+    return opts
+
+
+_OPTIONS = _fbank_options()
+
+
+def read_audio(path: str | os.PathLike) -> np.ndarray:
+    """Samples of a wav/flac file as float32 [samples] at 16 kHz, mono, in int16 range.
+
+    For a 16-bit file these are exactly the samples training reads (soundfile, dtype int16): files are read
+    as floats in [-1, 1) and scaled by 32768, which is exact for 16-bit PCM and also scales 24-bit and
+    float files correctly (libsndfile's int16 read of a float file returns unscaled values, i.e. silence).
+    Several channels are downmixed to their mean; another sample rate is resampled to 16 kHz with soxr
+    (quality "HQ": flat to 7.3 kHz, so the top two or three of the 80 mel bins lose some energy). Neither
+    is rounded back to integers.
+
+    Raises AudioError for a missing, empty, unreadable, corrupt or truncated file, non-finite samples, and
+    audio shorter than one 25 ms frame (400 samples at 16 kHz).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AudioError(f"{path}: audio file not found")
+    if not path.is_file():
+        raise AudioError(f"{path}: not a file, expected a wav or flac file")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{path}: audio file is empty (0 bytes)")
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
+        raise AudioError(f"{path}: not a readable audio file, expected wav or flac "
+                         f"(libsndfile: {_reason(err)})") from None
+    try:
+        data, rate = sf.read(str(path), dtype="float64", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
+        raise AudioError(f"{path}: corrupt or truncated {info.format} audio "
+                         f"(libsndfile: {_reason(err)})") from None
+    announced = _wav_data_frames(path, info) if info.format == "WAV" else info.frames
+    if announced is not None and data.shape[0] < announced:  # libsndfile reads a cut-off WAV silently
+        raise AudioError(f"{path}: truncated WAV audio: {data.shape[0]} of the {announced} samples its header "
+                         f"announces")
+    if data.shape[0] == 0:
+        raise AudioError(f"{path}: no audio samples")
+    if not np.isfinite(data).all():
+        raise AudioError(f"{path}: audio contains NaN or infinite samples")
+    samples = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1)
+    samples = samples * INT16_SCALE
+    if rate != SAMPLE_RATE:
+        samples = soxr.resample(samples, rate, SAMPLE_RATE, quality="HQ")
+    if samples.shape[0] < FRAME_SAMPLES:
+        raise AudioError(f"{path}: {samples.shape[0]} samples at {SAMPLE_RATE} Hz "
+                         f"({1000 * samples.shape[0] / SAMPLE_RATE:.1f} ms), shorter than one "
+                         f"{FRAME_LENGTH_MS:g} ms frame ({FRAME_SAMPLES} samples)")
+    return samples.astype(np.float32)
+
+
+def _reason(err: Exception) -> str:
+    """libsndfile's own words, without the file name soundfile repeats."""
+    text = str(getattr(err, "error_string", "") or err).strip()
+    return text.removeprefix("Error : ").rstrip(".")
+
+
+def _wav_data_frames(path: Path, info) -> int | None:
+    """Frames that a RIFF/WAVE header's data chunk announces; None when it announces no length (streamed
+    WAVs write 0 or 0xFFFFFFFF) or the header is not plain RIFF (RF64, W64)."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        while len(chunk := f.read(8)) == 8:
+            size = struct.unpack("<I", chunk[4:])[0]
+            if chunk[:4] == b"data":
+                if size in (0, 0xFFFFFFFF):
+                    return None
+                block = info.channels * _BYTES_PER_SAMPLE.get(info.subtype, 0)
+                return size // block if block else None
+            f.seek(size + (size & 1), os.SEEK_CUR)  # chunks are padded to even sizes
+    return None
+
+
+def fbank(samples: np.ndarray) -> np.ndarray:
+    """80-dim log-mel Kaldi fbank, float32 [frames, 80], of 16 kHz int16-range samples: 25 ms frames every
+    10 ms, 1 + (samples - 400) // 160 frames (torchaudio's ``kaldi.fbank`` with training's arguments)."""
+    samples = np.asarray(samples, dtype=np.float32)
+    if samples.ndim != 1:
+        raise AudioError(f"fbank: expected 1-D samples, got shape {tuple(samples.shape)}")
+    if samples.shape[0] < FRAME_SAMPLES:
+        raise AudioError(f"fbank: {samples.shape[0]} samples, shorter than one {FRAME_LENGTH_MS:g} ms frame "
+                         f"({FRAME_SAMPLES} samples at {SAMPLE_RATE} Hz)")
+    extractor = knf.OnlineFbank(_OPTIONS)
+    extractor.accept_waveform(float(SAMPLE_RATE), samples)
+    extractor.input_finished()
+    frames = extractor.num_frames_ready
+    out = np.empty((frames, NUM_MEL_BINS), dtype=np.float32)
+    for i in range(frames):
+        out[i] = extractor.get_frame(i)  # copies: the frame's buffer belongs to the extractor
+    return out
+
+
+def apply_mv_norm(features: np.ndarray) -> np.ndarray:
+    """Per-utterance mean/variance normalisation exactly as training's ``apply_mv_norm``: unbiased
+    variance per dimension; if any dimension's variance is below 1e-8, every dimension divides by
+    std + 1e-8; fewer than 2 frames are returned unchanged."""
+    if features.shape[0] < 2:
+        return features
+    mean = features.mean(axis=0, dtype=np.float64)
+    var = features.var(axis=0, ddof=1, dtype=np.float64)
+    std = np.sqrt(var)
+    inv_std = 1.0 / (std + MV_NORM_EPS) if (var < MV_NORM_EPS).any() else 1.0 / std
+    return ((features - mean) * inv_std).astype(np.float32)
+
+
+def features(path: str | os.PathLike) -> np.ndarray:
+    """The model's input for an audio file: normalised 80-dim fbank, float32 [frames, 80]."""
+    return apply_mv_norm(fbank(read_audio(path)))
