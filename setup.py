@@ -1,17 +1,6 @@
 """fairseq_quant: low-bit quantization of fairseq speech transformers (a fairseq --user-dir plugin)."""
 from setuptools import find_packages, setup
 
-# the on-device runtime (fairseq_quant.runtime): imports neither torch nor fairseq
-RUNTIME = [
-    "onnxruntime>=1.20",
-    "onnx>=1.16",
-    "numpy>=1.26",
-    "soundfile>=0.13",
-    "sentencepiece>=0.2,<0.3",
-    "kaldi-native-fbank>=1.23",  # options verified against torchaudio's kaldi.fbank on 1.23
-    "soxr>=0.5",  # resampling to 16 kHz
-]
-
 setup(
     name="fairseq_quant",
     version="0.1.0",
@@ -34,5 +23,17 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.8",
     ],
-    extras_require={"runtime": RUNTIME, "test": ["pytest>=8", "hypothesis>=6.100", *RUNTIME]},
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100"],
+        # the on-device runtime (fairseq_quant.runtime): imports neither torch nor fairseq
+        "runtime": [
+            "onnxruntime>=1.20",
+            "onnx>=1.16",
+            "numpy>=1.26",
+            "soundfile>=0.13",
+            "sentencepiece>=0.2,<0.3",
+            "kaldi-native-fbank>=1.23",  # options verified against torchaudio on 1.23
+            "soxr>=0.5",  # resampling to 16 kHz
+        ],
+    },
 )
