@@ -122,6 +122,9 @@ def worker_runtime(args, groups) -> dict:
 
 def run_worker(args) -> int:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    if args.engine == "runtime":  # as on a device: torch and fairseq are not there (imports of them fail)
+        for name in ("torch", "torchaudio", "fairseq"):
+            sys.modules[name] = None
     groups = batches([Path(m) for m in args.manifests.split(",")], args.limit)
     result = worker_runtime(args, groups) if args.engine == "runtime" else worker_fairseq(args, groups)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

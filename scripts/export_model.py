@@ -26,6 +26,9 @@ def main(argv=None) -> int:
     parser.add_argument("--fp16-scales", action="store_true",
                         help="store quantization scales in fp16 (smaller; weights then differ from the QAT grid "
                              "by at most 2^-11 relative)")
+    parser.add_argument("--exact-activations", action="store_true",
+                        help="also store graphs with the model's static activation grids (runtime "
+                             "--activations exact: reproduces the fake-quantized model; slower)")
     parser.add_argument("--onnx-dir", help="also write complete encoder.onnx and decoder.onnx here")
     parser.add_argument("--kernel", default="nbits", choices=("fp32", "nbits"),
                         help="weights of the --onnx-dir graphs: low-bit MatMulNBits or dequantized fp32")
@@ -38,7 +41,8 @@ def main(argv=None) -> int:
     try:
         sizes = export_checkpoint(args.checkpoint, args.data, args.out, spm_model=args.spm_model,
                                   float16=not args.fp32_floats, fp16_scales=args.fp16_scales,
-                                  onnx_dir=args.onnx_dir, onnx_kernel=args.kernel)
+                                  onnx_dir=args.onnx_dir, onnx_kernel=args.kernel,
+                                  exact_activations=args.exact_activations)
     except (ExportError, FileNotFoundError, RuntimeError, ValueError) as err:
         print(f"export_model: {err}", file=sys.stderr)
         return 2

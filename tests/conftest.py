@@ -54,7 +54,8 @@ def fbank_batch(seed=0, bsz=3, frames=(120, 100, 80), tgt_len=7):
 
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE_ROWS = ("fp32", "ptq-w2-sym-channel", "dynamic-int8", "qat-w4a8", "qat-mixed2a8")  # the smoke size's
+SMOKE_ROWS = ("fp32", "ptq-w2-sym-channel", "dynamic-int8", "qat-w4a8", "qat-mixed2a8",
+              "runtime-mixed2a8")  # the smoke size's
 
 
 def run(cmd, timeout=900, **kw):

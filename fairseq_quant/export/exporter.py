@@ -169,6 +169,38 @@ def trace_inputs(layout: dict, table: WeightTable):
     return (feats, lengths), dec_args
 
 
+def activation_grid(quantizer) -> dict:
+    """The eval-time grid of an activation quantizer, as the float32 numbers its fake quantization uses."""
+    from ..quant.quantizers import signed_range
+
+    bits = quantizer.bits
+    if quantizer.method in ("pact", "lsq"):
+        _, qmax = signed_range(bits)
+        qmin = -qmax - 1
+        if quantizer.method == "pact":
+            alpha = quantizer.alpha.detach().abs().clamp(min=1e-6)
+            return {"kind": "symmetric", "scale": float(alpha / max(qmax, 1)), "qmin": qmin, "qmax": qmax,
+                    "clip": float(alpha)}
+        step = quantizer.step.detach().abs().clamp(min=1e-8)
+        return {"kind": "symmetric", "scale": float(step), "qmin": qmin, "qmax": qmax}
+    levels = 2**bits - 1
+    scale = torch.clamp(quantizer.hi - quantizer.lo, min=1e-8) / levels
+    zero_point = torch.clamp(torch.round(-quantizer.lo / scale), 0, levels)
+    return {"kind": "zero_point", "scale": float(scale), "zero_point": float(zero_point), "levels": levels}
+
+
+def activation_grids(model: nn.Module) -> dict[str, dict]:
+    from ..quant.quantizers import ActivationQuantizer
+
+    grids = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ActivationQuantizer) and module.enabled:
+            if not bool(module.initialized):
+                raise ExportError(f"{name}: activation quantizer was never calibrated")
+            grids[name] = activation_grid(module)
+    return grids
+
+
 def build_graphs(layout: dict, table: WeightTable) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     enc_args, dec_args = trace_inputs(layout, table)
     enc_in, enc_out = encoder_io_names(layout)
@@ -189,8 +221,12 @@ def build_graphs(layout: dict, table: WeightTable) -> tuple[onnx.ModelProto, onn
 
 
 def build_model_file(model: nn.Module, dictionary_symbols: list[str], spm_proto: bytes,
-                     special: dict, features: dict, source: dict, float16: bool = False) -> tuple[fqm.ModelFile, dict]:
-    """The :class:`~fairseq_quant.runtime.fqm.ModelFile` of a (quantized or float) VGGTransformer."""
+                     special: dict, features: dict, source: dict, float16: bool = False,
+                     exact_activations: bool = False) -> tuple[fqm.ModelFile, dict]:
+    """The :class:`~fairseq_quant.runtime.fqm.ModelFile` of a (quantized or float) VGGTransformer.
+
+    ``exact_activations`` also stores graphs that apply the model's static activation grids
+    ("encoder_actq"/"decoder_actq"): slower, but they compute what the fake-quantized model computes."""
     model = model.eval()
     layout = Layout.from_model(model)
     weights = collect_weights(model, layout)
@@ -214,10 +250,14 @@ def build_model_file(model: nn.Module, dictionary_symbols: list[str], spm_proto:
         floats[name] = stored.float()
     transposed = {w.name for w in weights if w.transposed}
     table = WeightTable(effective, floats, transposed)
-    encoder, decoder = build_graphs(layout, table)
+    graphs = dict(zip(("encoder", "decoder"), build_graphs(layout, table)))
+    grids = activation_grids(model)
+    if exact_activations and grids:
+        exact = WeightTable(effective, floats, transposed, grids)
+        graphs.update(zip(("encoder_actq", "decoder_actq"), build_graphs(layout, exact)))
     known = set(file.tensors)
     graph_refs = {}
-    for graph_name, graph in (("encoder", encoder), ("decoder", decoder)):
+    for graph_name, graph in graphs.items():
         refs = strip_weights(graph, {onnx_name(n) for n in known})
         by_onnx = {onnx_name(n): n for n in known}
         graph_refs[graph_name] = {init: {"tensor": by_onnx[t], "transpose": by_onnx[t].removesuffix(".weight")
@@ -227,20 +267,8 @@ def build_model_file(model: nn.Module, dictionary_symbols: list[str], spm_proto:
     file.blobs["spm.model"] = spm_proto
     file.config = {"model": "vggtransformer", "layout": layout, "graphs": graph_refs,
                    "dictionary": dictionary_symbols, **special, "features": features, "source": source,
-                   "activation_quantization": activation_ranges(model)}
+                   "activation_quantization": grids}
     return file, summary
-
-
-def activation_ranges(model: nn.Module) -> dict:
-    """Each calibrated activation quantizer's bits, method and range (kept for integer-only runtimes)."""
-    from ..quant.quantizers import ActivationQuantizer
-
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, ActivationQuantizer) and module.enabled:
-            out[name] = {"bits": module.bits, "method": module.method,
-                         "range": [float(module.lo), float(module.hi)]}
-    return out
 
 
 def decode_only_spm(spm_model: Path) -> bytes:
@@ -263,7 +291,7 @@ FEATURES = {"sample_rate": 16000, "num_mel_bins": 80, "frame_length_ms": 25.0, "
 
 
 def export_checkpoint(checkpoint, data_dir, out, spm_model=None, float16: bool = True, fp16_scales: bool = False,
-                      onnx_dir=None, onnx_kernel: str = "nbits") -> dict:
+                      onnx_dir=None, onnx_kernel: str = "nbits", exact_activations: bool = False) -> dict:
     """Write ``out`` (.fqm) from a fairseq checkpoint; returns the size breakdown (bytes)."""
     from ..evaluate import find_spm_model, load_checkpoint
 
@@ -275,7 +303,8 @@ def export_checkpoint(checkpoint, data_dir, out, spm_model=None, float16: bool =
     spm_path = Path(spm_model) if spm_model else find_spm_model(Path(data_dir))
     try:
         file, summary = build_model_file(model, list(d.symbols), decode_only_spm(spm_path), special, FEATURES,
-                                         {"checkpoint": str(checkpoint)}, float16=float16)
+                                         {"checkpoint": str(checkpoint)}, float16=float16,
+                                         exact_activations=exact_activations)
     except AttributeError as err:
         raise ExportError(f"{checkpoint}: not a VGGTransformer of the supported layout ({err})") from err
     sizes = fqm.write(out, file, "float16" if fp16_scales else "float32")

@@ -15,7 +15,10 @@ and output:
 Weights are looked up by the fairseq parameter name of their module (``encoder.transformer_layers.1.fc1``)
 and registered as buffers named ``<name with . -> __>``; linear weights are stored transposed ([in, out]),
 so that each becomes the ``B`` initializer of one ONNX ``MatMul`` that the runtime can swap for a low-bit
-kernel. Activation fake quantization is left out: the runtime's kernels quantize activations themselves.
+kernel. Activation quantization: by default none in the graph (the runtime's low-bit kernels quantize
+activations to int8 themselves, dynamically per block); with ``activations`` the graph applies the QAT
+model's own static activation grids (same float32 operations as training), which reproduces the
+fake-quantized model.
 """
 from __future__ import annotations
 
@@ -33,9 +36,11 @@ def onnx_name(module_name: str) -> str:
 class WeightTable(nn.Module):
     """Effective weights by module name, as buffers (``transposed`` ones in [in, out] layout)."""
 
-    def __init__(self, weights: dict[str, torch.Tensor], floats: dict[str, torch.Tensor], transposed: set[str]):
+    def __init__(self, weights: dict[str, torch.Tensor], floats: dict[str, torch.Tensor], transposed: set[str],
+                 activations: dict[str, dict] | None = None):
         super().__init__()
         self.transposed = set(transposed)
+        self.activations = activations or {}  # quantizer name -> parameters (``activation_grid``); {}: none
         for name, w in weights.items():
             self.register_buffer(onnx_name(name + ".weight"), (w.t() if name in transposed else w).contiguous())
         for name, t in floats.items():
@@ -50,7 +55,23 @@ class WeightTable(nn.Module):
     def has(self, name: str) -> bool:
         return hasattr(self, onnx_name(name))
 
-    def linear(self, x, module: str):
+    def quant(self, x, quantizer: str):
+        """The training-time fake quantizer of ``quantizer`` (its eval grid), when exporting with activations."""
+        p = self.activations.get(quantizer)
+        if p is None:
+            return x
+        scale = torch.tensor(p["scale"], dtype=x.dtype)
+        if p["kind"] == "zero_point":
+            zero = torch.tensor(p["zero_point"], dtype=x.dtype)
+            q = torch.clamp(torch.round(x / scale) + zero, 0.0, float(p["levels"]))
+            return (q - zero) * scale
+        if "clip" in p:
+            x = torch.clamp(x, -p["clip"], p["clip"])
+        return torch.clamp(torch.round(x / scale), float(p["qmin"]), float(p["qmax"])) * scale
+
+    def linear(self, x, module: str, quantize_input: bool = True):
+        if quantize_input:
+            x = self.quant(x, module + ".input_quantizer")
         out = torch.matmul(x, self.w(module))
         return out + self.f(module + ".bias") if self.has(module + ".bias") else out
 
@@ -147,12 +168,13 @@ def _merge(x):
     return x.transpose(1, 2).reshape(b, t, h * d)
 
 
-def _attend(q, k, v, bias):
-    """softmax(q k^T + bias) v; q is already scaled."""
-    scores = torch.matmul(q, k.transpose(2, 3))
+def _attend(table: WeightTable, prefix: str, q, k, v, bias):
+    """softmax(q k^T + bias) v with the attention's operand quantizers; q is already scaled, k and v are
+    already quantized (they may come from a cache)."""
+    scores = torch.matmul(table.quant(q, prefix + ".q_quantizer"), k.transpose(2, 3))
     if bias is not None:
         scores = scores + bias
-    return torch.matmul(torch.softmax(scores, dim=-1), v)
+    return torch.matmul(table.quant(torch.softmax(scores, dim=-1), prefix + ".prob_quantizer"), v)
 
 
 class EncoderGraph(nn.Module):
@@ -166,7 +188,7 @@ class EncoderGraph(nn.Module):
         for block in self.layout["vgg"]:
             for op in block:
                 if op["op"] == "conv":
-                    x = F.conv2d(x, t.w(op["name"]), t.f(op["name"] + ".bias") if t.has(op["name"] + ".bias") else None,
+                    x = F.conv2d(t.quant(x, op["name"] + ".input_quantizer"), t.w(op["name"]), t.f(op["name"] + ".bias") if t.has(op["name"] + ".bias") else None,
                                  tuple(op["stride"]), tuple(op["padding"]))
                 elif op["op"] == "layer_norm":
                     x = t.layer_norm(x, op["name"], op["eps"])
@@ -180,9 +202,9 @@ class EncoderGraph(nn.Module):
         t, h = self.table, self.heads
         scaling = (x.shape[-1] // h) ** -0.5
         q = _heads(t.linear(x, prefix + ".q_proj") * scaling, h)
-        k = _heads(t.linear(x, prefix + ".k_proj"), h)
-        v = _heads(t.linear(x, prefix + ".v_proj"), h)
-        return t.linear(_merge(_attend(q, k, v, bias)), prefix + ".out_proj")
+        k = t.quant(_heads(t.linear(x, prefix + ".k_proj"), h), prefix + ".k_quantizer")
+        v = t.quant(_heads(t.linear(x, prefix + ".v_proj"), h), prefix + ".v_quantizer")
+        return t.linear(_merge(_attend(t, prefix, q, k, v, bias)), prefix + ".out_proj")
 
     def encoder_layer(self, x, op, bias):
         t, name, pre = self.table, op["name"], op["normalize_before"]
@@ -219,8 +241,10 @@ class EncoderGraph(nn.Module):
         outputs = [bias]
         for layer in self.layout["decoder_layers"]:
             prefix = layer["name"] + ".encoder_attn"
-            outputs.append(_heads(self.table.linear(x, prefix + ".k_proj"), self.heads))
-            outputs.append(_heads(self.table.linear(x, prefix + ".v_proj"), self.heads))
+            outputs.append(self.table.quant(_heads(self.table.linear(x, prefix + ".k_proj"), self.heads),
+                                            prefix + ".k_quantizer"))
+            outputs.append(self.table.quant(_heads(self.table.linear(x, prefix + ".v_proj"), self.heads),
+                                            prefix + ".v_quantizer"))
         return tuple(outputs)
 
 
@@ -245,9 +269,10 @@ class DecoderStepGraph(nn.Module):
         conv_i = 0
         for op in self.layout["decoder_convs"]:
             if op["op"] == "conv":
+                x = t.quant(x, op["name"] + ".input_quantizer")  # the buffer holds quantized inputs
                 buffer = torch.cat([convs[conv_i], x.unsqueeze(1)], dim=1)  # [N, k, C]
                 new_convs.append(buffer[:, 1:])
-                x = t.linear(buffer.reshape(buffer.shape[0], -1), op["name"])
+                x = t.linear(buffer.reshape(buffer.shape[0], -1), op["name"], quantize_input=False)
                 conv_i += 1
             elif op["op"] == "layer_norm":
                 x = t.layer_norm(x, op["name"], op["eps"])
@@ -261,19 +286,23 @@ class DecoderStepGraph(nn.Module):
             # self-attention over the cached keys/values and the new step
             residual = x
             y = t.layer_norm(x, name + ".self_attn_layer_norm") if pre else x
-            q = _heads(t.linear(y, name + ".self_attn.q_proj") * scaling, h)
-            k = torch.cat([selfs[2 * i], _heads(t.linear(y, name + ".self_attn.k_proj"), h)], dim=2)
-            v = torch.cat([selfs[2 * i + 1], _heads(t.linear(y, name + ".self_attn.v_proj"), h)], dim=2)
+            prefix = name + ".self_attn"
+            q = _heads(t.linear(y, prefix + ".q_proj") * scaling, h)
+            k_new = t.quant(_heads(t.linear(y, prefix + ".k_proj"), h), prefix + ".k_quantizer")
+            v_new = t.quant(_heads(t.linear(y, prefix + ".v_proj"), h), prefix + ".v_quantizer")
+            k = torch.cat([selfs[2 * i], k_new], dim=2)  # the caches hold quantized keys and values
+            v = torch.cat([selfs[2 * i + 1], v_new], dim=2)
             new_selfs += [k, v]
-            x = residual + t.linear(_merge(_attend(q, k, v, None)), name + ".self_attn.out_proj")
+            x = residual + t.linear(_merge(_attend(t, prefix, q, k, v, None)), prefix + ".out_proj")
             if not pre:
                 x = t.layer_norm(x, name + ".self_attn_layer_norm")
             # encoder-decoder attention over the precomputed keys/values
             residual = x
             y = t.layer_norm(x, name + ".encoder_attn_layer_norm") if pre else x
-            q = _heads(t.linear(y, name + ".encoder_attn.q_proj") * scaling, h)
-            x = residual + t.linear(_merge(_attend(q, cross[2 * i], cross[2 * i + 1], bias)),
-                                    name + ".encoder_attn.out_proj")
+            prefix = name + ".encoder_attn"
+            q = _heads(t.linear(y, prefix + ".q_proj") * scaling, h)
+            x = residual + t.linear(_merge(_attend(t, prefix, q, cross[2 * i], cross[2 * i + 1], bias)),
+                                    prefix + ".out_proj")
             if not pre:
                 x = t.layer_norm(x, name + ".encoder_attn_layer_norm")
             residual = x

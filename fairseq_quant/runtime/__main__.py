@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--encoder-kernel", default="fp32", choices=("fp32", "nbits"))
     parser.add_argument("--decoder-kernel", default="nbits", choices=("fp32", "nbits"))
+    parser.add_argument("--activations", default="kernel", choices=("kernel", "exact"),
+                        help="exact: the QAT model's static activation grids (export with --exact-activations)")
     args = parser.parse_args(argv)
     if not args.audio and not args.manifest:
         parser.error("give audio files or --manifest")
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
     from .recognizer import Recognizer
 
     try:
-        recognizer = Recognizer(args.model, args.encoder_kernel, args.decoder_kernel, args.threads)
+        recognizer = Recognizer(args.model, args.encoder_kernel, args.decoder_kernel, args.threads, args.activations)
         for path in args.audio:
             print(f"{path}\t{recognizer.transcribe([path], args.beam, max_len_a=args.max_len_a, max_len_b=args.max_len_b)[0]}")
         if args.manifest:

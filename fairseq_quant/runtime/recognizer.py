@@ -39,13 +39,15 @@ class Recognizer:
     """Load once, then :meth:`transcribe_features` (batches of fbank matrices) or :meth:`transcribe` (files).
 
     ``encoder_kernel``/``decoder_kernel``: "fp32" (dequantized float weights, ONNX Runtime's MatMul) or
-    "nbits" (MatMulNBits low-bit kernels where the grid allows). Measured on a 2-core AVX2 CPU without VNNI:
+    "nbits" (MatMulNBits low-bit kernels where the grid allows). ``activations``: "kernel" (no activation
+    quantization in the graph; MatMulNBits quantizes its inputs to int8 per block) or "exact" (the QAT model's
+    static activation grids, from a file exported with ``--exact-activations``). Measured on a 2-core AVX2 CPU without VNNI:
     low-bit kernels pay off at decode shapes (a few rows per step), not at encoder shapes (hundreds of rows),
     hence the defaults.
     """
 
     def __init__(self, model: str | os.PathLike | ModelFile, encoder_kernel: str = "fp32",
-                 decoder_kernel: str = "nbits", threads: int = 1):
+                 decoder_kernel: str = "nbits", threads: int = 1, activations: str = "kernel"):
         for kernel in (encoder_kernel, decoder_kernel):
             if kernel not in KERNELS:
                 raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
@@ -65,8 +67,13 @@ class Recognizer:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CPUExecutionProvider"]
-        self.encoder_graph = materialize(self.file, "encoder", encoder_kernel)
-        self.decoder_graph = materialize(self.file, "decoder", decoder_kernel)
+        if activations not in ("kernel", "exact"):
+            raise ValueError(f"activations must be 'kernel' or 'exact', got {activations!r}")
+        suffix = "_actq" if activations == "exact" else ""
+        if suffix and "encoder_actq" not in cfg["graphs"]:
+            raise ModelFileError(f"{source}: exported without --exact-activations (no activation-quantized graphs)")
+        self.encoder_graph = materialize(self.file, "encoder" + suffix, encoder_kernel)
+        self.decoder_graph = materialize(self.file, "decoder" + suffix, decoder_kernel)
         self.encoder = ort.InferenceSession(self.encoder_graph.SerializeToString(), options, providers=providers)
         self.decoder = ort.InferenceSession(self.decoder_graph.SerializeToString(), options, providers=providers)
         self.decoder_inputs = [i.name for i in self.decoder.get_inputs()]

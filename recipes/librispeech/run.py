@@ -35,7 +35,8 @@ class Row:
     """One model of the results table and how it is made from the fp32 checkpoint."""
 
     name: str
-    kind: str  # "fp32", "ptq" (post-training weight quantization), "dynamic_int8" (torch.ao), "qat"
+    kind: str  # "fp32", "ptq" (post-training weight quantization), "dynamic_int8" (torch.ao), "qat",
+    #           "runtime" (the qat-<strategy> row's checkpoint exported and decoded by the ONNX Runtime decoder)
     strategy: str | None = None  # qat: a strategy name in strategies/ or a YAML path
     ptq: tuple | None = None  # ptq: (weight bits, granularity, weight method); activations stay fp32
     kd: bool = True  # qat: distillation from the fp32 model
@@ -58,9 +59,12 @@ ROWS = {r.name: r for r in [
     Row("qat-w2a8-nokd", "qat", "w2a8", kd=False),
     Row("qat-w2a8", "qat", "w2a8"),
     Row("qat-mixed2a8", "qat", "mixed2a8"),
+    Row("runtime-w8a8", "runtime", "w8a8"),
+    Row("runtime-w4a8", "runtime", "w4a8"),
+    Row("runtime-mixed2a8", "runtime", "mixed2a8"),
 ]}
 DEMO_ROWS = ("fp32", "ptq-w8-sym-channel", "ptq-w4-sym-channel", "ptq-w2-sym-channel", "ptq-w4-minmax-tensor",
-             "dynamic-int8", "qat-fp32", "qat-w8a8", "qat-w4a8", "qat-w2a8", "qat-mixed2a8")
+             "dynamic-int8", "qat-fp32", "qat-w8a8", "qat-w4a8", "qat-w2a8", "qat-mixed2a8", "runtime-mixed2a8")
 TEST_SUBSETS = ("test-clean", "test-other")
 CONTROL_ROW = "qat-fp32"
 
@@ -103,7 +107,8 @@ SIZES = {
     # a smoke run for CI: tiny corpus, a few updates; checks the plumbing, not accuracy
     "smoke": RecipeConfig(corpus_size="tiny", vocab_size=60, fp32_updates=30, warmup=10,
                           qat_updates=6, calib_batches=2, beam=2, max_len_a=0.0, max_len_b=40,
-                          rows=("fp32", "ptq-w2-sym-channel", "dynamic-int8", "qat-w4a8", "qat-mixed2a8")),
+                          rows=("fp32", "ptq-w2-sym-channel", "dynamic-int8", "qat-w4a8", "qat-mixed2a8",
+                                "runtime-mixed2a8")),
     # a few minutes: the plumbing from the reference model, far too short to mean anything
     "quick": RecipeConfig(**{**REFERENCE, "qat_updates": 20}, synth_train=400, calib_batches=4,
                           eval_subsets=TEST_SUBSETS, rows=("fp32", "ptq-w2-sym-channel", "qat-w2a8")),
@@ -292,8 +297,55 @@ def evaluate_model(name: str, ckpt: Path, data: Path, out: Path, cfg: RecipeConf
     )
 
 
+def export_and_decode(row: Row, data: Path, work: Path, fp32_ckpt: Path, cfg: RecipeConfig) -> ModelResult:
+    """The qat-<strategy> checkpoint exported to .fqm and decoded by the on-device runtime (cached)."""
+    ckpt = make_checkpoint(ROWS[f"qat-{row.strategy}"], data, work, fp32_ckpt, cfg)
+    out = work / "eval" / row.name
+    summary = out / "wer.json"
+    cached = json.loads(summary.read_text()) if summary.exists() else {}
+    if cached.get("checkpoint") != str(ckpt) or {r["subset"] for r in cached.get("results", [])} != set(cfg.eval_subsets):
+        out.mkdir(parents=True, exist_ok=True)
+        model_file = work / "export" / f"{row.strategy}.fqm"
+        root = Path(__file__).parents[2]
+        run_logged([sys.executable, str(root / "scripts" / "export_model.py"), "--checkpoint", str(ckpt), "--data",
+                    str(data), "--out", str(model_file), "--json", str(out / "export.json")],
+                   out / "export.log", tag=f"export {row.name}")
+        export = json.loads((out / "export.json").read_text())
+        results = []
+        for subset in cfg.eval_subsets:
+            run_logged([sys.executable, "-m", "fairseq_quant.runtime", "--model", str(model_file), "--manifest",
+                        str(data / f"{subset}.json"), "--out", str(out / subset), "--beam", str(cfg.beam),
+                        "--max-len-a", str(cfg.max_len_a), "--max-len-b", str(cfg.max_len_b),
+                        "--threads", str(threads_per_job(cfg))],
+                       out / f"{subset}.log", train_env(threads_per_job(cfg)), tag=f"runtime {row.name}")
+            os.replace(out / subset / f"{subset}.utt.tsv", out / f"{subset}.utt.tsv")
+            w = json.loads((out / subset / "wer.json").read_text())
+            from fairseq_quant.stats import read_utterances
+
+            utts = read_utterances(out / f"{subset}.utt.tsv")
+            results.append({"subset": subset, "utterances": w["utterances"], "words": w["words"],
+                            "substitutions": sum(u.substitutions for u in utts),
+                            "deletions": sum(u.deletions for u in utts),
+                            "insertions": sum(u.insertions for u in utts), "wer": w["wer"], "rtf": w["rtf"]})
+        cached = {"checkpoint": str(ckpt), "model_file": str(model_file), "beam": cfg.beam,
+                  "avg_weight_bits": round(export["avg_weight_bits"], 4), "model_mb": export["total"] / 1e6,
+                  "results": results}
+        summary.write_text(json.dumps(cached, indent=2) + "\n")
+        logger.info("runtime %s: %s", row.name, " ".join(f"{r['subset']} {r['wer']:.2f} (RTF {r['rtf']:.4f})"
+                                                           for r in results))
+    return ModelResult(
+        name=row.name, checkpoint=str(ckpt), avg_weight_bits=cached["avg_weight_bits"], model_mb=cached["model_mb"],
+        wer={r["subset"]: r["wer"] for r in cached["results"]}, words={r["subset"]: r["words"] for r in cached["results"]},
+        errors={r["subset"]: r["substitutions"] + r["deletions"] + r["insertions"] for r in cached["results"]},
+        eval_dir=str(out))
+
+
 def run_row(row: Row, data: Path, work: Path, fp32_ckpt: Path, cfg: RecipeConfig) -> ModelResult:
     start = time.perf_counter()
+    if row.kind == "runtime":
+        result = export_and_decode(row, data, work, fp32_ckpt, cfg)
+        result.seconds = round(time.perf_counter() - start, 1)
+        return result
     ckpt = make_checkpoint(row, data, work, fp32_ckpt, cfg)
     result = evaluate_model(row.name, ckpt, data, work / "eval" / row.name, cfg,
                             dynamic_int8=row.kind == "dynamic_int8")
@@ -358,7 +410,7 @@ def plot_results(results: list[ModelResult], subsets, path: Path) -> Path:
 
     pooled = table_subsets(subsets)
     fig, ax = plt.subplots(figsize=(8, 5))
-    colors = {"fp32": "black", "ptq": "tab:red", "dynamic_int8": "tab:orange", "qat": "tab:blue"}
+    colors = {"fp32": "black", "ptq": "tab:red", "dynamic_int8": "tab:orange", "qat": "tab:blue", "runtime": "tab:green"}
     for r in results:
         kind = ROWS[r.name].kind if r.name in ROWS else "qat"
         ci = wer_interval([read_utterances(Path(r.eval_dir) / f"{s}.utt.tsv") for s in pooled])
@@ -368,7 +420,8 @@ def plot_results(results: list[ModelResult], subsets, path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("model size, MB (packed weights + scales; log scale)")
     ax.set_ylabel(f"WER % ({'+'.join(pooled)}), 95% CI")
-    ax.set_title("WER against model size: fp32 (black), post-training (red), dynamic int8 (orange), QAT (blue)",
+    ax.set_title("WER against size: fp32 (black), post-training (red), dynamic int8 (orange), QAT (blue), "
+                 "exported + ONNX Runtime (green)",
                  fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -528,7 +581,10 @@ def main(argv=None) -> int:
         params = size_params(cfg.corpus_size, args.seed, cfg.synth_train if from_reference else None)
         logger.info("stage corpus: %s", params)
         if "corpus" in stages:
-            root = timed("corpus", generate_from_params, work / "corpus", params, cfg.threads)
+            try:
+                root = timed("corpus", generate_from_params, work / "corpus", params, cfg.threads)
+            except FileExistsError as err:  # a workdir of another size or seed
+                parser.exit(2, f"run: error: {err}\n")
         else:
             root = work / "corpus" / "LibriSpeech"
     fp32_ckpt = work / "fp32" / "checkpoint_best.pt"
@@ -565,7 +621,11 @@ def main(argv=None) -> int:
         rows = [ROWS[name] for name in cfg.rows]
         logger.info("stage rows: %s on %s, beam %d, %d at a time", ", ".join(cfg.rows),
                     ", ".join(cfg.eval_subsets), cfg.beam, cfg.jobs)
-        results = timed("rows", parallel, cfg.jobs, [(run_row, row, data, work, fp32_ckpt, cfg) for row in rows])
+        # runtime rows export a QAT row's checkpoint: they run after the rows that train it
+        first = [row for row in rows if row.kind != "runtime"]
+        results = timed("rows", parallel, cfg.jobs, [(run_row, row, data, work, fp32_ckpt, cfg) for row in first])
+        results += timed("runtime rows", parallel, 1, [(run_row, row, data, work, fp32_ckpt, cfg)
+                                                       for row in rows if row.kind == "runtime"])
         table = results_table(results, cfg.eval_subsets)
         (work / "results.md").write_text(table)
         plot = plot_results(results, cfg.eval_subsets, work / "results.png")
