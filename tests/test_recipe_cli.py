@@ -1,6 +1,7 @@
 """The recipe runner's command line off the happy path: --dry-run (every stage's command lines and the memory
 estimate, nothing run or written), the paper preset's batch size, a wrong --librispeech-root, how many
 processes prepare uses, and the README's real-LibriSpeech commands."""
+import json
 import re
 import shlex
 import sys
@@ -120,3 +121,16 @@ def test_readme_real_librispeech_commands_prepare_the_data_once(tmp_path):
         if "--dry-run" not in cmd:  # a preview prepares nothing
             prepared += proc.stdout.count("# stage prepare\n")
     assert prepared == 1
+
+
+def test_a_workdir_with_another_corpus_is_one_line(tmp_path):
+    """A workdir whose generated corpus has other parameters (another size, or an older generator) was a
+    traceback from the corpus stage."""
+    corpus = tmp_path / "exp" / "corpus" / "LibriSpeech"
+    corpus.mkdir(parents=True)
+    (corpus / ".complete").write_text(json.dumps({"format_version": 1, "seed": 0}))
+    proc = runner("--size", "smoke", "--workdir", tmp_path / "exp", "--stages", "corpus")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"run: error: {corpus} was generated with different parameters {{'format_version': 1, 'seed': 0}}")
