@@ -26,11 +26,14 @@ ROWS = {
     "fairseq-fp32": ("fairseq", "reference", None),
     "fairseq-dynamic-int8": ("fairseq-int8", "reference", None),
     "runtime-fp32": ("runtime", "reference", ("fp32", "fp32")),
-    "runtime-w8a8": ("runtime", "qat/qat-w8a8/checkpoint_best.pt", ("fp32", "nbits")),
-    "runtime-w4a8": ("runtime", "qat/qat-w4a8/checkpoint_best.pt", ("fp32", "nbits")),
-    "runtime-mixed2a8": ("runtime", "qat/qat-mixed2a8/checkpoint_best.pt", ("fp32", "nbits")),
-    "runtime-w2a8": ("runtime", "qat/qat-w2a8/checkpoint_best.pt", ("fp32", "nbits")),
-    "runtime-w2a8-nbits-encoder": ("runtime", "qat/qat-w2a8/checkpoint_best.pt", ("nbits", "nbits")),
+    # the runtime's defaults: fp32 encoder kernels, decoder kernels chosen by timing at load
+    "runtime-w8a8": ("runtime", "qat/qat-w8a8/checkpoint_best.pt", ("fp32", "auto")),
+    "runtime-w4a8": ("runtime", "qat/qat-w4a8/checkpoint_best.pt", ("fp32", "auto")),
+    "runtime-mixed2a8": ("runtime", "qat/qat-mixed2a8/checkpoint_best.pt", ("fp32", "auto")),
+    "runtime-w2a8": ("runtime", "qat/qat-w2a8/checkpoint_best.pt", ("fp32", "auto")),
+    # the low-bit kernels forced: MatMulNBits in the decoder steps, and in the encoder too
+    "runtime-w2a8-nbits-decoder": ("runtime", "qat/qat-w2a8/checkpoint_best.pt", ("fp32", "nbits")),
+    "runtime-w2a8-nbits-all": ("runtime", "qat/qat-w2a8/checkpoint_best.pt", ("nbits", "nbits")),
 }
 BATCH = 10  # utterances per batch, sorted by length (the same batches for every row)
 
@@ -117,7 +120,7 @@ def worker_runtime(args, groups) -> dict:
         hyps += [rec.text(h.tokens) for h in out]
     times["decoder"] = times["search"] - times["encoder"]
     times["total"] = times["features"] + times["search"]
-    return {"times": times, "hyps": hyps}
+    return {"times": times, "hyps": hyps, "kernels": rec.kernels}
 
 
 def run_worker(args) -> int:
@@ -140,7 +143,7 @@ def run_worker(args) -> int:
 def ensure_export(row: str, checkpoint: Path, data: Path, out_dir: Path) -> Path:
     from fairseq_quant.export.exporter import export_checkpoint
 
-    path = out_dir / f"{row.removeprefix('runtime-').removesuffix('-nbits-encoder')}.fqm"
+    path = out_dir / f"{row.removeprefix('runtime-').split('-nbits')[0]}.fqm"
     if not path.is_file():
         export_checkpoint(checkpoint, data, path, float16=row != "runtime-fp32")
     return path
@@ -227,10 +230,10 @@ def format_table(results: dict) -> str:
         some = next(r for (_, t), r in results.items() if t == threads)
         lines += [f"\n**{threads} thread(s)**, {len(some['refs'])} utterances, {some['audio_s']:.0f} s of audio, "
                   f"beam 5, batches of {BATCH}\n",
-                  "| row | file MB | WER % | RTF | end-to-end speed-up vs fairseq fp32 | vs runtime fp32 | "
+                  "| row | kernels (encoder / decoder) | file MB | WER % | RTF | end-to-end speed-up vs fairseq fp32 | vs runtime fp32 | "
                   "encoder s | decoder steps s | decoder speed-up vs runtime fp32 | encoder vs runtime fp32 | "
                   "peak RSS MB |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for (row, t), r in results.items():
             if t != threads:
                 continue
@@ -239,7 +242,9 @@ def format_table(results: dict) -> str:
             vs_rt = rt["times"]["total"] / tm["total"] if rt else float("nan")
             dec = rt["times"]["decoder"] / tm["decoder"] if rt else float("nan")
             enc = tm["encoder"] / rt["times"]["encoder"] if rt else float("nan")
-            lines.append(f"| {row} | {r['file_bytes'] / 1e6:.3f} | {r['wer']:.2f} | {tm['total'] / r['audio_s']:.4f} | "
+            kernels = r.get("kernels")
+            kernels = f"{kernels['encoder']} / {kernels['decoder']}" if kernels else "torch eager"
+            lines.append(f"| {row} | {kernels} | {r['file_bytes'] / 1e6:.3f} | {r['wer']:.2f} | {tm['total'] / r['audio_s']:.4f} | "
                          f"x{vs_base:.2f} | x{vs_rt:.2f} | {tm['encoder']:.2f} | {tm['decoder']:.2f} | x{dec:.2f} | "
                          f"{enc:.2f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines) + "\n"

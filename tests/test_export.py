@@ -302,3 +302,16 @@ def test_exact_activation_export_runs_in_onnx_runtime(dict_dir):
     assert np.abs(exact - expected).mean() < np.abs(plain - expected).mean() / 2
     with pytest.raises(fqm.ModelFileError, match="exported without --exact-activations"):
         Recognizer(export(task, model)[0], activations="exact")
+
+
+def test_auto_kernels_keep_the_faster_of_fp32_and_low_bit(dict_dir):
+    task, model = calibrated(dict_dir, ["--quant-weight-bits", "4"])
+    file = export(task, model)[0]
+    rec = Recognizer(file, "auto", "auto")
+    assert set(rec.kernels) == {"encoder", "decoder"} and set(rec.kernels.values()) <= {"fp32", "nbits"}
+    for graph in ("encoder", "decoder"):
+        counts = count_kernels(getattr(rec, f"{graph}_graph"))
+        assert ("MatMulNBits" in counts) == (rec.kernels[graph] == "nbits")
+    assert Recognizer(file).kernels["encoder"] == "fp32"  # the default: low-bit never wins at encoder shapes
+    with pytest.raises(ValueError, match="unknown kernel 'int3'"):
+        Recognizer(file, "int3")

@@ -60,8 +60,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-len-b", type=int, default=10)
     parser.add_argument("--batch-frames", type=int, default=6000, help="frames per batch in --manifest mode")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--encoder-kernel", default="fp32", choices=("fp32", "nbits"))
-    parser.add_argument("--decoder-kernel", default="nbits", choices=("fp32", "nbits"))
+    parser.add_argument("--encoder-kernel", default="fp32", choices=("fp32", "nbits", "auto"),
+                        help="fp32: dequantized weights; nbits: MatMulNBits; auto: the faster here, timed at load")
+    parser.add_argument("--decoder-kernel", default="auto", choices=("fp32", "nbits", "auto"))
     parser.add_argument("--activations", default="kernel", choices=("kernel", "exact"),
                         help="exact: the QAT model's static activation grids (export with --exact-activations)")
     args = parser.parse_args(argv)
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
 
     try:
         recognizer = Recognizer(args.model, args.encoder_kernel, args.decoder_kernel, args.threads, args.activations)
+        args.kernels_used = recognizer.kernels
         for path in args.audio:
             print(f"{path}\t{recognizer.transcribe([path], args.beam, max_len_a=args.max_len_a, max_len_b=args.max_len_b)[0]}")
         if args.manifest:
@@ -109,7 +111,7 @@ def report_manifest(rows, audio_s: float, seconds: float, args) -> None:
             "model": str(args.model), "subset": subset, "beam": args.beam, "wer": round(wer, 2), "words": words,
             "utterances": len(rows), "audio_s": round(audio_s, 2), "decode_s": round(seconds, 2),
             "rtf": round(seconds / audio_s, 5), "threads": args.threads,
-            "kernels": {"encoder": args.encoder_kernel, "decoder": args.decoder_kernel}}, indent=2) + "\n")
+            "kernels": args.kernels_used}, indent=2) + "\n")
 
 
 def _atomic(path: Path, text: str) -> None:

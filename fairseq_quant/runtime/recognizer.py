@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,15 +43,16 @@ class Recognizer:
     "nbits" (MatMulNBits low-bit kernels where the grid allows). ``activations``: "kernel" (no activation
     quantization in the graph; MatMulNBits quantizes its inputs to int8 per block) or "exact" (the QAT model's
     static activation grids, from a file exported with ``--exact-activations``). Measured on a 2-core AVX2 CPU without VNNI:
-    low-bit kernels pay off at decode shapes (a few rows per step), not at encoder shapes (hundreds of rows),
-    hence the defaults.
+    low-bit kernels do not pay off at encoder shapes (hundreds of rows), and at decode shapes only where the
+    weights do not fit the cache, hence the defaults: fp32 for the encoder, ``auto`` for the decoder (each
+    kernel timed on a typical step when the model loads, the faster kept; ``self.kernels`` says which).
     """
 
     def __init__(self, model: str | os.PathLike | ModelFile, encoder_kernel: str = "fp32",
-                 decoder_kernel: str = "nbits", threads: int = 1, activations: str = "kernel"):
+                 decoder_kernel: str = "auto", threads: int = 1, activations: str = "kernel"):
         for kernel in (encoder_kernel, decoder_kernel):
-            if kernel not in KERNELS:
-                raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+            if kernel not in (*KERNELS, "auto"):
+                raise ValueError(f"unknown kernel {kernel!r}; expected one of {(*KERNELS, 'auto')}")
         source = str(model) if not isinstance(model, ModelFile) else "model"
         self.file = model if isinstance(model, ModelFile) else read(model)
         check_config(self.file.config, source)
@@ -58,7 +60,7 @@ class Recognizer:
         self.layout = cfg["layout"]
         self.symbols: list[str] = cfg["dictionary"]
         self.eos, self.pad, self.unk = int(cfg["eos"]), int(cfg["pad"]), int(cfg["unk"])
-        self.bos = int(cfg.get("bos_token", self.eos))  # fairseq starts decoding from EOS
+        self.bos = self.eos  # fairseq's SequenceGenerator starts every hypothesis from EOS
         self.n_layers = len(self.layout["decoder_layers"])
         self.convs = [op for op in self.layout["decoder_convs"] if op["op"] == "conv"]
         options = ort.SessionOptions()
@@ -72,14 +74,52 @@ class Recognizer:
         suffix = "_actq" if activations == "exact" else ""
         if suffix and "encoder_actq" not in cfg["graphs"]:
             raise ModelFileError(f"{source}: exported without --exact-activations (no activation-quantized graphs)")
-        self.encoder_graph = materialize(self.file, "encoder" + suffix, encoder_kernel)
-        self.decoder_graph = materialize(self.file, "decoder" + suffix, decoder_kernel)
-        self.encoder = ort.InferenceSession(self.encoder_graph.SerializeToString(), options, providers=providers)
-        self.decoder = ort.InferenceSession(self.decoder_graph.SerializeToString(), options, providers=providers)
+        self.feature_dim = self.layout["in_channels"] * self.layout["input_dim"]
+
+        def session(graph: str, kernel: str):
+            proto = materialize(self.file, graph + suffix, kernel)
+            return proto, ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
+
+        self.kernels = {}
+        for graph, kernel in (("encoder", encoder_kernel), ("decoder", decoder_kernel)):
+            candidates = {k: session(graph, k) for k in (KERNELS if kernel == "auto" else (kernel,))}
+            self.kernels[graph] = min(candidates, key=lambda k: self._time(graph, candidates[k][1])) \
+                if len(candidates) > 1 else kernel
+            proto, sess = candidates[self.kernels[graph]]
+            setattr(self, f"{graph}_graph", proto)
+            setattr(self, graph, sess)
         self.decoder_inputs = [i.name for i in self.decoder.get_inputs()]
         self.decoder_outputs = [o.name for o in self.decoder.get_outputs()]
         self.sp = spm.SentencePieceProcessor(model_proto=self.file.blobs["spm.model"])
-        self.feature_dim = self.layout["in_channels"] * self.layout["input_dim"]
+
+    def _time(self, graph: str, sess) -> float:
+        """Median seconds of a typical call (``auto`` kernels): the encoder on 2 x 4 s of audio, the decoder
+        step for 10 hypotheses (2 utterances, beam 5) over 100 encoder frames with 10 cached steps."""
+        rng = np.random.default_rng(0)
+        if graph == "encoder":
+            feed = {"features": rng.standard_normal((2, 400, self.feature_dim), dtype=np.float32),
+                    "lengths": np.array([400, 380], dtype=np.int64)}
+        else:
+            heads, dim = self.layout["heads"], self.layout["embed_dim"] // self.layout["heads"]
+            feed = {}
+            for inp in sess.get_inputs():
+                if inp.name == "tokens":
+                    feed[inp.name] = np.full(10, self.eos, dtype=np.int64)
+                elif inp.name == "enc_bias":
+                    feed[inp.name] = np.zeros((10, 100), np.float32)
+                elif inp.name.startswith("cross"):
+                    feed[inp.name] = rng.standard_normal((10, heads, 100, dim), dtype=np.float32)
+                elif inp.name.startswith("self"):
+                    feed[inp.name] = rng.standard_normal((10, heads, 10, dim), dtype=np.float32)
+                else:
+                    op = self.convs[int(inp.name.split("_")[1])]
+                    feed[inp.name] = np.zeros((10, op["kernel"] - 1, op["in"]), np.float32)
+        times = []
+        for _ in range(7):
+            start = time.perf_counter()
+            sess.run(None, feed)
+            times.append(time.perf_counter() - start)
+        return float(np.median(times[2:]))
 
     # ------------------------------------------------------------------------------------------
     def encode(self, features: list[np.ndarray]) -> dict[str, np.ndarray]:
