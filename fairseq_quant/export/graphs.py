@@ -272,36 +272,45 @@ class DecoderStepGraph(nn.Module):
                 x = t.quant(x, op["name"] + ".input_quantizer")  # the buffer holds quantized inputs
                 buffer = torch.cat([convs[conv_i], x.unsqueeze(1)], dim=1)  # [N, k, C]
                 new_convs.append(buffer[:, 1:])
-                x = t.linear(buffer.reshape(buffer.shape[0], -1), op["name"], quantize_input=False)
+                x = t.linear(buffer.reshape(-1, op["kernel"] * op["in"]), op["name"], quantize_input=False)
                 conv_i += 1
             elif op["op"] == "layer_norm":
                 x = t.layer_norm(x, op["name"], op["eps"])
             else:
                 x = F.relu(x)
-        x = x.unsqueeze(1)  # [N, 1, C]
-        bias = enc_bias[:, None, None, :]
+        # one step: x stays [N, C] and every reshape has a constant shape (no shape arithmetic in the graph)
+        c = x.shape[-1]
+        d = c // h
+        scaling = d**-0.5
+
+        def heads(y):  # [N, C] -> [N, H, 1, d]
+            return y.reshape(-1, h, 1, d)
+
+        def merge(y):  # [N, H, 1, d] -> [N, C]
+            return y.reshape(-1, c)
+
+        bias = enc_bias.unsqueeze(1).unsqueeze(1)
         for i, layer in enumerate(self.layout["decoder_layers"]):
             name, pre = layer["name"], layer["normalize_before"]
-            scaling = (x.shape[-1] // h) ** -0.5
             # self-attention over the cached keys/values and the new step
             residual = x
             y = t.layer_norm(x, name + ".self_attn_layer_norm") if pre else x
             prefix = name + ".self_attn"
-            q = _heads(t.linear(y, prefix + ".q_proj") * scaling, h)
-            k_new = t.quant(_heads(t.linear(y, prefix + ".k_proj"), h), prefix + ".k_quantizer")
-            v_new = t.quant(_heads(t.linear(y, prefix + ".v_proj"), h), prefix + ".v_quantizer")
+            q = heads(t.linear(y, prefix + ".q_proj") * scaling)
+            k_new = t.quant(heads(t.linear(y, prefix + ".k_proj")), prefix + ".k_quantizer")
+            v_new = t.quant(heads(t.linear(y, prefix + ".v_proj")), prefix + ".v_quantizer")
             k = torch.cat([selfs[2 * i], k_new], dim=2)  # the caches hold quantized keys and values
             v = torch.cat([selfs[2 * i + 1], v_new], dim=2)
             new_selfs += [k, v]
-            x = residual + t.linear(_merge(_attend(t, prefix, q, k, v, None)), prefix + ".out_proj")
+            x = residual + t.linear(merge(_attend(t, prefix, q, k, v, None)), prefix + ".out_proj")
             if not pre:
                 x = t.layer_norm(x, name + ".self_attn_layer_norm")
             # encoder-decoder attention over the precomputed keys/values
             residual = x
             y = t.layer_norm(x, name + ".encoder_attn_layer_norm") if pre else x
             prefix = name + ".encoder_attn"
-            q = _heads(t.linear(y, prefix + ".q_proj") * scaling, h)
-            x = residual + t.linear(_merge(_attend(t, prefix, q, cross[2 * i], cross[2 * i + 1], bias)),
+            q = heads(t.linear(y, prefix + ".q_proj") * scaling)
+            x = residual + t.linear(merge(_attend(t, prefix, q, cross[2 * i], cross[2 * i + 1], bias)),
                                     prefix + ".out_proj")
             if not pre:
                 x = t.layer_norm(x, name + ".encoder_attn_layer_norm")
@@ -310,7 +319,7 @@ class DecoderStepGraph(nn.Module):
             x = residual + t.linear(F.relu(t.linear(y, name + ".fc1")), name + ".fc2")
             if not pre:
                 x = t.layer_norm(x, name + ".final_layer_norm")
-        logits = t.linear(x.squeeze(1), "decoder.fc_out")
+        logits = t.linear(x, "decoder.fc_out")
         return (torch.log_softmax(logits, dim=-1), *new_convs, *new_selfs)
 
 
