@@ -165,6 +165,8 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, help="first N utterances only")
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--out", help="default: WORKDIR/speed")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the results of (row, threads) pairs already measured in --out")
     # worker mode
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
@@ -198,6 +200,11 @@ def main(argv=None) -> int:
             size = model_file.stat().st_size
         for threads in (int(t) for t in args.threads.split(",")):
             result_path = out / f"{row}.t{threads}.json"
+            if args.reuse and result_path.is_file():
+                r = json.loads(result_path.read_text())
+                r.update({"row": row, "threads": threads, "file_bytes": size, "wer": wer(r["refs"], r["hyps"])})
+                results[(row, threads)] = r
+                continue
             cmd = [sys.executable, __file__, "--worker", "--engine", engine, "--threads", str(threads),
                    "--data", str(data), "--manifests", manifests, "--result", str(result_path),
                    "--beam", str(args.beam), "--checkpoint", str(checkpoint)]

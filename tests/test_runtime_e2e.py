@@ -81,7 +81,14 @@ def test_beam_search_equals_fairseq_on_the_reference_model(smoke, tmp_path):
     with torch.no_grad():
         expected = [o[0]["tokens"].tolist()[:-1] for o in
                     generator.generate([model], {"net_input": {"src_tokens": x, "src_lengths": lengths}})]
-    got = Recognizer(tmp_path / "fp32.fqm", "fp32", "fp32").beam_search(feats, beam=5)
+    recognizer = Recognizer(tmp_path / "fp32.fqm", "fp32", "fp32")
+    got = recognizer.beam_search(feats, beam=5)
     assert [h.tokens for h in got] == expected
+    # greedy search is fairseq's beam search of width 1
+    greedy = SequenceGenerator([model], task.target_dictionary, beam_size=1, max_len_a=0.2, max_len_b=10)
+    with torch.no_grad():
+        expected = [o[0]["tokens"].tolist()[:-1] for o in
+                    greedy.generate([model], {"net_input": {"src_tokens": x, "src_lengths": lengths}})]
+    assert [h.tokens for h in recognizer.greedy_search(feats)] == expected
     assert all(len(t) > 2 for t in expected)  # the model transcribes (it does not stop at once)
     assert np.isfinite([h.score for h in got]).all()
