@@ -22,6 +22,12 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.60",
         "matplotlib>=3.8",
+        "scipy>=1.11",  # the strategy search's integer program (HiGHS) and rank correlations
     ],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6.100"]},
+    extras_require={
+        # Ray runs the strategy search's measurements on a cluster (scripts/search_strategy.py --ray-address)
+        "search": ["ray>=2.40"],
+        # ray: the search's Ray path is tested against a local Ray instance (a 79 MB wheel, seconds to install)
+        "test": ["pytest>=8", "hypothesis>=6.100", "ray>=2.40"],
+    },
 )
