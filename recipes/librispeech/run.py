@@ -35,8 +35,9 @@ class Row:
     """One model of the results table and how it is made from the fp32 checkpoint."""
 
     name: str
-    kind: str  # "fp32", "ptq" (post-training weight quantization), "dynamic_int8" (torch.ao), "qat"
-    strategy: str | None = None  # qat: a strategy name in strategies/ or a YAML path
+    kind: str  # "fp32", "ptq" (post-training weight quantization), "dynamic_int8" (torch.ao), "qat",
+    # "search_qat" (scripts/search_strategy.py picks the strategy under a budget, then QAT as for "qat")
+    strategy: str | None = None  # qat: a strategy name in strategies/ or a YAML path; search_qat: the budget
     ptq: tuple | None = None  # ptq: (weight bits, granularity, weight method); activations stay fp32
     kd: bool = True  # qat: distillation from the fp32 model
 
@@ -58,9 +59,10 @@ ROWS = {r.name: r for r in [
     Row("qat-w2a8-nokd", "qat", "w2a8", kd=False),
     Row("qat-w2a8", "qat", "w2a8"),
     Row("qat-mixed2a8", "qat", "mixed2a8"),
+    Row("qat-searched", "search_qat", "2.3"),  # fast search at 2.3 average weight bits, then QAT of its best
 ]}
 DEMO_ROWS = ("fp32", "ptq-w8-sym-channel", "ptq-w4-sym-channel", "ptq-w2-sym-channel", "ptq-w4-minmax-tensor",
-             "dynamic-int8", "qat-fp32", "qat-w8a8", "qat-w4a8", "qat-w2a8", "qat-mixed2a8")
+             "dynamic-int8", "qat-fp32", "qat-w8a8", "qat-w4a8", "qat-w2a8", "qat-mixed2a8", "qat-searched")
 TEST_SUBSETS = ("test-clean", "test-other")
 CONTROL_ROW = "qat-fp32"
 
@@ -260,7 +262,25 @@ def make_checkpoint(row: Row, data: Path, work: Path, fp32_ckpt: Path, cfg: Reci
     if row.kind == "qat":
         return train_qat(data, work / "qat" / row.name, strategy_path(row.strategy), fp32_ckpt, cfg, row.kd,
                          tag=row.name)
+    if row.kind == "search_qat":
+        out = work / "search" / row.name
+        if not (out / "summary.json").exists():
+            out.mkdir(parents=True, exist_ok=True)
+            run_logged(search_command(row, data, out, fp32_ckpt, cfg), out / "search.log",
+                       train_env(threads_per_job(cfg)), tag=f"search {row.name}")
+        best = Path(json.loads((out / "summary.json").read_text())["best"]["strategy"])
+        return train_qat(data, work / "qat" / row.name, best, fp32_ckpt, cfg, row.kd, tag=row.name)
     raise ValueError(f"unknown row kind {row.kind!r}")
+
+
+def search_command(row: Row, data: Path, out: Path, fp32_ckpt: Path, cfg: RecipeConfig) -> list[str]:
+    """The fast strategy search of a ``search_qat`` row: teacher-forced and Hessian/Fisher sensitivities of every
+    layer at 2, 3, 4 and 8 bits, the 3 best allocations under the budget decoded on dev-clean (resumable)."""
+    return [sys.executable, str(Path(__file__).parents[2] / "scripts" / "search_strategy.py"),
+            "--checkpoint", str(fp32_ckpt), "--data", str(data), "--dev-subset", "dev-clean",
+            "--budget-bits", row.strategy, "--mode", "fast", "--top-k", "3", "--beam", str(cfg.beam),
+            "--max-len-a", str(cfg.max_len_a), "--max-len-b", str(cfg.max_len_b),
+            "--calib-batches", str(cfg.calib_batches), "--threads", str(threads_per_job(cfg)), "--out", str(out)]
 
 
 def eval_command(ckpt: Path, data: Path, out: Path, cfg: RecipeConfig, dynamic_int8: bool = False) -> list[str]:
@@ -338,7 +358,7 @@ def results_table(results: list[ModelResult], subsets=EVAL_SUBSETS) -> str:
         line = (f"| {r.name} | {r.avg_weight_bits:.2f} | {r.model_mb:.3f} | "
                 + " | ".join(f"{r.wer[s]:.2f}" for s in subsets) + f" | {wer} | {rel} |")
         if control:
-            is_qat = r.name in ROWS and ROWS[r.name].kind == "qat" and r is not control
+            is_qat = r.name in ROWS and ROWS[r.name].kind in ("qat", "search_qat") and r is not control
             line += f" {change(control, r) if is_qat else '-'} |"
         lines.append(line)
     words = ", ".join(f"{s} {base.words[s]}" for s in subsets)
@@ -358,7 +378,8 @@ def plot_results(results: list[ModelResult], subsets, path: Path) -> Path:
 
     pooled = table_subsets(subsets)
     fig, ax = plt.subplots(figsize=(8, 5))
-    colors = {"fp32": "black", "ptq": "tab:red", "dynamic_int8": "tab:orange", "qat": "tab:blue"}
+    colors = {"fp32": "black", "ptq": "tab:red", "dynamic_int8": "tab:orange", "qat": "tab:blue",
+              "search_qat": "tab:purple"}
     for r in results:
         kind = ROWS[r.name].kind if r.name in ROWS else "qat"
         ci = wer_interval([read_utterances(Path(r.eval_dir) / f"{s}.utt.tsv") for s in pooled])
@@ -368,7 +389,8 @@ def plot_results(results: list[ModelResult], subsets, path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("model size, MB (packed weights + scales; log scale)")
     ax.set_ylabel(f"WER % ({'+'.join(pooled)}), 95% CI")
-    ax.set_title("WER against model size: fp32 (black), post-training (red), dynamic int8 (orange), QAT (blue)",
+    ax.set_title("WER against model size: fp32 (black), post-training (red), dynamic int8 (orange), QAT (blue), "
+                 "QAT of the searched strategy (purple)",
                  fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -425,6 +447,13 @@ def dry_run(work: Path, root: Path | None, stages: set, cfg: RecipeConfig, seed:
                 ckpt = work / "qat" / row.name / "checkpoint_best.pt"
                 plan.append((f"qat {row.name}", qat_command(data, ckpt.parent, strategy_path(row.strategy), fp32_ckpt,
                                                             cfg, row.kd)))
+            elif row.kind == "search_qat":
+                ckpt = work / "qat" / row.name / "checkpoint_best.pt"
+                search_out = work / "search" / row.name
+                plan.append((f"search {row.name}", search_command(row, data, search_out, fp32_ckpt, cfg)))
+                plan.append((f"qat {row.name} (the search's best, named in {search_out}/summary.json)",
+                             qat_command(data, ckpt.parent, search_out / "strategies" / "search-1.yaml", fp32_ckpt,
+                                         cfg, row.kd)))
             elif row.kind == "ptq":
                 ckpt = work / "ptq" / f"{row.name}.pt"
             plan.append((f"eval {row.name}", eval_command(ckpt, data, work / "eval" / row.name, cfg,
