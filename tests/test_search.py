@@ -236,7 +236,7 @@ def test_ray_gives_the_same_ranking_as_local_workers(fast_run, smoke, tmp_path):
     port = free_port()
     temp = Path(f"/tmp/fqray{os.getpid()}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
-    start = subprocess.run([ray_bin, "start", "--head", "--port", str(port), "--num-cpus", "2",
+    start = subprocess.run([ray_bin, "start", "--head", "--port", str(port), "--num-cpus", "1",
                             "--include-dashboard", "false", "--temp-dir", str(temp), "--disable-usage-stats"],
                            env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
@@ -251,17 +251,29 @@ def test_ray_gives_the_same_ranking_as_local_workers(fast_run, smoke, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--budget-bits", "1.5"], "invalid budget 1.5 average weight bits"),
-    (["--budget-bits", "0.1", "--bits", "2,9"], "unknown weight bit width 9"),
-    (["--budget-mb", "-1"], "invalid budget -1.0 MB"),
-    (["--budget-bits", "2.5", "--checkpoint", "/nonexistent/model.pt"], "checkpoint not found: /nonexistent/model.pt"),
+    (["--budget-bits", "1.5"], "invalid budget 1.5 average weight bits: below the smallest candidate width 2"),
+    (["--budget-bits", "0.1", "--bits", "2,9"], "unknown weight bit width 9; candidate widths are integers 1..8"),
+    (["--budget-mb", "-1"], "invalid budget -1.0 MB: must be positive"),
+    ([], "give a budget: --budget-bits (average weight bits) and/or --budget-mb"),
 ])
-def test_bad_input_is_one_clear_line(smoke, tmp_path, args, message):
+def test_bad_input_is_one_clear_line(smoke, tmp_path, capsys, args, message):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("search_strategy", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
     work, _ = smoke
-    cmd = [sys.executable, SCRIPT, "--checkpoint", str(work / "fp32" / "checkpoint_best.pt"), "--data",
-           str(work / "data"), "--out", str(tmp_path / "bad"), "--bits", "2,4", *args]
-    proc = run(cmd, timeout=120, env={"PYTHONPATH": str(ROOT)})
+    rc = script.main(["--checkpoint", str(work / "fp32" / "checkpoint_best.pt"), "--data", str(work / "data"),
+                      "--out", str(tmp_path / "bad"), "--bits", "2,4", *args])
+    assert rc == 2
+    assert capsys.readouterr().err == f"search_strategy: error: {message}\n"
+    assert not (tmp_path / "bad").exists()
+
+
+def test_missing_checkpoint_is_one_line_without_traceback(smoke, tmp_path):
+    work, _ = smoke
+    proc = run([sys.executable, SCRIPT, "--checkpoint", "/nonexistent/model.pt", "--data", str(work / "data"),
+                "--out", str(tmp_path / "bad"), "--budget-bits", "2.5"], timeout=120, env={"PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert lines == [f"search_strategy: error: {lines[0].split('error: ', 1)[1]}"] and message in lines[0], proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "search_strategy: error: checkpoint not found: /nonexistent/model.pt"
     assert "Traceback" not in proc.stderr
