@@ -158,6 +158,8 @@ def test_search_outputs_budget_and_strategies(fast_run, smoke):
     assert summary["costs"]["hvps"] == 2
     assert "Cost: 5 full dev decodes" in proc.stdout
     assert (out / "search.png").stat().st_size > 10000
+    best = Strategy.from_yaml(out / "strategies" / "best.yaml").to_dict()
+    assert best == Strategy.from_yaml(out / "strategies" / f"{rows[0]['name']}.yaml").to_dict()
     md = (out / "candidates.md").read_text()
     assert "| 1 | search-" in md and "uniform-w2" in md
     # each strategy YAML loads as is and gives the model the table's average bits

@@ -479,6 +479,11 @@ def write_outputs(cfg, out: Path, units, costs, sens, correlations, base, cands,
     atomic_write(out / "candidates.md", "\n".join(md) + "\n")
     if decoded:
         plot(cfg, rows, base, out / "search.png")
+    best = ranked[0]
+    atomic_write(out / "strategies" / "best.yaml", strategy_yaml(
+        allocation_strategy(units, best.allocation, cfg.act_bits),
+        f"best of the search ({best.name}): {best.avg_bits:.3f} average weight bits, {best.mb:.4f} MB; units "
+        + ", ".join(f"{u.name}={best.allocation[u.name]}" for u in units)))
     summary = {"config": asdict(cfg), "units": [u.name for u in units], "ranking": [c.name for c in ranked],
                "best": {"name": ranked[0].name, "allocation": ranked[0].allocation,
                         "strategy": str(out / "strategies" / f"{ranked[0].name}.yaml")},

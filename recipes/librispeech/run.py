@@ -268,8 +268,8 @@ def make_checkpoint(row: Row, data: Path, work: Path, fp32_ckpt: Path, cfg: Reci
             out.mkdir(parents=True, exist_ok=True)
             run_logged(search_command(row, data, out, fp32_ckpt, cfg), out / "search.log",
                        train_env(threads_per_job(cfg)), tag=f"search {row.name}")
-        best = Path(json.loads((out / "summary.json").read_text())["best"]["strategy"])
-        return train_qat(data, work / "qat" / row.name, best, fp32_ckpt, cfg, row.kd, tag=row.name)
+        return train_qat(data, work / "qat" / row.name, out / "strategies" / "best.yaml", fp32_ckpt, cfg, row.kd,
+                         tag=row.name)
     raise ValueError(f"unknown row kind {row.kind!r}")
 
 
@@ -451,9 +451,8 @@ def dry_run(work: Path, root: Path | None, stages: set, cfg: RecipeConfig, seed:
                 ckpt = work / "qat" / row.name / "checkpoint_best.pt"
                 search_out = work / "search" / row.name
                 plan.append((f"search {row.name}", search_command(row, data, search_out, fp32_ckpt, cfg)))
-                plan.append((f"qat {row.name} (the search's best, named in {search_out}/summary.json)",
-                             qat_command(data, ckpt.parent, search_out / "strategies" / "search-1.yaml", fp32_ckpt,
-                                         cfg, row.kd)))
+                plan.append((f"qat {row.name}", qat_command(data, ckpt.parent, search_out / "strategies" / "best.yaml",
+                                                            fp32_ckpt, cfg, row.kd)))
             elif row.kind == "ptq":
                 ckpt = work / "ptq" / f"{row.name}.pt"
             plan.append((f"eval {row.name}", eval_command(ckpt, data, work / "eval" / row.name, cfg,
