@@ -25,8 +25,12 @@ setup(
             "tqdm>=4.60",
             "matplotlib>=3.8",
             "onnx>=1.16",  # the exporter writes ONNX graphs
+            "scipy>=1.11",  # the strategy search's integer program (HiGHS) and rank correlations
         ],
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        # Ray runs the strategy search's measurements on a cluster (scripts/search_strategy.py --ray-address)
+        "search": ["ray>=2.40"],
+        # ray: the search's Ray path is tested against a local Ray instance (a 79 MB wheel, seconds to install)
+        "test": ["pytest>=8", "hypothesis>=6.100", "ray>=2.40"],
         # the on-device runtime (fairseq_quant.runtime): imports neither torch nor fairseq
         "runtime": [
             "onnxruntime>=1.20",

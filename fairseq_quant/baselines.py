@@ -27,28 +27,37 @@ class BaselineError(FairseqQuantError, ValueError):
     """A baseline cannot be built from the given checkpoint."""
 
 
-def ptq_checkpoint(fp32_checkpoint: str | os.PathLike, out: str | os.PathLike, strategy: Strategy) -> Path:
-    """Write ``out``: the fp32 checkpoint's weights under the ``quant_`` architecture and ``strategy``.
+def quantized_model_cfg(model_cfg, strategy: Strategy, source, in_place: bool = False):
+    """The model configuration of an fp32 checkpoint turned into its ``quant_`` counterpart with ``strategy``
+    (a copy, or ``model_cfg`` itself with ``in_place``)."""
+    import copy
 
-    Quantizer state is absent, so loading initialises it from the weights (as for QAT from fp32); with
-    activation bits set, activation ranges are fixed from the first batches seen in evaluation mode."""
     from fairseq.models import ARCH_MODEL_REGISTRY
 
-    state = torch.load(fp32_checkpoint, map_location="cpu", weights_only=False)
-    cfg = state.get("cfg")
-    model_cfg = cfg["model"] if cfg is not None else None
     arch = getattr(model_cfg, "arch", None)
     if arch is None:
-        raise BaselineError(f"{fp32_checkpoint}: no model configuration (not a fairseq checkpoint?)")
+        raise BaselineError(f"{source}: no model configuration (not a fairseq checkpoint?)")
     if arch.startswith("quant_"):
-        raise BaselineError(f"{fp32_checkpoint}: already a quantized checkpoint ({arch}); give the fp32 one")
+        raise BaselineError(f"{source}: already a quantized checkpoint ({arch}); give the fp32 one")
     if f"quant_{arch}" not in ARCH_MODEL_REGISTRY:
-        raise BaselineError(f"{fp32_checkpoint}: no quantized counterpart of architecture {arch}")
+        raise BaselineError(f"{source}: no quantized counterpart of architecture {arch}")
+    model_cfg = model_cfg if in_place else copy.deepcopy(model_cfg)
     for attr in ("arch", "_name"):
         setattr(model_cfg, attr, f"quant_{arch}")
     model_cfg.quant_strategy = None
     model_cfg.quant_weight_bits = model_cfg.quant_act_bits = None
     model_cfg.quant_strategy_inline = yaml.safe_dump(strategy.to_dict(), sort_keys=False)
+    return model_cfg
+
+
+def ptq_checkpoint(fp32_checkpoint: str | os.PathLike, out: str | os.PathLike, strategy: Strategy) -> Path:
+    """Write ``out``: the fp32 checkpoint's weights under the ``quant_`` architecture and ``strategy``.
+
+    Quantizer state is absent, so loading initialises it from the weights (as for QAT from fp32); with
+    activation bits set, activation ranges are fixed from the first batches seen in evaluation mode."""
+    state = torch.load(fp32_checkpoint, map_location="cpu", weights_only=False)
+    cfg = state.get("cfg")
+    quantized_model_cfg(cfg["model"] if cfg is not None else None, strategy, fp32_checkpoint, in_place=True)
     state.pop("last_optimizer_state", None)
     state.pop("criterion", None)
     state.setdefault("extra_state", {})["post_training_quantization"] = str(strategy)

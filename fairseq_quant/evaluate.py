@@ -97,8 +97,10 @@ def default_device() -> str:
 
 def decode_subset(model, task, subset: str, sp, beam: int = 5, max_tokens: int = 60000,
                   max_len_b: int = 200, progress: bool = True, device: str = "cpu",
-                  max_len_a: float = 0.0) -> list[tuple[str, str, str]]:
+                  max_len_a: float = 0.0, samples=None) -> list[tuple[str, str, str]]:
     """[(utterance id, reference, hypothesis)] for every utterance of ``subset``, in manifest order.
+
+    ``samples``: the subset's batches, already built (a caller that decodes it many times keeps them).
 
     Hypotheses stop at ``max_len_a * frames + max_len_b`` tokens (frames of 10 ms): with ``max_len_a``
     set, a model that has not learnt to stop does not decode every utterance to the absolute limit."""
@@ -107,8 +109,9 @@ def decode_subset(model, task, subset: str, sp, beam: int = 5, max_tokens: int =
     manifest = json.loads((Path(task.args.data) / f"{subset}.json").read_text())["utts"]
     generator = SequenceGenerator([model], task.target_dictionary, beam_size=beam, max_len_a=max_len_a,
                                   max_len_b=max_len_b)
-    itr = task.get_batch_iterator(dataset=dataset, max_tokens=max_tokens, max_positions=(1e9, 1e9),
-                                  ignore_invalid_inputs=False).next_epoch_itr(shuffle=False)
+    itr = samples if samples is not None else task.get_batch_iterator(
+        dataset=dataset, max_tokens=max_tokens, max_positions=(1e9, 1e9),
+        ignore_invalid_inputs=False).next_epoch_itr(shuffle=False)
     hyps: dict[str, str] = {}
     bar = tqdm(total=len(dataset), desc=f"decode {subset}", unit="utt", disable=not progress, leave=False)
     with torch.no_grad():

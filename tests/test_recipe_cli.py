@@ -30,7 +30,12 @@ def test_dry_run_of_the_paper_recipe_prints_every_stage_and_fits_an_80_gb_gpu(tm
     stages = [line[len("# stage "):] for line in lines if line.startswith("# stage ")]
     expected = ["prepare", "fp32"]
     for row in ROWS.values():  # every row of the paper preset: its QAT run, if any, then its evaluation
-        expected += ([f"qat {row.name}"] if row.kind == "qat" else []) + [f"eval {row.name}"]
+        if row.kind == "runtime":  # export a QAT row's checkpoint, decode each subset with the runtime
+            expected += [f"export {row.name}"] + [f"runtime {row.name} {s}" for s in
+                                                  ("dev-clean", "dev-other", "test-clean", "test-other")]
+            continue
+        expected += {"qat": [f"qat {row.name}"], "search_qat": [f"search {row.name}", f"qat {row.name}"]}.get(
+            row.kind, []) + [f"eval {row.name}"]
     assert stages == expected
     assert "eval ptq-w2-sym-channel" in stages and "qat qat-w4a8-nokd" in stages
     commands = {stage: shlex.split(lines[lines.index(f"# stage {stage}") + 1]) for stage in stages}

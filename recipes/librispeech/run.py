@@ -36,8 +36,9 @@ class Row:
 
     name: str
     kind: str  # "fp32", "ptq" (post-training weight quantization), "dynamic_int8" (torch.ao), "qat",
-    #           "runtime" (the qat-<strategy> row's checkpoint exported and decoded by the ONNX Runtime decoder)
-    strategy: str | None = None  # qat: a strategy name in strategies/ or a YAML path
+    #           "runtime" (the qat-<strategy> row's checkpoint exported and decoded by the ONNX Runtime decoder),
+    #           "search_qat" (scripts/search_strategy.py picks the strategy under a budget, then QAT as for "qat")
+    strategy: str | None = None  # qat: a strategy name in strategies/ or a YAML path; search_qat: the budget
     ptq: tuple | None = None  # ptq: (weight bits, granularity, weight method); activations stay fp32
     kd: bool = True  # qat: distillation from the fp32 model
 
@@ -59,12 +60,15 @@ ROWS = {r.name: r for r in [
     Row("qat-w2a8-nokd", "qat", "w2a8", kd=False),
     Row("qat-w2a8", "qat", "w2a8"),
     Row("qat-mixed2a8", "qat", "mixed2a8"),
+    Row("qat-searched", "search_qat", "2.3"),  # fast search at 2.3 average weight bits, then QAT of its best
     Row("runtime-w8a8", "runtime", "w8a8"),
     Row("runtime-w4a8", "runtime", "w4a8"),
     Row("runtime-mixed2a8", "runtime", "mixed2a8"),
+    Row("runtime-searched", "runtime", "searched"),  # the best low-bit row, exported and decoded on the runtime
 ]}
 DEMO_ROWS = ("fp32", "ptq-w8-sym-channel", "ptq-w4-sym-channel", "ptq-w2-sym-channel", "ptq-w4-minmax-tensor",
-             "dynamic-int8", "qat-fp32", "qat-w8a8", "qat-w4a8", "qat-w2a8", "qat-mixed2a8", "runtime-mixed2a8")
+             "dynamic-int8", "qat-fp32", "qat-w8a8", "qat-w4a8", "qat-w2a8", "qat-mixed2a8", "qat-searched",
+             "runtime-searched")
 TEST_SUBSETS = ("test-clean", "test-other")
 CONTROL_ROW = "qat-fp32"
 
@@ -265,7 +269,25 @@ def make_checkpoint(row: Row, data: Path, work: Path, fp32_ckpt: Path, cfg: Reci
     if row.kind == "qat":
         return train_qat(data, work / "qat" / row.name, strategy_path(row.strategy), fp32_ckpt, cfg, row.kd,
                          tag=row.name)
+    if row.kind == "search_qat":
+        out = work / "search" / row.name
+        if not (out / "summary.json").exists():
+            out.mkdir(parents=True, exist_ok=True)
+            run_logged(search_command(row, data, out, fp32_ckpt, cfg), out / "search.log",
+                       train_env(threads_per_job(cfg)), tag=f"search {row.name}")
+        return train_qat(data, work / "qat" / row.name, out / "strategies" / "best.yaml", fp32_ckpt, cfg, row.kd,
+                         tag=row.name)
     raise ValueError(f"unknown row kind {row.kind!r}")
+
+
+def search_command(row: Row, data: Path, out: Path, fp32_ckpt: Path, cfg: RecipeConfig) -> list[str]:
+    """The fast strategy search of a ``search_qat`` row: teacher-forced and Hessian/Fisher sensitivities of every
+    layer at 2, 3, 4 and 8 bits, the 3 best allocations under the budget decoded on dev-clean (resumable)."""
+    return [sys.executable, str(Path(__file__).parents[2] / "scripts" / "search_strategy.py"),
+            "--checkpoint", str(fp32_ckpt), "--data", str(data), "--dev-subset", "dev-clean",
+            "--budget-bits", row.strategy, "--mode", "fast", "--top-k", "3", "--beam", str(cfg.beam),
+            "--max-len-a", str(cfg.max_len_a), "--max-len-b", str(cfg.max_len_b),
+            "--calib-batches", str(cfg.calib_batches), "--threads", str(threads_per_job(cfg)), "--out", str(out)]
 
 
 def eval_command(ckpt: Path, data: Path, out: Path, cfg: RecipeConfig, dynamic_int8: bool = False) -> list[str]:
@@ -297,27 +319,38 @@ def evaluate_model(name: str, ckpt: Path, data: Path, out: Path, cfg: RecipeConf
     )
 
 
+def export_command(ckpt: Path, data: Path, model_file: Path, out: Path) -> list[str]:
+    return [sys.executable, str(Path(__file__).parents[2] / "scripts" / "export_model.py"), "--checkpoint", str(ckpt),
+            "--data", str(data), "--out", str(model_file), "--json", str(out / "export.json")]
+
+
+def runtime_command(model_file: Path, data: Path, subset: str, out: Path, cfg: RecipeConfig) -> list[str]:
+    return [sys.executable, "-m", "fairseq_quant.runtime", "--model", str(model_file), "--manifest",
+            str(data / f"{subset}.json"), "--out", str(out / subset), "--beam", str(cfg.beam),
+            "--max-len-a", str(cfg.max_len_a), "--max-len-b", str(cfg.max_len_b), "--threads", str(threads_per_job(cfg))]
+
+
+def runtime_source(row: Row, work: Path) -> tuple[Row, Path]:
+    """The QAT row a runtime row exports, and that row's checkpoint."""
+    source = ROWS[f"qat-{row.strategy}"]
+    return source, work / "qat" / source.name / "checkpoint_best.pt"
+
+
 def export_and_decode(row: Row, data: Path, work: Path, fp32_ckpt: Path, cfg: RecipeConfig) -> ModelResult:
     """The qat-<strategy> checkpoint exported to .fqm and decoded by the on-device runtime (cached)."""
-    ckpt = make_checkpoint(ROWS[f"qat-{row.strategy}"], data, work, fp32_ckpt, cfg)
+    ckpt = make_checkpoint(runtime_source(row, work)[0], data, work, fp32_ckpt, cfg)
     out = work / "eval" / row.name
     summary = out / "wer.json"
     cached = json.loads(summary.read_text()) if summary.exists() else {}
     if cached.get("checkpoint") != str(ckpt) or {r["subset"] for r in cached.get("results", [])} != set(cfg.eval_subsets):
         out.mkdir(parents=True, exist_ok=True)
         model_file = work / "export" / f"{row.strategy}.fqm"
-        root = Path(__file__).parents[2]
-        run_logged([sys.executable, str(root / "scripts" / "export_model.py"), "--checkpoint", str(ckpt), "--data",
-                    str(data), "--out", str(model_file), "--json", str(out / "export.json")],
-                   out / "export.log", tag=f"export {row.name}")
+        run_logged(export_command(ckpt, data, model_file, out), out / "export.log", tag=f"export {row.name}")
         export = json.loads((out / "export.json").read_text())
         results = []
         for subset in cfg.eval_subsets:
-            run_logged([sys.executable, "-m", "fairseq_quant.runtime", "--model", str(model_file), "--manifest",
-                        str(data / f"{subset}.json"), "--out", str(out / subset), "--beam", str(cfg.beam),
-                        "--max-len-a", str(cfg.max_len_a), "--max-len-b", str(cfg.max_len_b),
-                        "--threads", str(threads_per_job(cfg))],
-                       out / f"{subset}.log", train_env(threads_per_job(cfg)), tag=f"runtime {row.name}")
+            run_logged(runtime_command(model_file, data, subset, out, cfg), out / f"{subset}.log",
+                       train_env(threads_per_job(cfg)), tag=f"runtime {row.name}")
             os.replace(out / subset / f"{subset}.utt.tsv", out / f"{subset}.utt.tsv")
             w = json.loads((out / subset / "wer.json").read_text())
             from fairseq_quant.stats import read_utterances
@@ -390,7 +423,7 @@ def results_table(results: list[ModelResult], subsets=EVAL_SUBSETS) -> str:
         line = (f"| {r.name} | {r.avg_weight_bits:.2f} | {r.model_mb:.3f} | "
                 + " | ".join(f"{r.wer[s]:.2f}" for s in subsets) + f" | {wer} | {rel} |")
         if control:
-            is_qat = r.name in ROWS and ROWS[r.name].kind == "qat" and r is not control
+            is_qat = r.name in ROWS and ROWS[r.name].kind in ("qat", "search_qat") and r is not control
             line += f" {change(control, r) if is_qat else '-'} |"
         lines.append(line)
     words = ", ".join(f"{s} {base.words[s]}" for s in subsets)
@@ -410,7 +443,8 @@ def plot_results(results: list[ModelResult], subsets, path: Path) -> Path:
 
     pooled = table_subsets(subsets)
     fig, ax = plt.subplots(figsize=(8, 5))
-    colors = {"fp32": "black", "ptq": "tab:red", "dynamic_int8": "tab:orange", "qat": "tab:blue", "runtime": "tab:green"}
+    colors = {"fp32": "black", "ptq": "tab:red", "dynamic_int8": "tab:orange", "qat": "tab:blue",
+              "search_qat": "tab:purple", "runtime": "tab:green"}
     for r in results:
         kind = ROWS[r.name].kind if r.name in ROWS else "qat"
         ci = wer_interval([read_utterances(Path(r.eval_dir) / f"{s}.utt.tsv") for s in pooled])
@@ -421,7 +455,7 @@ def plot_results(results: list[ModelResult], subsets, path: Path) -> Path:
     ax.set_xlabel("model size, MB (packed weights + scales; log scale)")
     ax.set_ylabel(f"WER % ({'+'.join(pooled)}), 95% CI")
     ax.set_title("WER against size: fp32 (black), post-training (red), dynamic int8 (orange), QAT (blue), "
-                 "exported + ONNX Runtime (green)",
+                 "QAT of the searched strategy (purple), exported + ONNX Runtime (green)",
                  fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -478,8 +512,21 @@ def dry_run(work: Path, root: Path | None, stages: set, cfg: RecipeConfig, seed:
                 ckpt = work / "qat" / row.name / "checkpoint_best.pt"
                 plan.append((f"qat {row.name}", qat_command(data, ckpt.parent, strategy_path(row.strategy), fp32_ckpt,
                                                             cfg, row.kd)))
+            elif row.kind == "search_qat":
+                ckpt = work / "qat" / row.name / "checkpoint_best.pt"
+                search_out = work / "search" / row.name
+                plan.append((f"search {row.name}", search_command(row, data, search_out, fp32_ckpt, cfg)))
+                plan.append((f"qat {row.name}", qat_command(data, ckpt.parent, search_out / "strategies" / "best.yaml",
+                                                            fp32_ckpt, cfg, row.kd)))
             elif row.kind == "ptq":
                 ckpt = work / "ptq" / f"{row.name}.pt"
+            elif row.kind == "runtime":
+                out = work / "eval" / row.name
+                model_file = work / "export" / f"{row.strategy}.fqm"
+                plan.append((f"export {row.name}", export_command(runtime_source(row, work)[1], data, model_file, out)))
+                plan += [(f"runtime {row.name} {subset}", runtime_command(model_file, data, subset, out, cfg))
+                         for subset in cfg.eval_subsets]
+                continue
             plan.append((f"eval {row.name}", eval_command(ckpt, data, work / "eval" / row.name, cfg,
                                                           row.kind == "dynamic_int8")))
     lines = [f"# stage {stage}\n{shlex.join(cmd)}" for stage, cmd in plan]
