@@ -278,3 +278,20 @@ def test_registration_errors_other_than_missing_frameworks_still_propagate():
                           timeout=300)
     assert proc.returncode != 0
     assert "ModuleNotFoundError: import of fairseq_quant.criterions halted" in proc.stderr
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_features_ahead_keeps_batch_order_and_values(speech, tmp_path, workers):
+    from fairseq_quant.runtime.audio import features, features_ahead
+
+    batches = [speech[:2], speech[2:3], speech[3:], speech[:1]]
+    got = list(features_ahead(batches, workers, ahead=2))
+    assert [len(b) for b in got] == [len(b) for b in batches]
+    for batch, feats in zip(batches, got):
+        for path, f in zip(batch, feats):
+            np.testing.assert_array_equal(f, features(path))
+    bad = write_bytes(tmp_path / "bad.flac", b"fLaC not really")
+    stream = features_ahead([speech[:1], [bad]], workers)
+    assert len(next(stream)) == 1  # the batch before the bad file arrives
+    with pytest.raises(AudioError, match="bad.flac"):
+        next(stream)

@@ -92,3 +92,18 @@ def test_beam_search_equals_fairseq_on_the_reference_model(smoke, tmp_path):
     assert [h.tokens for h in recognizer.greedy_search(feats)] == expected
     assert all(len(t) > 2 for t in expected)  # the model transcribes (it does not stop at once)
     assert np.isfinite([h.score for h in got]).all()
+
+
+def test_manifest_mode_with_a_feature_worker_gives_the_same_results(smoke, tmp_path):
+    work, _ = smoke
+    model = work / "export" / "mixed2a8.fqm"
+    outs = []
+    for workers in ("0", "1"):
+        out = tmp_path / f"w{workers}"
+        proc = run([sys.executable, "-m", "fairseq_quant.runtime", "--model", str(model), "--manifest",
+                    str(work / "data" / "test-other.json"), "--out", str(out), "--beam", "2", "--max-len-a", "0",
+                    "--max-len-b", "40", "--feature-workers", workers, "--batch-frames", "1500"])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.startswith("test-other: WER ")
+        outs.append((out / "test-other.utt.tsv").read_text())
+    assert outs[0] == outs[1]  # the same batches, decoded while features come from another process

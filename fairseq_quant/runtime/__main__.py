@@ -25,27 +25,40 @@ def read_manifest(path: Path) -> list[tuple[str, str, str]]:
         raise ValueError(f"cannot read manifest {path}: {err}") from err
 
 
-def decode_manifest(recognizer, manifest: Path, beam: int, batch_frames: int, max_len_a: float, max_len_b: int):
-    """[(id, ref, hyp)] in manifest order, plus seconds of audio and of decoding (features included)."""
-    from .audio import features as audio_features
+def decode_manifest(recognizer, manifest: Path, beam: int, batch_frames: int, max_len_a: float, max_len_b: int,
+                    feature_workers: int = 0):
+    """[(id, ref, hyp)] in manifest order, plus seconds of audio and of decoding (features included).
+
+    Utterances are batched by length (from the audio files' headers) up to ``batch_frames`` padded frames;
+    with ``feature_workers`` the features of the next batches are computed in worker processes meanwhile."""
+    import soundfile
+
+    from .audio import AudioError, features_ahead
 
     rows = read_manifest(manifest)
     start = time.perf_counter()
-    feats = {u: audio_features(Path(p)) for u, p, _ in rows}
-    order = sorted(feats, key=lambda u: feats[u].shape[0])
-    hyps, batch = {}, []
-    for u in order + [None]:
-        if u is not None and (not batch or (len(batch) + 1) * feats[u].shape[0] <= batch_frames):
-            batch.append(u)
-            continue
-        if batch:
-            texts = recognizer.transcribe_features([feats[b] for b in batch], beam, max_len_a=max_len_a,
-                                                   max_len_b=max_len_b)
-            hyps.update(zip(batch, texts))
-        batch = [u] if u is not None else []
+    paths = {u: p for u, p, _ in rows}
+    lengths = {}
+    for u, p, _ in rows:
+        try:
+            lengths[u] = soundfile.info(p).frames // 160
+        except (RuntimeError, soundfile.LibsndfileError) as err:
+            raise AudioError(f"{p}: not a readable audio file ({err})") from err
+    batches, batch = [], []
+    for u in sorted(lengths, key=lambda u: lengths[u]):
+        if batch and (len(batch) + 1) * max(lengths[u], 1) > batch_frames:
+            batches.append(batch)
+            batch = []
+        batch.append(u)
+    if batch:
+        batches.append(batch)
+    hyps, frames = {}, 0
+    for batch, feats in zip(batches, features_ahead([[paths[u] for u in b] for b in batches], feature_workers)):
+        texts = recognizer.transcribe_features(feats, beam, max_len_a=max_len_a, max_len_b=max_len_b)
+        hyps.update(zip(batch, texts))
+        frames += sum(f.shape[0] for f in feats)
     seconds = time.perf_counter() - start
-    audio_s = sum(f.shape[0] for f in feats.values()) / 100.0
-    return [(u, ref, hyps[u]) for u, _, ref in rows], audio_s, seconds
+    return [(u, ref, hyps[u]) for u, _, ref in rows], frames / 100.0, seconds
 
 
 def main(argv=None) -> int:
@@ -59,7 +72,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-len-a", type=float, default=0.2)
     parser.add_argument("--max-len-b", type=int, default=10)
     parser.add_argument("--batch-frames", type=int, default=6000, help="frames per batch in --manifest mode")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for the encoder")
+    parser.add_argument("--feature-workers", type=int, default=0,
+                        help="--manifest: processes computing the next batches' features meanwhile")
     parser.add_argument("--encoder-kernel", default="fp32", choices=("fp32", "nbits", "auto"),
                         help="fp32: dequantized weights; nbits: MatMulNBits; auto: the faster here, timed at load")
     parser.add_argument("--decoder-kernel", default="auto", choices=("fp32", "nbits", "auto"))
@@ -78,7 +93,7 @@ def main(argv=None) -> int:
             print(f"{path}\t{recognizer.transcribe([path], args.beam, max_len_a=args.max_len_a, max_len_b=args.max_len_b)[0]}")
         if args.manifest:
             rows, audio_s, seconds = decode_manifest(recognizer, Path(args.manifest), args.beam, args.batch_frames,
-                                                     args.max_len_a, args.max_len_b)
+                                                     args.max_len_a, args.max_len_b, args.feature_workers)
             report_manifest(rows, audio_s, seconds, args)
     except (ModelFileError, AudioError, ValueError) as err:
         print(f"fairseq_quant.runtime: {err}", file=sys.stderr)

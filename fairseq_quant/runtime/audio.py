@@ -10,8 +10,11 @@ with soxr.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import struct
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import kaldi_native_fbank as knf
@@ -186,3 +189,30 @@ def apply_mv_norm(features: np.ndarray) -> np.ndarray:
 def features(path: str | os.PathLike) -> np.ndarray:
     """The model's input for an audio file: normalised 80-dim fbank, float32 [frames, 80]."""
     return apply_mv_norm(fbank(read_audio(path)))
+
+
+def batch_features(paths: list) -> list[np.ndarray]:
+    return [features(p) for p in paths]
+
+
+def features_ahead(batches: list[list], workers: int = 0, ahead: int = 4):
+    """The features of each batch of paths, in order. With ``workers`` >= 1 they are computed in that many
+    worker processes, up to ``ahead`` batches ahead of the consumer, so that feature extraction (one thread in
+    kaldi-native-fbank) runs on another core while the consumer decodes; errors surface at their batch."""
+    if workers < 1:
+        for batch in batches:
+            yield batch_features(batch)
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        pending = deque()
+        queue = iter(batches)
+        for batch in queue:
+            pending.append(pool.submit(batch_features, batch))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(queue, None)
+            if nxt is not None:
+                pending.append(pool.submit(batch_features, nxt))
+            yield result
