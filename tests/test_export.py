@@ -289,17 +289,20 @@ def test_exact_activation_export_runs_in_onnx_runtime(dict_dir):
     task, model = calibrated(dict_dir, ["--quant-weight-bits", "8"])
     file, _, _ = export(task, model, exact_activations=True)
     assert {"encoder_actq.onnx", "decoder_actq.onnx"} <= set(file.blobs)
-    x, lengths, _ = fbank_batch(3)
-    x = x.clone()
-    for i, n in enumerate(lengths.tolist()):
-        x[i, n:] = 0
-    tokens = torch.randint(4, 40, (3, 5), generator=torch.Generator().manual_seed(4))
-    tokens[:, 0] = task.target_dictionary.eos()
-    expected = fairseq_step_log_probs(model, x, lengths, tokens).numpy()
-    exact = runtime_step_log_probs(Recognizer(file, "fp32", "fp32", activations="exact"), x, lengths, tokens)
-    plain = runtime_step_log_probs(Recognizer(file, "fp32", "fp32"), x, lengths, tokens)
-    # measured here: mean |diff| 0.0058 (max 0.032) with the grids, 0.016 (max 0.11) without
-    assert np.abs(exact - expected).mean() < np.abs(plain - expected).mean() / 2
+    exact_rec, plain_rec = Recognizer(file, "fp32", "fp32", activations="exact"), Recognizer(file, "fp32", "fp32")
+    exact_diff, plain_diff = [], []
+    for seed in range(3):
+        x, lengths, _ = fbank_batch(3 + seed)
+        x = x.clone()
+        for i, n in enumerate(lengths.tolist()):
+            x[i, n:] = 0
+        tokens = torch.randint(4, 40, (3, 5), generator=torch.Generator().manual_seed(4 + seed))
+        tokens[:, 0] = task.target_dictionary.eos()
+        expected = fairseq_step_log_probs(model, x, lengths, tokens).numpy()
+        exact_diff.append(np.abs(runtime_step_log_probs(exact_rec, x, lengths, tokens) - expected).mean())
+        plain_diff.append(np.abs(runtime_step_log_probs(plain_rec, x, lengths, tokens) - expected).mean())
+    # measured here: mean |diff| 0.0038 with the grids, 0.013 without (per batch: 2.8x to 4.4x closer)
+    assert np.mean(exact_diff) < np.mean(plain_diff) / 2
     with pytest.raises(fqm.ModelFileError, match="exported without --exact-activations"):
         Recognizer(export(task, model)[0], activations="exact")
 
