@@ -315,6 +315,6 @@ def test_auto_kernels_keep_the_faster_of_fp32_and_low_bit(dict_dir):
     for graph in ("encoder", "decoder"):
         counts = count_kernels(getattr(rec, f"{graph}_graph"))
         assert ("MatMulNBits" in counts) == (rec.kernels[graph] == "nbits")
-    assert Recognizer(file).kernels["encoder"] == "fp32"  # the default: low-bit never wins at encoder shapes
+    assert Recognizer(file).kernels["encoder"] == "fp32"  # the default encoder kernel (low bits lose there)
     with pytest.raises(ValueError, match="unknown kernel 'int3'"):
         Recognizer(file, "int3")

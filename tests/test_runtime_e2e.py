@@ -38,7 +38,9 @@ def test_the_runtime_cli_decodes_without_torch_or_fairseq(smoke):
     model = work / "export" / "mixed2a8.fqm"
     manifest = json.loads((work / "data" / "test-clean.json").read_text())["utts"]
     audio = next(iter(manifest.values()))["input"]["path"]
-    args = ["--model", str(model), audio, "--beam", "2", "--max-len-a", "0", "--max-len-b", "40"]
+    # fixed kernels: "auto" times them at load and two processes may choose differently
+    args = ["--model", str(model), audio, "--beam", "2", "--max-len-a", "0", "--max-len-b", "40",
+            "--decoder-kernel", "nbits"]
     blocked = run([sys.executable, "-c", BLOCK + "from fairseq_quant.runtime.__main__ import main; "
                    f"assert 'torch' not in {{k for k, v in sys.modules.items() if v is not None}}; "
                    f"sys.exit(main({args!r}))"])
@@ -102,7 +104,8 @@ def test_manifest_mode_with_a_feature_worker_gives_the_same_results(smoke, tmp_p
         out = tmp_path / f"w{workers}"
         proc = run([sys.executable, "-m", "fairseq_quant.runtime", "--model", str(model), "--manifest",
                     str(work / "data" / "test-other.json"), "--out", str(out), "--beam", "2", "--max-len-a", "0",
-                    "--max-len-b", "40", "--feature-workers", workers, "--batch-frames", "1500"])
+                    "--max-len-b", "40", "--feature-workers", workers, "--batch-frames", "1500",
+                    "--decoder-kernel", "fp32"])
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.startswith("test-other: WER ")
         outs.append((out / "test-other.utt.tsv").read_text())
