@@ -168,6 +168,14 @@ def _merge(x):
     return x.transpose(1, 2).reshape(b, t, h * d)
 
 
+def _feed_forward(t: WeightTable, x, name: str, pre: bool):
+    """A transformer layer's FFN sublayer: fc2(relu(fc1(x))) with its residual and ``final_layer_norm``
+    before (``normalize_before``) or after."""
+    y = t.layer_norm(x, name + ".final_layer_norm") if pre else x
+    x = x + t.linear(F.relu(t.linear(y, name + ".fc1")), name + ".fc2")
+    return x if pre else t.layer_norm(x, name + ".final_layer_norm")
+
+
 def _attend(table: WeightTable, prefix: str, q, k, v, bias):
     """softmax(q k^T + bias) v with the attention's operand quantizers; q is already scaled, k and v are
     already quantized (they may come from a cache)."""
@@ -213,12 +221,7 @@ class EncoderGraph(nn.Module):
         x = residual + self.self_attention(y, name + ".self_attn", bias)
         if not pre:
             x = t.layer_norm(x, name + ".self_attn_layer_norm")
-        residual = x
-        y = t.layer_norm(x, name + ".final_layer_norm") if pre else x
-        x = residual + t.linear(F.relu(t.linear(y, name + ".fc1")), name + ".fc2")
-        if not pre:
-            x = t.layer_norm(x, name + ".final_layer_norm")
-        return x
+        return _feed_forward(t, x, name, pre)
 
     def forward(self, features, lengths):
         bsz, frames, _ = features.shape
@@ -314,11 +317,7 @@ class DecoderStepGraph(nn.Module):
                                     prefix + ".out_proj")
             if not pre:
                 x = t.layer_norm(x, name + ".encoder_attn_layer_norm")
-            residual = x
-            y = t.layer_norm(x, name + ".final_layer_norm") if pre else x
-            x = residual + t.linear(F.relu(t.linear(y, name + ".fc1")), name + ".fc2")
-            if not pre:
-                x = t.layer_norm(x, name + ".final_layer_norm")
+            x = _feed_forward(t, x, name, pre)
         logits = t.linear(x, "decoder.fc_out")
         return (torch.log_softmax(logits, dim=-1), *new_convs, *new_selfs)
 
