@@ -76,3 +76,32 @@ def test_reference_model_recognises_fresh_held_out_utterances(tmp_path):
     for r in results:
         assert r.utterances == FRESH
         assert r.wer <= MAX_WER[r.subset], (r.subset, r.wer, (tmp_path / "eval" / f"{r.subset}.hyp").read_text())
+
+
+def test_a_finished_training_continues_when_asked_for_more_and_the_bundle_records_every_run(smoke, tmp_path):
+    """train_reference resumes a finished run from checkpoint_last.pt when its limits grow (the way the shipped
+    model was trained for longer), records each run's command, and skips a run that is already done."""
+    import torch
+
+    from recipes.librispeech.train_reference import main as train_reference
+
+    work, _ = smoke
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    shutil.copytree(work / "data", ref / "data")
+    common = ["--workdir", str(ref), "--threads", "1", "--batch-size", "8", "--warmup", "2", "--average", "0"]
+    for updates in (2, 4, 4):
+        assert train_reference(common + ["--stages", "train", "--max-update", str(updates)]) == 0
+    record = json.loads((ref / "train" / "command.json").read_text())
+    assert [run[run.index("--max-update") + 1] for run in record["runs"]] == ["2", "4"]
+    state = torch.load(ref / "train" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert state["optimizer_history"][-1]["num_updates"] == 4
+    log = (ref / "train" / "train.log").read_text()
+    assert log.count("Loaded checkpoint") == 1 and log.count("done training") == 2
+
+    bundle = tmp_path / "bundle"
+    assert train_reference(common + ["--stages", "average,bundle", "--max-update", "4", "--bundle", str(bundle)]) == 0
+    training = load_manifest(bundle)["training"]
+    assert training["updates"] == 4
+    assert training["command"][training["command"].index("--max-update") + 1] == "4"
+    assert [run[run.index("--max-update") + 1] for run in training["earlier_runs"]] == ["2"]

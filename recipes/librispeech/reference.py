@@ -113,10 +113,13 @@ def write_bundle(bundle: Path, work: Path, args) -> Path:
     state = torch.load(model_path, map_location="cpu", weights_only=False)
     train_dir = work / "train"
     started = json.loads((train_dir / "command.json").read_text())
-    command = started["command"]
     repo = Path(__file__).resolve().parents[2]
-    command = [c.replace(sys.executable, "python").replace(str(work), "$WORKDIR").replace(str(repo), "$REPO")
-               for c in command]
+
+    def portable(command):
+        return [c.replace(sys.executable, "python").replace(str(work), "$WORKDIR").replace(str(repo), "$REPO")
+                for c in command]
+
+    runs = [portable(c) for c in started.get("runs", [started["command"]])]
     extra = state.get("extra_state", {})
     wer = {}
     wer_json = work / "eval" / "wer.json"
@@ -131,7 +134,8 @@ def write_bundle(bundle: Path, work: Path, args) -> Path:
         "corpus": size_params("reference", args.seed),
         "vocab_size": args.vocab_size,
         "training": {
-            "command": command,
+            "command": runs[-1],  # the run that finished (fairseq resumes; its time limit spans the runs)
+            **({"earlier_runs": runs[:-1]} if len(runs) > 1 else {}),
             "commit": started["commit"],  # the code the training started from
             "dirty": started["dirty"],
             "updates": int(state["optimizer_history"][-1]["num_updates"]),

@@ -96,12 +96,23 @@ def main(argv=None) -> int:
                 args.vocab_size, jobs=args.threads)
     if "train" in stages:
         save_dir.mkdir(parents=True, exist_ok=True)
-        if not done_marker(save_dir).exists():
-            cmd = training_command(data, save_dir, args)
-            if not (save_dir / "command.json").exists():  # the first start: the code the training began with
-                from recipes.librispeech.reference import git_commit
+        cmd = training_command(data, save_dir, args)
+        started = save_dir / "command.json"
+        record = json.loads(started.read_text()) if started.exists() else None
+        if record is None:  # the first start: the code the training began with
+            from recipes.librispeech.reference import git_commit
 
-                (save_dir / "command.json").write_text(json.dumps({"command": cmd, **git_commit(REPO)}) + "\n")
+            record = {"command": cmd, **git_commit(REPO)}
+        runs = record.setdefault("runs", [record["command"]])
+        if not done_marker(save_dir).exists() or runs[-1] != cmd:
+            # a finished training continues when asked for more (--hours, --max-update): fairseq resumes from
+            # checkpoint_last.pt, its time limit counts across resumes, and every run's command is recorded
+            if runs[-1] != cmd:
+                runs.append(cmd)
+            tmp = started.with_name(started.name + ".tmp")
+            tmp.write_text(json.dumps(record) + "\n")
+            tmp.replace(started)
+            done_marker(save_dir).unlink(missing_ok=True)
             start = time.perf_counter()
             run_logged(cmd, save_dir / "train.log", train_env(args.threads))
             mark_done(save_dir, {"seconds_this_run": round(time.perf_counter() - start, 1)})
