@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT, run
 
 from recipes.librispeech.memory import arch_config, batch_memory
-from recipes.librispeech.run import ROWS
+from recipes.librispeech.run import ROWS, SIZES, longest_first
 
 MEMORY = re.compile(r"^#   (fp32|qat) vggtransformer_2: (\d+) x 35 s: activations ([\d.]+) GB \+ model state "
                     r"\([^)]*\) ([\d.]+) GB = ([\d.]+) GB$")
@@ -139,3 +139,17 @@ def test_a_workdir_with_another_corpus_is_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
         f"run: error: {corpus} was generated with different parameters {{'format_version': 1, 'seed': 0}}")
+
+
+def test_rows_start_longest_first_and_the_table_keeps_its_order():
+    rows = [ROWS[name] for name in SIZES["default"].rows if ROWS[name].kind != "runtime"]
+    order = longest_first(rows)
+    assert [rows[i].name for i in order] == ["qat-searched", "qat-fp32", "qat-w2a8", "fp32", "ptq-w2-sym-channel",
+                                             "dynamic-int8"]
+    assert sorted(order) == list(range(len(rows)))
+
+
+def test_the_benchmark_runs_every_row_and_the_demo_a_subset_from_fp32():
+    assert set(SIZES["benchmark"].rows) == set(ROWS)
+    demo = SIZES["default"].rows
+    assert demo[0] == "fp32" and set(demo) < set(ROWS)
