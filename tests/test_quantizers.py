@@ -588,3 +588,81 @@ def test_calibrate_and_reset():
         model(batches[0])
     with pytest.raises(ValueError, match="at least one batch"):
         calibrate(model, [])
+
+
+# ---------------------------------------------------------------------------------------------
+# fast paths: the same values as the composite of differentiable operations, bit for bit
+# ---------------------------------------------------------------------------------------------
+
+def _composite_zero_point(x, lo, hi, bits):
+    levels = 2**bits - 1
+    scale = torch.clamp(hi - lo, min=1e-8) / levels
+    zero_point = torch.clamp(torch.round(-lo / scale), 0, levels)
+    return (torch.clamp(round_ste(x / scale) + zero_point, 0, levels) - zero_point) * scale
+
+
+def _composite_symmetric(x, scale, bits):
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return torch.clamp(round_ste(x / scale), qmin, qmax) * scale
+
+
+def _composite_affine(x, lo, hi, bits):
+    levels = 2**bits - 1
+    scale = torch.clamp(hi - lo, min=1e-8) / levels
+    return torch.clamp(round_ste((x - lo) / scale), 0, levels) * scale + lo
+
+
+def _hard_inputs(seed, scale=0.05):
+    """Values spread beyond the range, exact half steps (ties), zeros and the range ends."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4000, generator=g) * 2
+    ties = (torch.randint(-60, 60, (500,), generator=g) + 0.5) * scale
+    return torch.cat([x, ties, torch.zeros(10), torch.tensor([-0.3, 1.7, 1e-9, -1e-9])])
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fast_paths_equal_the_composite_bit_for_bit_and_leave_the_input_alone(bits, seed):
+    x = _hard_inputs(seed)
+    lo, hi = torch.tensor(-0.3), torch.tensor(1.7)
+    scale = torch.tensor(0.05)
+    groups_lo, groups_hi = torch.tensor([[-1.0], [-0.2]]), torch.tensor([[1.0], [0.9]])
+    cases = [
+        (fake_quant_zero_point, _composite_zero_point, (lo, hi, bits), x),
+        (fake_quant_symmetric, _composite_symmetric, (scale, max(bits, 2)), x),
+        (fake_quant_affine, _composite_affine, (groups_lo, groups_hi, bits), x[:4000].reshape(2, 2000)),
+    ]
+    for fast, composite, args, values in cases:
+        expected = composite(values, *args)
+        before = values.clone()
+        with torch.no_grad():
+            assert torch.equal(fast(values, *args), expected), fast.__name__
+        leaf = values.clone().requires_grad_(True)
+        assert torch.equal(fast(leaf, *args).detach(), expected), fast.__name__
+        assert torch.equal(values, before), fast.__name__
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_fast_path_gradient_is_the_straight_through_mask(bits):
+    x = _hard_inputs(3).requires_grad_(True)
+    lo, hi = torch.tensor(-0.3), torch.tensor(1.7)
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    fake_quant_zero_point(x, lo, hi, bits).backward(grad_out)
+    levels = 2**bits - 1
+    scale = (hi - lo) / levels
+    q = torch.round(x.detach() / scale) + torch.round(-lo / scale)
+    inside = (q >= 0) & (q <= levels)
+    assert 0 < int(inside.sum()) < x.numel()
+    assert torch.equal(x.grad, grad_out * inside)
+    # the composite's gradient, ((g * scale) * mask) / scale, differs from it by rounding only
+    y = x.detach().clone().requires_grad_(True)
+    _composite_zero_point(y, lo, hi, bits).backward(grad_out)
+    torch.testing.assert_close(y.grad, x.grad, rtol=1e-6, atol=0)
+
+
+def test_learned_scales_keep_their_gradient():
+    # LSQ and PACT learn the step or the clipping value: the composite path, with a gradient for the scale
+    x = torch.linspace(-1, 1, 50)
+    scale = torch.tensor(0.1, requires_grad=True)
+    fake_quant_symmetric(x, scale, 4).sum().backward()
+    assert scale.grad is not None and scale.grad.abs().item() > 0

@@ -43,6 +43,53 @@ def signed_range(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+# Each fake quantizer below has three paths with the same forward values, bit for bit (the composite's
+# ``x + (round(x) - x)`` is exactly ``round(x)``: the difference is exact by Sterbenz's lemma):
+# - without gradients (decoding, calibration): one new tensor, then in-place operations; the composite
+#   allocates about eight tensors the size of the input, and on large activations (the VGG front end of a
+#   batch) that allocation, not the arithmetic, was most of the decoding time;
+# - with a gradient for the input only (activations and weights in QAT, range buffers fixed): an autograd
+#   function that keeps a boolean mask of the unclamped values, the straight-through gradient;
+# - with gradients for the range or step (LSQ, PACT): the composite of differentiable operations.
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """``(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale`` forward; the incoming
+    gradient where ``round(x / scale) + zero_point`` lies in ``[qmin, qmax]`` (inclusive, as clamp's)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax):
+        q = x.div(scale).round_()
+        if zero_point is not None:
+            q.add_(zero_point)
+        ctx.save_for_backward((q >= qmin) & (q <= qmax))
+        q.clamp_(qmin, qmax)
+        if zero_point is not None:
+            q.sub_(zero_point)
+        return q.mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
+def _fake_quant(x, scale, zero_point, qmin: int, qmax: int):
+    """Fast paths of the symmetric and zero-point quantizers, when ``scale`` needs no gradient."""
+    if _needs_grad(x):
+        return _FakeQuantSTE.apply(x, scale, zero_point, qmin, qmax)
+    q = x.div(scale).round_()
+    if zero_point is not None:
+        q.add_(zero_point).clamp_(qmin, qmax).sub_(zero_point)
+    else:
+        q.clamp_(qmin, qmax)
+    return q.mul_(scale)
+
+
 def fake_quant_affine(x, lo, hi, bits: int):
     """Asymmetric range quantization: ``round((x - lo) * (2^b - 1) / (hi - lo))`` levels mapped back.
 
@@ -50,6 +97,8 @@ def fake_quant_affine(x, lo, hi, bits: int):
     """
     levels = 2**bits - 1
     scale = torch.clamp(hi - lo, min=1e-8) / levels
+    if not _needs_grad(x, lo, hi):
+        return (x - lo).div_(scale).round_().clamp_(0, levels).mul_(scale).add_(lo)
     q = torch.clamp(round_ste((x - lo) / scale), 0, levels)
     return q * scale + lo
 
@@ -59,6 +108,8 @@ def fake_quant_zero_point(x, lo, hi, bits: int):
     levels = 2**bits - 1
     scale = torch.clamp(hi - lo, min=1e-8) / levels
     zero_point = torch.clamp(torch.round(-lo / scale), 0, levels).detach()
+    if not _needs_grad(lo, hi):
+        return _fake_quant(x, scale.detach(), zero_point, 0, levels)
     q = torch.clamp(round_ste(x / scale) + zero_point, 0, levels)
     return (q - zero_point) * scale
 
@@ -66,6 +117,8 @@ def fake_quant_zero_point(x, lo, hi, bits: int):
 def fake_quant_symmetric(x, scale, bits: int):
     """Signed symmetric quantization onto the integer grid [-2^(b-1), 2^(b-1)-1] times ``scale``."""
     qmin, qmax = signed_range(bits)
+    if not _needs_grad(scale):
+        return _fake_quant(x, scale.detach() if isinstance(scale, torch.Tensor) else scale, None, qmin, qmax)
     return torch.clamp(round_ste(x / scale), qmin, qmax) * scale
 
 
