@@ -3,7 +3,7 @@ model, or trained here) -> baselines and QAT per strategy -> WER evaluation with
 results table and plot.
 
     python -m recipes.librispeech.run --size default --workdir exp/default     # from the reference bundle
-    python -m recipes.librispeech.run --size benchmark --workdir exp/benchmark # every row, dev and test
+    python -m recipes.librispeech.run --size benchmark --workdir exp/default   # every row (reuses the demo's)
     python -m recipes.librispeech.run --librispeech-root /data/LibriSpeech --size paper --workdir exp/ls
     python -m recipes.librispeech.run ... --dry-run   # the command lines and memory per batch; runs nothing
 
@@ -120,8 +120,8 @@ SIZES = {
                           eval_subsets=TEST_SUBSETS, rows=("fp32", "ptq-w2-sym-channel", "qat-w2a8")),
     # the main job (README): the reference model, its baselines and QAT, test sets, at most 30 min on 2 cores
     "default": RecipeConfig(**REFERENCE, synth_train=4000, eval_subsets=TEST_SUBSETS),
-    # every row on dev and test (make benchmark)
-    "benchmark": RecipeConfig(**REFERENCE, synth_train=4000, rows=tuple(ROWS)),
+    # every row (make benchmark): the main job's corpus and test sets, so that its workdir's finished rows are reused
+    "benchmark": RecipeConfig(**REFERENCE, synth_train=4000, eval_subsets=TEST_SUBSETS, rows=tuple(ROWS)),
     # the paper's vggtransformer_2 on real LibriSpeech (GPU cluster; see README)
     "paper": RecipeConfig(corpus_size=None, arch="vggtransformer_2", encoder_dim=1024, vocab_size=5000, batch_size=0,
                           ctc_weight=0.3, threads=8, jobs=1, num_workers=4,
