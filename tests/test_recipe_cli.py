@@ -153,3 +153,25 @@ def test_the_benchmark_runs_every_row_and_the_demo_a_subset_from_fp32():
     assert set(SIZES["benchmark"].rows) == set(ROWS)
     demo = SIZES["default"].rows
     assert demo[0] == "fp32" and set(demo) < set(ROWS)
+
+
+def test_a_stage_log_follows_its_command_while_it_runs(tmp_path):
+    """Each line a stage prints is in its log file at once (the search's log stayed empty until it ended)."""
+    import threading
+
+    from recipes.librispeech.run import run_logged
+
+    flag, log = tmp_path / "flag", tmp_path / "stage.log"
+    child = ("import os, sys, time\nprint('[search] sensitivity 4: w2 loss 0.65', flush=True)\n"
+             f"while not os.path.exists({str(flag)!r}): time.sleep(0.05)\n")
+    thread = threading.Thread(target=run_logged, args=([sys.executable, "-c", child], log))
+    thread.start()
+    try:
+        for _ in range(600):  # the child waits for the flag, so the line can only come from a live log
+            if log.exists() and "sensitivity 4" in log.read_text():
+                break
+            thread.join(0.1)
+        assert "sensitivity 4" in log.read_text()
+    finally:
+        flag.touch()
+        thread.join()

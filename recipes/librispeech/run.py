@@ -25,7 +25,7 @@ from pathlib import Path
 
 STRATEGY_DIR = Path(__file__).parent / "strategies"
 EVAL_SUBSETS = ("dev-clean", "dev-other", "test-clean", "test-other")
-LOG_LINE = re.compile(r"\| (train_inner|valid on|train \||.*valid on|.*: WER )")
+LOG_LINE = re.compile(r"\| (train_inner|valid on|train \||.*valid on|.*: WER )|^\[search\] ")
 
 logger = logging.getLogger("recipe")
 
@@ -162,12 +162,11 @@ def mark_done(path: Path, info: dict) -> None:
 def run_logged(cmd: list[str], log_path: Path, env=None, tag: str = "") -> None:
     """Run a command, keep its whole output in ``log_path`` and echo progress lines (prefixed by ``tag``)."""
     logger.info("%s$ %s", f"[{tag}] " if tag else "", " ".join(cmd))
-    with open(log_path, "a") as log:
+    with open(log_path, "a", buffering=1) as log:  # line-buffered: the log follows the command as it runs
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for line in proc.stdout:
             log.write(line)
             if LOG_LINE.search(line):
-                log.flush()
                 print(f"   {tag + ': ' if tag else ''}" + line.split(" | ", 2)[-1].strip()[:160], flush=True)
         if proc.wait() != 0:
             raise RuntimeError(f"command failed with exit code {proc.returncode}; see {log_path}")
