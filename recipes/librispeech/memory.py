@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 BYTES = 4  # fp32
 # per unit:        fp32   QAT
-ENC_LAYER = {"d": (10.0, 20.0), "ffn": (3.0, 4.0), "attn": (3.0, 3.25), "one": (4.0, 5.6)}  # per position
-DEC_LAYER = {"d": (15.6, 29.4), "ffn": (3.0, 4.4), "cross": (3.0, 3.45), "self": (2.7, 1.7), "one": (-16.0, -17.0),
-             "enc_d": (3.0, 7.8)}  # per target token; enc_d per encoder position
-QUANT_INPUT = 2.0  # QAT: extra floats per element of a quantized activation that requires a gradient
+ENC_LAYER = {"d": (10.0, 14.0), "ffn": (3.0, 3.25), "attn": (3.0, 2.5), "one": (4.0, 5.6)}  # per position
+DEC_LAYER = {"d": (15.6, 21.15), "ffn": (3.0, 3.65), "cross": (3.0, 2.7), "self": (2.7, 0.95), "one": (-16.0, -17.0),
+             "enc_d": (3.0, 4.8)}  # per target token; enc_d per encoder position
+ACT_MASK = 0.25  # QAT: a fake-quantized activation keeps a boolean clamp mask (1 byte) per element for backward
+QUANT_INPUT = 1.25  # QAT: extra floats per element of a quantized VGG conv input that requires a gradient
 QUANT_WEIGHT = 3.1  # QAT: floats kept per quantized weight (its fake-quantized copy and masks)
 ADAM_STATE = 16  # bytes per parameter: weight, gradient, two Adam moments
 TEACHER = 4  # bytes per parameter of an fp32 distillation teacher
@@ -92,18 +93,18 @@ def activation_floats(arch: Arch, vocab: int, utterances: int, frames: int, toke
     positions, width = time, channels * feat
     for d, heads, ffn, *_ in arch.enc:
         if width != d:  # Linear adapter
-            per_utt += positions * width * (1 + q)
+            per_utt += positions * width * (1 + q * ACT_MASK)
             weights += width * d
         c = {k: v[q] for k, v in ENC_LAYER.items()}
         per_utt += positions * (c["d"] * d + c["ffn"] * ffn + c["attn"] * heads * positions + c["one"])
         weights += 4 * d * d + 2 * d * ffn
         width = d
-    per_utt += positions * (width * (1 + q) + arch.enc_output_dim + 2)  # final Linear and LayerNorm
+    per_utt += positions * (width * (1 + q * ACT_MASK) + arch.enc_output_dim + 2)  # final Linear and LayerNorm
     weights += width * arch.enc_output_dim + vocab * arch.tgt_embed_dim
     width = arch.tgt_embed_dim
-    per_utt += tokens * width * (1 + q)
+    per_utt += tokens * width * (1 + q * ACT_MASK)
     for out, kernel, layer_norm in arch.conv_dec:
-        per_utt += tokens * out * ((2 if layer_norm else 1) + q)
+        per_utt += tokens * out * ((2 if layer_norm else 1) + q * ACT_MASK)
         weights += kernel * width * out
         width = out
     for d, heads, ffn, *_ in arch.dec:
@@ -112,7 +113,7 @@ def activation_floats(arch: Arch, vocab: int, utterances: int, frames: int, toke
                              + c["one"]) + c["enc_d"] * positions * d
         weights += 8 * d * d + 2 * d * ffn
         width = d
-    per_utt += tokens * (width * (1 + q) + vocab * (1 + 2 * distill))  # fc_out input; log-probabilities
+    per_utt += tokens * (width * (1 + q * ACT_MASK) + vocab * (1 + 2 * distill))  # fc_out input; log-probabilities
     return utterances * per_utt + q * QUANT_WEIGHT * (weights + width * vocab)
 
 
