@@ -105,3 +105,25 @@ def test_a_finished_training_continues_when_asked_for_more_and_the_bundle_record
     assert training["updates"] == 4
     assert training["command"][training["command"].index("--max-update") + 1] == "4"
     assert [run[run.index("--max-update") + 1] for run in training["earlier_runs"]] == ["2"]
+
+    # a later session continues from the bundle's weights (fresh optimizer and schedule), in a new work directory
+    cont = tmp_path / "cont"
+    cont.mkdir()
+    shutil.copytree(work / "data", cont / "data")
+    more = ["--workdir", str(cont), "--threads", "1", "--batch-size", "8", "--warmup", "1", "--average", "0",
+            "--init-from", str(bundle), "--schedule", "linear", "--max-update", "2"]
+    with pytest.raises(SystemExit, match="continue on the same corpus"):
+        train_reference(more + ["--stages", "train", "--seed", "1"])
+    assert train_reference(more + ["--stages", "train,average,bundle", "--bundle", str(tmp_path / "bundle2")]) == 0
+    log = (cont / "train" / "train.log").read_text()
+    assert f"Loaded checkpoint {cont / 'init' / 'start.pt'}" in log
+    second = load_manifest(tmp_path / "bundle2")["training"]
+    assert (second["updates"], second["updates_this_run"]) == (6, 2)
+    assert second["continued_from"]["model_sha256"] == load_manifest(bundle)["sha256"]["model.pt"]
+    assert second["continued_from"]["updates"] == 4
+    command = second["command"]
+    assert command[command.index("--lr-scheduler") + 1] == "polynomial_decay"
+    assert command[command.index("--finetune-from-model") + 1] == "$WORKDIR/init/start.pt"
+    # a work directory continues from the bundle it started from, not from another one given later
+    with pytest.raises(BundleError, match="holds a different bundle"):
+        train_reference(more[:-6] + ["--init-from", str(tmp_path / "bundle2"), "--stages", "train"])

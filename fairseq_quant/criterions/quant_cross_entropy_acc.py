@@ -52,6 +52,13 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
         # kept out of the module tree: the teacher is neither trained nor saved in checkpoints
         self._teacher = (load_teacher(teacher_path, task),) if teacher_path and kd_weight > 0 else ()
 
+    def load_state_dict(self, state_dict, strict=True, **kwargs):
+        """A checkpoint without the CTC projection (a reference bundle keeps only the model) starts it fresh."""
+        if self.ctc_weight > 0 and not any(k.startswith("ctc_proj.") for k in state_dict):
+            logger.warning("the checkpoint has no CTC projection (criterion state): it starts from random weights")
+            state_dict = {**state_dict, **{f"ctc_proj.{k}": v for k, v in self.ctc_proj.state_dict().items()}}
+        return super().load_state_dict(state_dict, strict=strict, **kwargs)
+
     @property
     def teacher(self):
         return self._teacher[0] if self._teacher else None

@@ -99,6 +99,26 @@ def git_commit(repo: Path) -> dict:
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
+def copy_init_bundle(bundle: str | os.PathLike, dest: Path) -> Path:
+    """Copy a verified bundle into ``dest`` (once, atomically) for a training that continues from it, so
+    that replacing the original bundle later does not change what the training started from."""
+    bundle, dest = Path(bundle), Path(dest)
+    manifest = load_manifest(bundle)
+    if dest.is_dir():
+        kept = load_manifest(dest)
+        if kept["sha256"] != manifest["sha256"]:
+            raise BundleError(f"{dest} holds a different bundle than {bundle}: the training in this work "
+                              f"directory continues from the former; use a new --workdir")
+        return dest
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in BUNDLE_FILES + ("manifest.json",):
+        shutil.copyfile(bundle / name, tmp / name)
+    os.replace(tmp, dest)
+    return dest
+
+
 def write_bundle(bundle: Path, work: Path, args) -> Path:
     """Assemble the bundle from a train_reference work directory; replaces ``bundle`` atomically."""
     import torch
@@ -146,6 +166,16 @@ def write_bundle(bundle: Path, work: Path, args) -> Path:
         },
         "wer": wer,
     }
+    init = work / "init" / "manifest.json"
+    if init.is_file():  # continued from an earlier bundle: totals over the chain, the earlier training kept
+        earlier = json.loads(init.read_text())
+        training = manifest["training"]
+        training["updates_this_run"] = training["updates"]
+        training["wall_time_this_run_s"] = training["wall_time_s"]
+        training["updates"] += earlier["training"]["updates"]
+        training["wall_time_s"] = round(training["wall_time_s"] + earlier["training"]["wall_time_s"], 1)
+        training["continued_from"] = {**earlier["training"], "model_sha256": earlier["sha256"]["model.pt"],
+                                      "wer": earlier.get("wer", {})}
     tmp = bundle.with_name(bundle.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -9,7 +9,10 @@ Stages (each resumable; a finished one is skipped):
 - prepare: manifests, a SentencePiece unigram model of --vocab-size pieces, dict.txt;
 - train: fairseq-train of `vggtransformer_ref` with the auxiliary CTC loss, until --hours of training
   time (fairseq's --stop-time-hours, which counts across resumes) or --max-update; an interrupted run
-  resumes from checkpoint_last.pt;
+  resumes from checkpoint_last.pt. With --init-from BUNDLE the training continues from a bundle's
+  weights (fairseq's --finetune-from-model: fresh optimizer, schedule and update count; the bundle's
+  SentencePiece model and dictionary), so a reference can be trained further in later sessions;
+  --schedule linear decays the learning rate linearly to lr/100 at --max-update instead of inverse_sqrt;
 - average: the mean of the last --average interval checkpoints (fairseq keeps one every --save-every
   updates), without optimizer state;
 - bundle: model.pt, the SentencePiece model, dict.txt and manifest.json (corpus parameters, the exact
@@ -35,22 +38,47 @@ STAGES = ("corpus", "prepare", "train", "average", "bundle")
 logger = logging.getLogger("train_reference")
 
 
-def training_command(data: Path, save_dir: Path, args: argparse.Namespace) -> list[str]:
-    """The fairseq-train command line of the reference model."""
+def training_command(data: Path, save_dir: Path, args: argparse.Namespace,
+                     init_model: Path | None = None) -> list[str]:
+    """The fairseq-train command line of the reference model (continuing from init_model's weights)."""
     return [
         sys.executable, "-m", "fairseq_cli.train", str(data), "--user-dir", str(REPO / "fairseq_quant"),
         "--task", "speech_recognition", "--train-subset", "train", "--valid-subset", "dev-clean",
         "--arch", ARCH, "--criterion", "quant_cross_entropy_acc",
         "--ctc-weight", str(args.ctc_weight), "--ctc-encoder-dim", str(ENCODER_DIM),
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(args.lr), "--clip-norm", "10",
-        "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(args.warmup),
+        *schedule_args(args),
         "--batch-size", str(args.batch_size), "--max-tokens", "10000000", "--required-batch-size-multiple", "1",
         "--max-update", str(args.max_update), "--stop-time-hours", str(args.hours),
         "--save-dir", str(save_dir), "--save-interval-updates", str(args.save_every),
         "--keep-interval-updates", str(max(args.average, 1) + 1), "--no-epoch-checkpoints",
         "--skip-invalid-size-inputs-valid-test", "--num-workers", "0",
         "--log-format", "simple", "--log-interval", "100", "--seed", str(args.train_seed),
+        *(["--finetune-from-model", str(init_model)] if init_model is not None else []),
     ]
+
+
+def schedule_args(args: argparse.Namespace) -> list[str]:
+    """fairseq's learning-rate scheduler options for --schedule."""
+    if args.schedule == "linear":  # warm up, then decay linearly to lr/100 at --max-update
+        return ["--lr-scheduler", "polynomial_decay", "--warmup-updates", str(args.warmup),
+                "--total-num-update", str(args.max_update), "--end-learning-rate", str(args.lr / 100), "--power", "1"]
+    return ["--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(args.warmup)]
+
+
+def start_checkpoint(init_dir: Path) -> Path:
+    """The bundle's model as fairseq's --finetune-from-model needs it: with a criterion entry (a bundle keeps
+    none; the criterion starts its CTC projection fresh), written once next to the copied bundle."""
+    start = init_dir / "start.pt"
+    if not start.is_file():
+        import torch
+
+        state = torch.load(init_dir / "model.pt", map_location="cpu", weights_only=False)
+        state.setdefault("criterion", {})
+        tmp = start.with_name(start.name + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(start)
+    return start
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,6 +96,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ctc-weight", type=float, default=1.0)
     parser.add_argument("--save-every", type=int, default=1000, help="updates between interval checkpoints")
     parser.add_argument("--average", type=int, default=4, help="interval checkpoints averaged (0: the last)")
+    parser.add_argument("--schedule", choices=("inverse_sqrt", "linear"), default="inverse_sqrt",
+                        help="learning-rate schedule after warmup (linear: to lr/100 at --max-update)")
+    parser.add_argument("--init-from", type=Path, default=None, metavar="BUNDLE",
+                        help="continue from this reference bundle's weights, SentencePiece model and dictionary")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bundle", type=Path, default=REPO / "recipes" / "librispeech" / "reference")
     return parser.parse_args(argv)
@@ -85,6 +117,18 @@ def main(argv=None) -> int:
     corpus_root = work / "corpus" / "LibriSpeech"
     data = work / "data"
     save_dir = work / "train"
+    init_model = None
+    if args.init_from is not None:
+        from recipes.librispeech.reference import copy_init_bundle
+
+        from recipes.librispeech.generate_corpus import size_params
+
+        init_dir = copy_init_bundle(args.init_from, work / "init")
+        trained_on = json.loads((init_dir / "manifest.json").read_text())["corpus"]
+        if trained_on != size_params(CORPUS_SIZE, args.seed):
+            raise SystemExit(f"train_reference: {args.init_from} was trained on corpus {trained_on}, this run "
+                             f"generates {size_params(CORPUS_SIZE, args.seed)}; continue on the same corpus")
+        init_model = start_checkpoint(init_dir)
     if "corpus" in stages:
         from recipes.librispeech.generate_corpus import generate_from_params, size_params
 
@@ -92,11 +136,13 @@ def main(argv=None) -> int:
     if "prepare" in stages:
         from recipes.librispeech.prepare_data import prepare
 
+        given = ({"spm_model": init_model.with_name("spm.model"), "dictionary": init_model.with_name("dict.txt")}
+                 if init_model is not None else {})
         prepare(corpus_root, data, ["train-clean-100"], ["dev-clean", "dev-other", "test-clean", "test-other"],
-                args.vocab_size, jobs=args.threads)
+                args.vocab_size, jobs=args.threads, **given)
     if "train" in stages:
         save_dir.mkdir(parents=True, exist_ok=True)
-        cmd = training_command(data, save_dir, args)
+        cmd = training_command(data, save_dir, args, init_model)
         started = save_dir / "command.json"
         record = json.loads(started.read_text()) if started.exists() else None
         if record is None:  # the first start: the code the training began with
