@@ -114,13 +114,16 @@ def test_a_finished_training_continues_when_asked_for_more_and_the_bundle_record
             "--init-from", str(bundle), "--schedule", "linear", "--max-update", "2"]
     with pytest.raises(SystemExit, match="continue on the same corpus"):
         train_reference(more + ["--stages", "train", "--seed", "1"])
-    assert train_reference(more + ["--stages", "train,average,bundle", "--bundle", str(tmp_path / "bundle2")]) == 0
+    assert train_reference(more + ["--stages", "train,average,eval,bundle", "--bundle", str(tmp_path / "bundle2")]) == 0
     log = (cont / "train" / "train.log").read_text()
     assert f"Loaded checkpoint {cont / 'init' / 'start.pt'}" in log
     second = load_manifest(tmp_path / "bundle2")["training"]
     assert (second["updates"], second["updates_this_run"]) == (6, 2)
     assert second["continued_from"]["model_sha256"] == load_manifest(bundle)["sha256"]["model.pt"]
     assert second["continued_from"]["updates"] == 4
+    wer = load_manifest(tmp_path / "bundle2")["wer"]  # the eval stage decoded every held-out set
+    assert wer["beam"] == 5 and sorted(wer["subsets"]) == ["dev-clean", "dev-other", "test-clean", "test-other"]
+    assert all(s["words"] > 0 and s["wer"] >= 0 for s in wer["subsets"].values())
     command = second["command"]
     assert command[command.index("--lr-scheduler") + 1] == "polynomial_decay"
     assert command[command.index("--finetune-from-model") + 1] == "$WORKDIR/init/start.pt"

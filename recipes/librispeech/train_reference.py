@@ -15,6 +15,7 @@ Stages (each resumable; a finished one is skipped):
   --schedule linear decays the learning rate linearly to lr/100 at --max-update instead of inverse_sqrt;
 - average: the mean of the last --average interval checkpoints (fairseq keeps one every --save-every
   updates), without optimizer state;
+- eval: WER of the averaged model on the dev and test sets, beam 5 (eval/: wer.json, per-utterance results);
 - bundle: model.pt, the SentencePiece model, dict.txt and manifest.json (corpus parameters, the exact
   training command, commit, updates, wall time, machine, WER, sha256 of every file), written to a
   temporary directory and renamed into place.
@@ -34,7 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 ARCH = "vggtransformer_ref"
 ENCODER_DIM = 128
 CORPUS_SIZE = "reference"
-STAGES = ("corpus", "prepare", "train", "average", "bundle")
+STAGES = ("corpus", "prepare", "train", "average", "eval", "bundle")
+EVAL_SUBSETS = ("dev-clean", "dev-other", "test-clean", "test-other")
 logger = logging.getLogger("train_reference")
 
 
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
 
         given = ({"spm_model": init_model.with_name("spm.model"), "dictionary": init_model.with_name("dict.txt")}
                  if init_model is not None else {})
-        prepare(corpus_root, data, ["train-clean-100"], ["dev-clean", "dev-other", "test-clean", "test-other"],
+        prepare(corpus_root, data, ["train-clean-100"], list(EVAL_SUBSETS),
                 args.vocab_size, jobs=args.threads, **given)
     if "train" in stages:
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -166,6 +168,15 @@ def main(argv=None) -> int:
         from recipes.librispeech.reference import average_checkpoints
 
         average_checkpoints(save_dir, args.average, work / "model.pt")
+    if "eval" in stages:
+        import torch
+
+        from fairseq_quant.evaluate import evaluate
+
+        torch.set_num_threads(args.threads)
+        for r in evaluate(work / "model.pt", data, list(EVAL_SUBSETS), work / "eval", beam=5, device="cpu",
+                          progress=False):
+            logger.info("%s: WER %.2f%% over %d words (beam 5)", r.subset, r.wer, r.words)
     if "bundle" in stages:
         from recipes.librispeech.reference import write_bundle
 
