@@ -118,6 +118,9 @@ def test_a_finished_training_continues_when_asked_for_more_and_the_bundle_record
     log = (cont / "train" / "train.log").read_text()
     assert f"Loaded checkpoint {cont / 'init' / 'start.pt'}" in log
     second = load_manifest(tmp_path / "bundle2")["training"]
+    # --hours limits this training alone: fairseq's time limit would otherwise include the earlier training's
+    start = torch.load(cont / "init" / "start.pt", map_location="cpu", weights_only=False)
+    assert load_manifest(bundle)["training"]["wall_time_s"] > 0 and start["extra_state"]["previous_training_time"] == 0
     assert (second["updates"], second["updates_this_run"]) == (6, 2)
     assert second["continued_from"]["model_sha256"] == load_manifest(bundle)["sha256"]["model.pt"]
     assert second["continued_from"]["updates"] == 4

@@ -70,13 +70,16 @@ def schedule_args(args: argparse.Namespace) -> list[str]:
 
 def start_checkpoint(init_dir: Path) -> Path:
     """The bundle's model as fairseq's --finetune-from-model needs it: with a criterion entry (a bundle keeps
-    none; the criterion starts its CTC projection fresh), written once next to the copied bundle."""
+    none; the criterion starts its CTC projection fresh) and no training time of its own (else the earlier
+    training's hours count against this one's --hours), written once next to the copied bundle."""
     start = init_dir / "start.pt"
     if not start.is_file():
         import torch
 
         state = torch.load(init_dir / "model.pt", map_location="cpu", weights_only=False)
         state.setdefault("criterion", {})
+        # fairseq's --stop-time-hours counts the checkpoint's previous training time: --hours is this training's
+        state.setdefault("extra_state", {})["previous_training_time"] = 0.0
         tmp = start.with_name(start.name + ".tmp")
         torch.save(state, tmp)
         tmp.replace(start)
