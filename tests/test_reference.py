@@ -133,3 +133,32 @@ def test_a_finished_training_continues_when_asked_for_more_and_the_bundle_record
     # a work directory continues from the bundle it started from, not from another one given later
     with pytest.raises(BundleError, match="holds a different bundle"):
         train_reference(more[:-6] + ["--init-from", str(tmp_path / "bundle2"), "--stages", "train"])
+
+
+def test_averaging_includes_the_final_model_when_the_training_ends_at_an_epoch_end(tmp_path):
+    """fairseq writes no interval checkpoint at an epoch's end: a training stopping there (12,000 updates of
+    750-update epochs) has its final model only in checkpoint_last.pt, which the average must include."""
+    import torch
+
+    from recipes.librispeech.reference import average_checkpoints
+
+    def save(name, updates, value):
+        torch.save({"model": {"w": torch.full((2,), value), "step": torch.tensor(updates)},
+                    "optimizer_history": [{"num_updates": updates}], "last_optimizer_state": {"m": 1},
+                    "criterion": {"ctc_proj.weight": torch.zeros(1)}, "extra_state": {}}, tmp_path / name)
+
+    save("checkpoint_14_10000.pt", 10000, 1.0)
+    save("checkpoint_15_11000.pt", 11000, 2.0)
+    save("checkpoint_last.pt", 12000, 6.0)
+    out = average_checkpoints(tmp_path, 2, tmp_path / "model.pt")
+    state = torch.load(out, map_location="cpu", weights_only=False)
+    assert state["model"]["w"].tolist() == [4.0, 4.0]  # (2 + 6) / 2: checkpoints 11000 and 12000
+    assert state["model"]["step"].item() == 12000  # integer tensors come from the newest
+    assert state["extra_state"]["averaged_checkpoints"] == ["checkpoint_15_11000.pt", "checkpoint_last.pt"]
+    assert "last_optimizer_state" not in state and "criterion" not in state
+
+    save("checkpoint_last.pt", 11000, 2.0)  # stopped at an interval checkpoint: it is not counted twice
+    state = torch.load(average_checkpoints(tmp_path, 2, tmp_path / "model.pt"), map_location="cpu",
+                       weights_only=False)
+    assert state["model"]["w"].tolist() == [1.5, 1.5]
+    assert state["extra_state"]["averaged_checkpoints"] == ["checkpoint_14_10000.pt", "checkpoint_15_11000.pt"]

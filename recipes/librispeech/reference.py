@@ -46,12 +46,29 @@ def interval_checkpoints(save_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def average_checkpoints(save_dir: Path, count: int, out: Path) -> Path:
-    """Average the model weights of the last ``count`` interval checkpoints (0: copy the last checkpoint),
-    drop optimizer and criterion state, and write ``out`` atomically."""
+def averaging_candidates(save_dir: Path) -> list[Path]:
+    """The interval checkpoints, then checkpoint_last.pt when it is newer than all of them: fairseq writes no
+    interval checkpoint at an epoch's end, so the final model of a training that stops there (at --max-update
+    or its time limit) is only in checkpoint_last.pt."""
     import torch
 
-    paths = interval_checkpoints(save_dir)[-count:] if count > 0 else []
+    paths = interval_checkpoints(save_dir)
+    last = Path(save_dir) / "checkpoint_last.pt"
+    if last.is_file():
+        def updates(path):
+            return torch.load(path, map_location="cpu", weights_only=False)["optimizer_history"][-1]["num_updates"]
+
+        if not paths or updates(last) > updates(paths[-1]):
+            paths.append(last)
+    return paths
+
+
+def average_checkpoints(save_dir: Path, count: int, out: Path) -> Path:
+    """Average the model weights of the last ``count`` checkpoints (``averaging_candidates``; 0: copy the last
+    checkpoint), drop optimizer and criterion state, and write ``out`` atomically."""
+    import torch
+
+    paths = averaging_candidates(save_dir)[-count:] if count > 0 else []
     if count > 0 and len(paths) < count:
         raise BundleError(f"{save_dir}: {len(paths)} interval checkpoints, {count} needed for averaging")
     if not paths:
