@@ -70,7 +70,7 @@ def average_checkpoints(save_dir: Path, count: int, out: Path) -> Path:
 
     paths = averaging_candidates(save_dir)[-count:] if count > 0 else []
     if count > 0 and len(paths) < count:
-        raise BundleError(f"{save_dir}: {len(paths)} interval checkpoints, {count} needed for averaging")
+        raise BundleError(f"{save_dir}: {len(paths)} checkpoints to average, {count} needed")
     if not paths:
         paths = [Path(save_dir) / "checkpoint_last.pt"]
     states = [torch.load(p, map_location="cpu", weights_only=False) for p in paths]

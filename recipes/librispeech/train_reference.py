@@ -124,9 +124,8 @@ def main(argv=None) -> int:
     save_dir = work / "train"
     init_model = None
     if args.init_from is not None:
-        from recipes.librispeech.reference import copy_init_bundle
-
         from recipes.librispeech.generate_corpus import size_params
+        from recipes.librispeech.reference import copy_init_bundle
 
         init_dir = copy_init_bundle(args.init_from, work / "init")
         trained_on = json.loads((init_dir / "manifest.json").read_text())["corpus"]
