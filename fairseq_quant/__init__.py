@@ -19,7 +19,7 @@ try:
 
     compat.apply()
 
-    from . import criterions, models  # noqa: F401  (registration side effects)
+    from . import criterions, models, tasks  # noqa: F401  (registration side effects)
 except ModuleNotFoundError as _err:
     if not _missing_framework(_err):
         raise

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 ARCH = "vggtransformer_ref"
 ENCODER_DIM = 128
 CORPUS_SIZE = "reference"
+SPECAUGMENT_EXAMPLE = '{"freq_mask_N": 2, "freq_mask_F": 20, "time_mask_N": 2, "time_mask_T": 30, "time_mask_p": 0.2}'
 STAGES = ("corpus", "prepare", "train", "average", "eval", "bundle")
 EVAL_SUBSETS = ("dev-clean", "dev-other", "test-clean", "test-other")
 logger = logging.getLogger("train_reference")
@@ -45,7 +46,7 @@ def training_command(data: Path, save_dir: Path, args: argparse.Namespace,
     """The fairseq-train command line of the reference model (continuing from init_model's weights)."""
     return [
         sys.executable, "-m", "fairseq_cli.train", str(data), "--user-dir", str(REPO / "fairseq_quant"),
-        "--task", "speech_recognition", "--train-subset", "train", "--valid-subset", "dev-clean",
+        *task_args(args), "--train-subset", "train", "--valid-subset", "dev-clean",
         "--arch", ARCH, "--criterion", "quant_cross_entropy_acc",
         "--ctc-weight", str(args.ctc_weight), "--ctc-encoder-dim", str(ENCODER_DIM),
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(args.lr), "--clip-norm", "10",
@@ -58,6 +59,13 @@ def training_command(data: Path, save_dir: Path, args: argparse.Namespace,
         "--log-format", "simple", "--log-interval", "100", "--seed", str(args.train_seed),
         *(["--finetune-from-model", str(init_model)] if init_model is not None else []),
     ]
+
+
+def task_args(args: argparse.Namespace) -> list[str]:
+    """The fairseq task: speech_recognition, or with --specaugment its augmenting subclass."""
+    if getattr(args, "specaugment", None):
+        return ["--task", "speech_recognition_augment", "--specaugment", args.specaugment]
+    return ["--task", "speech_recognition"]
 
 
 def schedule_args(args: argparse.Namespace) -> list[str]:
@@ -105,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="learning-rate schedule after warmup (linear: to lr/100 at --max-update)")
     parser.add_argument("--init-from", type=Path, default=None, metavar="BUNDLE",
                         help="continue from this reference bundle's weights, SentencePiece model and dictionary")
+    parser.add_argument("--specaugment", default=None, metavar="JSON",
+                        help="SpecAugment of the training features (task speech_recognition_augment), e.g. "
+                             f"'{SPECAUGMENT_EXAMPLE}'")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bundle", type=Path, default=REPO / "recipes" / "librispeech" / "reference")
     return parser.parse_args(argv)
