@@ -18,9 +18,10 @@ import jiwer
 import sentencepiece as spm
 import torch
 from fairseq import checkpoint_utils, utils
-from fairseq.sequence_generator import SequenceGenerator
+from fairseq.sequence_generator import EnsembleModel, SequenceGenerator
 from tqdm import tqdm
 
+from .runtime.ctc import CTCPrefixScorer, joint_scores
 from .stats import format_utterances
 
 logger = logging.getLogger(__name__)
@@ -95,10 +96,70 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+DEFAULT_CTC_WEIGHT = 0.5  # joint decoding of models with a CTC head; chosen on dev-clean and dev-other (see README)
+
+
+def has_ctc_head(model) -> bool:
+    return hasattr(model, "ctc_proj") and hasattr(model, "ctc_output")
+
+
+class JointCTCModel(EnsembleModel):
+    """fairseq's single-model EnsembleModel whose step scores are joint CTC/attention scores (ESPnet's
+    one-pass joint decoding, with the prefix scorer of :mod:`fairseq_quant.runtime.ctc`, the same as the
+    on-device runtime's): ``(1 - w) * log p_att(c | h) + w * (ctc(h + c) - ctc(h))`` for each hypothesis's
+    ``pre_beam`` best tokens under the attention decoder (and EOS), -inf for the rest. fairseq's
+    SequenceGenerator keeps the rest of beam search (candidates, EOS, length normalisation)."""
+
+    def __init__(self, model, weight: float, pre_beam: int):
+        super().__init__([model])
+        if not 0.0 < weight <= 1.0:
+            raise ValueError(f"the CTC weight of joint decoding must be in (0, 1], got {weight}")
+        self.weight, self.pre_beam = weight, pre_beam
+        self._reset()
+
+    def _reset(self):
+        self._log_probs = self._scorer = self._state = self._cands = self._order = None
+
+    def forward_encoder(self, net_input):
+        self._reset()
+        encoder_outs = super().forward_encoder(net_input)
+        ctc = self.single_model.ctc_output(encoder_outs[0])
+        lprobs = torch.log_softmax(ctc["ctc_logits"].float(), dim=-1).transpose(0, 1)  # B x T x V
+        mask = ctc["encoder_padding_mask"]
+        lengths = (~mask).sum(0) if mask is not None else torch.full((lprobs.size(0),), lprobs.size(1))
+        self._log_probs = (lprobs.cpu().numpy(), lengths.cpu().numpy())
+        return encoder_outs
+
+    def reorder_encoder_out(self, encoder_outs, new_order):
+        order = new_order.cpu().numpy()
+        if self._scorer is None:  # the first call repeats each utterance per beam
+            lprobs, lengths = self._log_probs
+            d = self.single_model.decoder.dictionary
+            self._scorer = CTCPrefixScorer(lprobs[order], lengths[order], blank=d.pad(), eos=d.eos())
+            self._state = self._scorer.initial_state()
+        else:  # the rows of the next step: their tokens are known at the next forward_decoder
+            self._order = order
+            self._scorer = self._scorer.take(order)
+        return super().reorder_encoder_out(encoder_outs, new_order)
+
+    def forward_decoder(self, tokens, encoder_outs, incremental_states, temperature: float = 1.0):
+        att, attn = super().forward_decoder(tokens, encoder_outs, incremental_states, temperature)
+        if self._order is not None:
+            self._state = CTCPrefixScorer.select(self._cands, self._order, tokens[:, -1].cpu().numpy())
+            self._order = None
+        eos = self.single_model.decoder.dictionary.eos()
+        scores, self._cands = joint_scores(att.float().cpu().numpy(), self._scorer, self._state, tokens.size(1) - 1,
+                                           tokens[:, -1].cpu().numpy(), self.weight, self.pre_beam, keep=(eos,))
+        return torch.from_numpy(scores).to(att), attn
+
+
 def decode_subset(model, task, subset: str, sp, beam: int = 5, max_tokens: int = 60000,
                   max_len_b: int = 200, progress: bool = True, device: str = "cpu",
-                  max_len_a: float = 0.0, samples=None) -> list[tuple[str, str, str]]:
+                  max_len_a: float = 0.0, samples=None, ctc_weight: float | None = None) -> list[tuple[str, str, str]]:
     """[(utterance id, reference, hypothesis)] for every utterance of ``subset``, in manifest order.
+
+    ``ctc_weight``: joint CTC/attention decoding with this weight when the model has a CTC head (default
+    DEFAULT_CTC_WEIGHT; 0: the attention decoder alone). A model without a CTC head decodes attention-only.
 
     ``samples``: the subset's batches, already built (a caller that decodes it many times keeps them).
 
@@ -107,7 +168,13 @@ def decode_subset(model, task, subset: str, sp, beam: int = 5, max_tokens: int =
     task.load_dataset(subset)
     dataset = task.dataset(subset)
     manifest = json.loads((Path(task.args.data) / f"{subset}.json").read_text())["utts"]
-    generator = SequenceGenerator([model], task.target_dictionary, beam_size=beam, max_len_a=max_len_a,
+    weight = DEFAULT_CTC_WEIGHT if ctc_weight is None else ctc_weight
+    if weight > 0 and not has_ctc_head(model):
+        if ctc_weight is not None:
+            raise ValueError(f"--ctc-weight {ctc_weight}: the model has no CTC head (an *_ctc arch); pass 0")
+        weight = 0.0
+    scored = JointCTCModel(model, weight, pre_beam=max(int(1.5 * beam), 2)) if weight > 0 else [model]
+    generator = SequenceGenerator(scored, task.target_dictionary, beam_size=beam, max_len_a=max_len_a,
                                   max_len_b=max_len_b)
     itr = samples if samples is not None else task.get_batch_iterator(
         dataset=dataset, max_tokens=max_tokens, max_positions=(1e9, 1e9),
@@ -136,8 +203,9 @@ def model_size(model) -> dict:
 
 def evaluate(checkpoint, data_dir, subsets, out_dir, beam: int = 5, spm_model=None, max_tokens: int = 60000,
              max_len_b: int = 200, progress: bool = True, device: str | None = None,
-             max_len_a: float = 0.0, dynamic_int8: bool = False) -> list[SubsetResult]:
-    """WER of ``checkpoint`` on each subset; ``device`` defaults to CUDA when there is one.
+             max_len_a: float = 0.0, dynamic_int8: bool = False, ctc_weight: float | None = None) -> list[SubsetResult]:
+    """WER of ``checkpoint`` on each subset; ``device`` defaults to CUDA when there is one. A model with a CTC
+    head decodes jointly with it (``ctc_weight``, default DEFAULT_CTC_WEIGHT; 0: the attention decoder alone).
 
     ``dynamic_int8``: decode with torch's dynamic int8 Linear layers instead (a baseline; CPU only)."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -161,7 +229,7 @@ def evaluate(checkpoint, data_dir, subsets, out_dir, beam: int = 5, spm_model=No
                                     f"{sorted(p.stem for p in data_dir.glob('*.json'))}")
         start = time.perf_counter()
         rows = decode_subset(model, task, subset, sp, beam=beam, max_tokens=max_tokens, max_len_b=max_len_b,
-                             progress=progress, device=device, max_len_a=max_len_a)
+                             progress=progress, device=device, max_len_a=max_len_a, ctc_weight=ctc_weight)
         seconds = time.perf_counter() - start
         scores = word_error_rate([r for _, r, _ in rows], [h for _, _, h in rows])
         atomic_write_text(out_dir / f"{subset}.ref", "".join(f"{r} ({u})\n" for u, r, _ in rows))
@@ -171,7 +239,8 @@ def evaluate(checkpoint, data_dir, subsets, out_dir, beam: int = 5, spm_model=No
                                     scores["deletions"], scores["insertions"], round(scores["wer"], 2),
                                     round(seconds, 1)))
         logger.info("%s: WER %.2f%% over %d words", subset, scores["wer"], scores["words"])
-    summary = {"checkpoint": str(checkpoint), "beam": beam, "dynamic_int8": dynamic_int8, **size,
+    joint = ctc_weight if ctc_weight is not None else (DEFAULT_CTC_WEIGHT if has_ctc_head(model) else 0.0)
+    summary = {"checkpoint": str(checkpoint), "beam": beam, "ctc_weight": joint, "dynamic_int8": dynamic_int8, **size,
                "results": [asdict(r) for r in results]}
     atomic_write_text(out_dir / "wer.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out_dir / "wer.md", format_table(results))

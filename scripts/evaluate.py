@@ -25,6 +25,9 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="directory for ref/hyp files, wer.json and wer.md")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--ctc-weight", type=float, default=None,
+                        help="joint CTC/attention beam search with this CTC weight (default 0.5 for a model with a "
+                             "CTC head; 0: the attention decoder alone)")
     parser.add_argument("--dynamic-int8", action="store_true",
                         help="baseline: decode with torch.ao dynamic int8 Linear layers (CPU; attention stays fp32)")
     args = parser.parse_args(argv)
@@ -38,7 +41,7 @@ def main(argv=None):
         results = evaluate(args.checkpoint, args.data, [s for s in args.subsets.split(",") if s], args.out,
                            beam=args.beam, spm_model=args.spm_model, max_tokens=args.max_tokens,
                            max_len_a=args.max_len_a, max_len_b=args.max_len_b, device=args.device,
-                           dynamic_int8=args.dynamic_int8)
+                           dynamic_int8=args.dynamic_int8, ctc_weight=args.ctc_weight)
     except (FileNotFoundError, RuntimeError, ValueError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2

@@ -4,9 +4,9 @@ quantization statistics in the logs.
 
 loss = (1 - kd_weight) * CE(student, target) + kd_weight * T^2 * KL(teacher_T || student_T)
        + ctc_weight * CTC(encoder)
-summed over non-padding target tokens (T = --kd-temperature). The CTC projection is a training-only
-head owned by the criterion (fairseq trains and checkpoints criterion parameters), so the model stays
-the upstream VGGTransformer and decoding never uses it.
+summed over non-padding target tokens (T = --kd-temperature). The CTC projection is the model's own head
+(an ``*_ctc`` arch, used by joint CTC/attention decoding) or, with ``--ctc-encoder-dim``, a training-only
+head owned by the criterion (fairseq trains and checkpoints criterion parameters; decoding never uses it).
 """
 import logging
 import math
@@ -37,10 +37,9 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
         if ctc_weight < 0:
             raise TeacherError(f"--ctc-weight must be >= 0, got {ctc_weight}")
         self.ctc_weight = ctc_weight
-        if ctc_weight > 0:
-            if ctc_encoder_dim <= 0:
-                raise TeacherError("--ctc-weight > 0 needs --ctc-encoder-dim (the encoder output dimension)")
-            # blank is the padding symbol, which never occurs as a target
+        if ctc_weight > 0 and ctc_encoder_dim > 0:
+            # a training-only head for a model without its own (blank is the padding symbol, never a target);
+            # without --ctc-encoder-dim the model's CTC head (an *_ctc arch) is trained
             self.ctc_proj = torch.nn.Linear(ctc_encoder_dim, len(task.target_dictionary))
         if not 0.0 <= kd_weight <= 1.0:
             raise TeacherError(f"--kd-weight must be in [0, 1], got {kd_weight}")
@@ -54,7 +53,7 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
 
     def load_state_dict(self, state_dict, strict=True, **kwargs):
         """A checkpoint without the CTC projection (a reference bundle keeps only the model) starts it fresh."""
-        if self.ctc_weight > 0 and not any(k.startswith("ctc_proj.") for k in state_dict):
+        if hasattr(self, "ctc_proj") and not any(k.startswith("ctc_proj.") for k in state_dict):
             logger.warning("the checkpoint has no CTC projection (criterion state): it starts from random weights")
             state_dict = {**state_dict, **{f"ctc_proj.{k}": v for k, v in self.ctc_proj.state_dict().items()}}
         return super().load_state_dict(state_dict, strict=strict, **kwargs)
@@ -80,7 +79,8 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
     def forward(self, model, sample, reduction="sum", log_probs=True):
         captured = {}
         hook = None
-        if self.ctc_weight > 0:
+        own_head = hasattr(self, "ctc_proj")
+        if self.ctc_weight > 0 and own_head:
             hook = _unwrap(model).encoder.register_forward_hook(lambda m, a, out: captured.update(out=out))
         try:
             net_output = model(**sample["net_input"])
@@ -94,7 +94,15 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
             kd_loss = self.distillation_loss(model, net_output, sample, target)
             loss = (1 - self.kd_weight) * ce_loss + self.kd_weight * kd_loss
         if self.ctc_weight > 0:
-            ctc_loss = self.ctc_loss(captured["out"], sample)
+            if isinstance(net_output[1], dict) and "ctc_logits" in net_output[1]:  # the model's head comes first
+                ctc_out = net_output[1]
+            elif own_head:
+                ctc_out = {"ctc_logits": self.ctc_proj(captured["out"]["encoder_out"]),
+                           "encoder_padding_mask": captured["out"]["encoder_padding_mask"]}
+            else:
+                raise TeacherError("--ctc-weight > 0 needs a model with a CTC head (an *_ctc arch) or "
+                                   "--ctc-encoder-dim (a training-only head of the criterion)")
+            ctc_loss = self.ctc_loss(ctc_out, sample)
             loss = loss + self.ctc_weight * ctc_loss
         sample_size, logging_output = self.get_logging_output(sample, target, lprobs, loss)
         logging_output["ce_loss"] = ce_loss.item()
@@ -108,11 +116,11 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
             logging_output["model_mb"] = report.quant_mb
         return loss, sample_size, logging_output
 
-    def ctc_loss(self, encoder_out, sample):
-        """CTC of the encoder output (T x B x C) against the targets without EOS, summed over the batch."""
-        x = encoder_out["encoder_out"]
-        lprobs = F.log_softmax(self.ctc_proj(x).float(), dim=-1)
-        pad_mask = encoder_out["encoder_padding_mask"]  # T x B, True = padding
+    def ctc_loss(self, ctc_out, sample):
+        """CTC of the CTC head's logits (T x B x V) against the targets without EOS, summed over the batch."""
+        x = ctc_out["ctc_logits"]
+        lprobs = F.log_softmax(x.float(), dim=-1)
+        pad_mask = ctc_out["encoder_padding_mask"]  # T x B, True = padding
         input_lengths = (~pad_mask).long().sum(0) if pad_mask is not None else \
             torch.full((x.size(1),), x.size(0), dtype=torch.long, device=x.device)
         target = sample["target"]

@@ -66,6 +66,8 @@ def collect_weights(model: nn.Module, layout: dict) -> list[Weight]:
         elif op["op"] == "layer":
             names += [(f"{op['name']}.self_attn.{p}", True) for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
             names += [(f"{op['name']}.fc1", True), (f"{op['name']}.fc2", True)]
+    if layout.get("ctc"):
+        names.append(("ctc_proj", True))
     names.append(("decoder.embed_tokens", False))
     names += [(op["name"], True) for op in layout["decoder_convs"] if op["op"] == "conv"]
     for layer in layout["decoder_layers"]:
@@ -165,7 +167,8 @@ def trace_inputs(layout: dict, table: WeightTable):
     heads, dim = layout["heads"], layout["embed_dim"] // layout["heads"]
     convs = [torch.zeros(2, op["kernel"] - 1, op["in"]) for op in layout["decoder_convs"] if op["op"] == "conv"]
     selfs = [torch.randn(2, heads, 3, dim) for _ in range(2 * len(layout["decoder_layers"]))]
-    dec_args = (torch.tensor([2, 7]), enc_out[0], *enc_out[1:], *convs, *selfs)
+    cross = enc_out[2:] if layout.get("ctc") else enc_out[1:]  # the decoder does not take the CTC log-probs
+    dec_args = (torch.tensor([2, 7]), enc_out[0], *cross, *convs, *selfs)
     return (feats, lengths), dec_args
 
 
@@ -206,6 +209,8 @@ def build_graphs(layout: dict, table: WeightTable) -> tuple[onnx.ModelProto, onn
     enc_in, enc_out = encoder_io_names(layout)
     axes = {"features": {0: "batch", 1: "frames"}, "lengths": {0: "batch"}, "enc_bias": {0: "batch", 1: "src"}}
     axes.update({name: {0: "batch", 2: "src"} for name in enc_out[1:]})
+    if "ctc_log_probs" in axes:
+        axes["ctc_log_probs"] = {0: "batch", 1: "src"}
     encoder = export_graph(EncoderGraph(layout, table), enc_args, enc_in, enc_out, axes)
     dec_in, dec_out = decoder_io_names(layout)
     axes = {"tokens": {0: "hyps"}, "enc_bias": {0: "hyps", 1: "src"}, "log_probs": {0: "hyps"}}

@@ -6,7 +6,8 @@ and output:
 
 - **encoder** ``(features [B, T, 80], lengths [B]) -> (enc_bias [B, S], cross_k_i, cross_v_i [B, H, S, d])``:
   VGG blocks, the transformer stack, and each decoder layer's encoder-decoder keys and values, computed
-  once per utterance; ``enc_bias`` is 0 on frames and -inf on padding.
+  once per utterance; ``enc_bias`` is 0 on frames and -inf on padding. A model with a CTC head also
+  outputs ``ctc_log_probs [B, S, V]`` (after ``enc_bias``), for joint CTC/attention decoding.
 - **decoder step** ``(tokens [N], enc_bias, cross_k_i, cross_v_i, conv_i [N, k-1, C], self_k_i, self_v_i
   [N, H, t, d]) -> (log_probs [N, V], conv_i', self_k_i', self_v_i' [N, H, t+1, d])``: the newest token of
   each hypothesis through the LinearizedConvolution buffers, self-attention over the cached keys and values,
@@ -153,6 +154,8 @@ class Layout:
             "vocab_size": int(dec.fc_out.out_features if hasattr(dec.fc_out, "out_features")
                               else dec.fc_out.weight.shape[0]),
             "padding_idx": int(dec.padding_idx),
+            # a CTC head on the encoder (joint CTC/attention decoding): the encoder graph outputs its log-probs
+            "ctc": hasattr(model, "ctc_proj"),
         }
 
 
@@ -242,6 +245,8 @@ class EncoderGraph(nn.Module):
             else:
                 x = self.encoder_layer(x, op, attn_bias)
         outputs = [bias]
+        if self.layout.get("ctc"):
+            outputs.append(torch.log_softmax(self.table.linear(x, "ctc_proj"), dim=-1))  # [B, S, V]
         for layer in self.layout["decoder_layers"]:
             prefix = layer["name"] + ".encoder_attn"
             outputs.append(self.table.quant(_heads(self.table.linear(x, prefix + ".k_proj"), self.heads),
@@ -323,7 +328,7 @@ class DecoderStepGraph(nn.Module):
 
 
 def encoder_io_names(layout: dict) -> tuple[list[str], list[str]]:
-    outputs = ["enc_bias"]
+    outputs = ["enc_bias", *(["ctc_log_probs"] if layout.get("ctc") else [])]
     for i in range(len(layout["decoder_layers"])):
         outputs += [f"cross_k_{i}", f"cross_v_{i}"]
     return ["features", "lengths"], outputs

@@ -346,6 +346,42 @@ class QuantVGGTransformerModel(QuantModelMixin, VGGTransformerModel):
         return model
 
 
+@register_model("asr_vggtransformer_ctc")
+class VGGTransformerCTCModel(VGGTransformerModel):
+    """The upstream VGGTransformer with a CTC head on the encoder output, part of the model: trained by the
+    criterion's CTC loss (``--ctc-weight``), quantized with the rest, exported, and used by joint CTC/attention
+    beam search (:mod:`fairseq_quant.runtime.ctc`). ``forward`` returns the decoder output with
+    ``{"ctc_logits": T x B x V, "encoder_padding_mask": T x B}`` as its second element. The blank is the
+    padding symbol, which never occurs in a target."""
+
+    @classmethod
+    def build_model(cls, args, task):
+        model = super().build_model(args, task)
+        model.ctc_proj = torch.nn.Linear(args.enc_output_dim, len(task.target_dictionary))
+        return model
+
+    def forward(self, src_tokens, src_lengths, prev_output_tokens, **kwargs):
+        encoder_out = self.encoder(src_tokens, src_lengths=src_lengths, **kwargs)
+        logits, extra = self.decoder(prev_output_tokens, encoder_out=encoder_out)
+        return logits, {**(extra or {}), **self.ctc_output(encoder_out)}
+
+    def ctc_output(self, encoder_out) -> dict:
+        return {"ctc_logits": self.ctc_proj(encoder_out["encoder_out"]),
+                "encoder_padding_mask": encoder_out["encoder_padding_mask"]}
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        """A checkpoint without the CTC head (a model trained with the criterion's head, or none) starts it fresh."""
+        if "ctc_proj.weight" not in state_dict:
+            logger.warning("the checkpoint has no CTC head (ctc_proj): it starts from random weights")
+            state_dict = {**{k: v for k, v in self.state_dict().items() if k.startswith("ctc_proj.")}, **state_dict}
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+
+
+@register_model("quant_asr_vggtransformer_ctc")
+class QuantVGGTransformerCTCModel(QuantVGGTransformerModel, VGGTransformerCTCModel):
+    """The CTC-headed VGGTransformer with every module quantized, the CTC head included."""
+
+
 @register_model("quant_asr_vggtransformer_encoder")
 class QuantVGGTransformerEncoderModel(QuantModelMixin, VGGTransformerEncoderModel):
     """Encoder-only (CTC) VGGTransformer with every module quantized."""
@@ -403,6 +439,8 @@ def vggtransformer_ref(args):
 register_model_architecture("asr_vggtransformer", "vggtransformer_small")(vggtransformer_small)
 register_model_architecture("asr_vggtransformer", "vggtransformer_ref")(vggtransformer_ref)
 
+# every arch in four models: upstream's fp32 (the small ones registered above), fp32 with a CTC head (NAME_ctc),
+# and the quantized versions of both (quant_NAME, quant_NAME_ctc)
 for _name, _fn in (("vggtransformer_1", vggtransformer_1), ("vggtransformer_2", vggtransformer_2),
                    ("vggtransformer_base", vggtransformer_base), ("vggtransformer_small", vggtransformer_small),
                    ("vggtransformer_ref", vggtransformer_ref)):
@@ -411,6 +449,8 @@ for _name, _fn in (("vggtransformer_1", vggtransformer_1), ("vggtransformer_2", 
         base_architecture(args)
 
     register_model_architecture("quant_asr_vggtransformer", f"quant_{_name}")(_arch)
+    register_model_architecture("asr_vggtransformer_ctc", f"{_name}_ctc")(_arch)
+    register_model_architecture("quant_asr_vggtransformer_ctc", f"quant_{_name}_ctc")(_arch)
 
 
 def _quant_enc_1(args):

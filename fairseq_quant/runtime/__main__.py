@@ -26,7 +26,7 @@ def read_manifest(path: Path) -> list[tuple[str, str, str]]:
 
 
 def decode_manifest(recognizer, manifest: Path, beam: int, batch_frames: int, max_len_a: float, max_len_b: int,
-                    feature_workers: int = 0):
+                    feature_workers: int = 0, **decode_options):
     """[(id, ref, hyp)] in manifest order, plus seconds of audio and of decoding (features included).
 
     Utterances are batched by length (from the audio files' headers) up to ``batch_frames`` padded frames;
@@ -54,7 +54,7 @@ def decode_manifest(recognizer, manifest: Path, beam: int, batch_frames: int, ma
         batches.append(batch)
     hyps, frames = {}, 0
     for batch, feats in zip(batches, features_ahead([[paths[u] for u in b] for b in batches], feature_workers)):
-        texts = recognizer.transcribe_features(feats, beam, max_len_a=max_len_a, max_len_b=max_len_b)
+        texts = recognizer.transcribe_features(feats, beam, max_len_a=max_len_a, max_len_b=max_len_b, **decode_options)
         hyps.update(zip(batch, texts))
         frames += sum(f.shape[0] for f in feats)
     seconds = time.perf_counter() - start
@@ -71,6 +71,9 @@ def main(argv=None) -> int:
     parser.add_argument("--beam", type=int, default=5, help="beam size (1 = greedy)")
     parser.add_argument("--max-len-a", type=float, default=0.2)
     parser.add_argument("--max-len-b", type=int, default=10)
+    parser.add_argument("--ctc-weight", type=float, default=None,
+                        help="joint CTC/attention beam search with this CTC weight (default 0.5 for a model with a "
+                             "CTC head; 0: the attention decoder alone)")
     parser.add_argument("--batch-frames", type=int, default=6000, help="frames per batch in --manifest mode")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for the encoder")
     parser.add_argument("--feature-workers", type=int, default=0,
@@ -90,10 +93,13 @@ def main(argv=None) -> int:
         recognizer = Recognizer(args.model, args.encoder_kernel, args.decoder_kernel, args.threads, args.activations)
         args.kernels_used = recognizer.kernels
         for path in args.audio:
-            print(f"{path}\t{recognizer.transcribe([path], args.beam, max_len_a=args.max_len_a, max_len_b=args.max_len_b)[0]}")
+            text = recognizer.transcribe([path], args.beam, max_len_a=args.max_len_a, max_len_b=args.max_len_b,
+                                         ctc_weight=args.ctc_weight)[0]
+            print(f"{path}\t{text}")
         if args.manifest:
             rows, audio_s, seconds = decode_manifest(recognizer, Path(args.manifest), args.beam, args.batch_frames,
-                                                     args.max_len_a, args.max_len_b, args.feature_workers)
+                                                     args.max_len_a, args.max_len_b, args.feature_workers,
+                                                     ctc_weight=args.ctc_weight)
             report_manifest(rows, audio_s, seconds, args)
     except (ModelFileError, AudioError, ValueError) as err:
         print(f"fairseq_quant.runtime: {err}", file=sys.stderr)

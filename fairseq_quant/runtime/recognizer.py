@@ -12,8 +12,11 @@ import numpy as np
 import onnxruntime as ort
 import sentencepiece as spm
 
+from .ctc import CTCPrefixScorer, joint_scores
 from .fqm import ModelFile, ModelFileError, read
 from .graphs import KERNELS, materialize
+
+DEFAULT_CTC_WEIGHT = 0.5  # as fairseq_quant.evaluate's (chosen on the dev sets); 0: the attention decoder alone
 
 REQUIRED_CONFIG = ("model", "layout", "graphs", "dictionary", "eos", "pad", "unk")
 
@@ -164,17 +167,41 @@ class Recognizer:
         return int(max_len_a * frames + max_len_b)
 
     # ------------------------------------------------------------------------------------------
+    @property
+    def has_ctc(self) -> bool:
+        return bool(self.layout.get("ctc"))
+
+    def _ctc_weight(self, ctc_weight: float | None) -> float:
+        if ctc_weight is None:
+            return DEFAULT_CTC_WEIGHT if self.has_ctc else 0.0
+        if ctc_weight > 0 and not self.has_ctc:
+            raise ValueError(f"ctc_weight {ctc_weight}: the model has no CTC head; pass 0")
+        if not 0.0 <= ctc_weight <= 1.0:
+            raise ValueError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
+        return ctc_weight
+
     def beam_search(self, features: list[np.ndarray], beam: int = 5, max_len_a: float = 0.2,
-                    max_len_b: int = 10, len_penalty: float = 1.0) -> list[Hypothesis]:
+                    max_len_b: int = 10, len_penalty: float = 1.0, ctc_weight: float | None = None) -> list[Hypothesis]:
         """Best hypothesis per utterance, by fairseq's beam search: 2*beam candidates per step, EOS among the
         first ``beam`` candidates finalises a hypothesis (score normalised by its length), a sentence is done
-        when it has ``beam`` finalised hypotheses; finished sentences leave the batch."""
+        when it has ``beam`` finalised hypotheses; finished sentences leave the batch.
+
+        With a CTC head (``ctc_weight`` > 0; default DEFAULT_CTC_WEIGHT for such models) the step scores are
+        joint CTC/attention scores (:func:`fairseq_quant.runtime.ctc.joint_scores`), as fairseq_quant.evaluate's."""
+        weight = self._ctc_weight(ctc_weight)
         bsz = len(features)
         enc = self.encode(features)
         max_len = self.max_len(max(f.shape[0] for f in features), max_len_a, max_len_b)
         vocab = self.layout["vocab_size"]
         rows = np.repeat(np.arange(bsz), beam)
         enc = self._take(enc, rows)
+        ctc = None
+        if weight > 0:
+            scorer = CTCPrefixScorer(enc.pop("ctc_log_probs"), (enc["enc_bias"] == 0).sum(axis=1),
+                                     blank=self.pad, eos=self.eos)
+            ctc = [scorer, scorer.initial_state(), None]  # scorer, state of each row, last step's candidates
+        else:
+            enc.pop("ctc_log_probs", None)
         state = self._initial_state(bsz * beam)
         tokens = np.full((bsz * beam, 1), self.bos, dtype=np.int64)
         scores = np.zeros((bsz * beam,), dtype=np.float32)
@@ -183,6 +210,9 @@ class Recognizer:
         for step in range(max_len + 1):
             lprobs, state = self._step(tokens[:, -1], enc, state)
             lprobs = lprobs.astype(np.float32)
+            if ctc is not None:
+                lprobs, ctc[2] = joint_scores(lprobs, ctc[0], ctc[1], step, tokens[:, -1], weight,
+                                              max(int(1.5 * beam), 2), keep=(self.eos,))
             lprobs[np.isnan(lprobs)] = -math.inf
             lprobs[:, self.pad] = -math.inf
             if step >= max_len:
@@ -227,9 +257,13 @@ class Recognizer:
             tokens = np.concatenate([tokens[new_rows], np.array(new_tokens, dtype=np.int64)[:, None]], axis=1)
             scores = np.array(new_scores, dtype=np.float32)
             state = self._take(state, new_rows)
+            if ctc is not None:
+                ctc[1] = CTCPrefixScorer.select(ctc[2], new_rows, tokens[:, -1])
             if finished_now:
                 slot_rows = np.concatenate([np.arange(s * beam, (s + 1) * beam) for s in keep_slots])
                 enc = self._take(enc, slot_rows)
+                if ctc is not None:
+                    ctc[0] = ctc[0].take(slot_rows)
             active = [active[s] for s in keep_slots]
         return [max(hyps, key=lambda h: h.score) if hyps else Hypothesis([], -math.inf) for hyps in finalized]
 
@@ -237,6 +271,7 @@ class Recognizer:
         """Most probable token at every step until EOS (one decoder row per utterance)."""
         bsz = len(features)
         enc = self.encode(features)
+        enc.pop("ctc_log_probs", None)  # greedy search is the attention decoder's alone
         max_len = self.max_len(max(f.shape[0] for f in features), max_len_a, max_len_b)
         state = self._initial_state(bsz)
         last = np.full((bsz,), self.bos, dtype=np.int64)
@@ -268,8 +303,15 @@ class Recognizer:
         pieces = [self.symbols[t] for t in tokens if t not in (self.eos, self.pad)]
         return self.sp.decode_pieces(pieces).strip() if pieces else ""
 
-    def transcribe_features(self, features: list[np.ndarray], beam: int = 5, **kwargs) -> list[str]:
-        hyps = self.greedy_search(features, **kwargs) if beam <= 1 else self.beam_search(features, beam, **kwargs)
+    def transcribe_features(self, features: list[np.ndarray], beam: int = 5, ctc_weight: float | None = None,
+                            **kwargs) -> list[str]:
+        if beam <= 1:
+            if ctc_weight:
+                raise ValueError("greedy search (beam 1) is the attention decoder's alone: joint CTC decoding "
+                                 "needs beam >= 2")
+            hyps = self.greedy_search(features, **kwargs)
+        else:
+            hyps = self.beam_search(features, beam, ctc_weight=ctc_weight, **kwargs)
         return [self.text(h.tokens) for h in hyps]
 
     def transcribe(self, paths: list[str | os.PathLike], beam: int = 5, **kwargs) -> list[str]:

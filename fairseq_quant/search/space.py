@@ -27,8 +27,8 @@ from ..quant.replace import is_quantized, quant_class_for
 
 UNIT_KINDS = ("layer", "block", "module")
 LAYER_PARENTS = ("encoder.transformer_layers", "decoder.layers")
-TOP_GROUPS = ("encoder.conv_layers", "encoder.transformer_layers", "decoder.embed_tokens", "decoder.conv_layers",
-              "decoder.layers", "decoder.fc_out")
+TOP_GROUPS = ("encoder.conv_layers", "encoder.transformer_layers", "ctc_proj", "decoder.embed_tokens",
+              "decoder.conv_layers", "decoder.layers", "decoder.fc_out")
 
 
 class SearchError(FairseqQuantError, ValueError):

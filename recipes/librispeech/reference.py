@@ -82,6 +82,7 @@ def average_checkpoints(save_dir: Path, count: int, out: Path) -> Path:
         else:
             model[key] = value
     merged["model"] = model
+    attach_ctc_head(merged, states)
     merged.pop("last_optimizer_state", None)
     merged.pop("criterion", None)
     merged.setdefault("extra_state", {})["averaged_checkpoints"] = [p.name for p in paths]
@@ -90,6 +91,27 @@ def average_checkpoints(save_dir: Path, count: int, out: Path) -> Path:
     torch.save(merged, tmp)
     os.replace(tmp, out)
     return out
+
+
+def attach_ctc_head(merged: dict, states: list[dict]) -> bool:
+    """Make the criterion's training-only CTC head (``--ctc-encoder-dim``) part of the model: its weights,
+    averaged over ``states``, become the model's ``ctc_proj`` and the arch its ``*_ctc`` variant (for joint
+    CTC/attention decoding). False, and ``merged`` unchanged, where there is no such head or no such arch."""
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    import fairseq_quant  # noqa: F401  (registers the *_ctc archs)
+
+    heads = [s.get("criterion") or {} for s in states]
+    cfg = merged["cfg"]["model"]
+    arch = getattr(cfg, "arch", None) if cfg is not None else None
+    if "ctc_proj.weight" in merged["model"] or not all("ctc_proj.weight" in h for h in heads) or \
+            f"{arch}_ctc" not in ARCH_MODEL_REGISTRY:
+        return False
+    for key in heads[-1]:
+        if key.startswith("ctc_proj."):
+            merged["model"][key] = sum(h[key].double() for h in heads).div(len(heads)).to(heads[-1][key].dtype)
+    cfg.arch = cfg._name = f"{arch}_ctc"
+    return True
 
 
 def machine_description() -> dict:
