@@ -201,3 +201,25 @@ def test_the_runtime_joint_beam_search_returns_fairseqs_hypotheses(dict_dir):
         np.testing.assert_allclose([h.score for h in got], [o[0]["score"].item() for o in expected], rtol=1e-4)
     with pytest.raises(ValueError, match="greedy search .* needs beam >= 2"):
         recognizer.transcribe_features(feats, beam=1, ctc_weight=0.5)
+
+
+def test_the_twice_differentiable_ctc_loss_equals_torchs():
+    """search.proxy.ctc_nll (the Hessian proxy's CTC term): torch's CTC loss and gradient, plus a second derivative
+    that torch's own lacks; an empty target, a repeated label and shorter inputs included."""
+    from fairseq_quant.search.proxy import ctc_nll
+
+    torch.manual_seed(0)
+    x = torch.randn(20, 3, 7, dtype=torch.float64, requires_grad=True)
+    lp = x.log_softmax(-1)
+    targets, inputs = torch.tensor([[3, 3, 4, 0], [5, 2, 0, 0], [2, 0, 0, 0]]), torch.tensor([20, 15, 9])
+    for lengths in (torch.tensor([3, 2, 1]), torch.tensor([3, 2, 0])):
+        ours = ctc_nll(lp, targets, inputs, lengths, blank=1)
+        theirs = F.ctc_loss(lp, targets, inputs, lengths, blank=1, reduction="sum")
+        assert ours.item() == pytest.approx(theirs.item(), rel=1e-12)
+        g_ours, = torch.autograd.grad(ours, x, create_graph=True, retain_graph=True)
+        g_theirs, = torch.autograd.grad(theirs, x, create_graph=True, retain_graph=True)
+        torch.testing.assert_close(g_ours, g_theirs, rtol=1e-9, atol=1e-12)
+        hessian_row, = torch.autograd.grad(g_ours[0, 0, 3], x, retain_graph=True)
+        assert torch.isfinite(hessian_row).all() and hessian_row.abs().sum() > 0
+        with pytest.raises(RuntimeError, match="derivative for aten::_ctc_loss_backward is not implemented"):
+            torch.autograd.grad(g_theirs[0, 0, 3], x)

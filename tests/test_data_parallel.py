@@ -32,7 +32,7 @@ def test_data_parallel_qat_keeps_quantizer_state_identical_on_every_worker(smoke
         env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
         env.update(OMP_NUM_THREADS="1", FAIRSEQ_QUANT_DUMP=str(tmp_path / f"rank{rank}.pt"))
         cmd = [sys.executable, "tests/dp_worker.py", str(work / "data"), "--user-dir", "fairseq_quant",
-               "--task", "speech_recognition", "--arch", "quant_vggtransformer_small",
+               "--task", "speech_recognition", "--arch", "quant_vggtransformer_small_ctc",
                "--quant-strategy", str(ROOT / "recipes/librispeech/strategies/w4a8.yaml"), "--quant-calib-batches", "2",
                "--finetune-from-model", str(fp32), "--criterion", "quant_cross_entropy_acc",
                "--teacher-path", str(fp32), "--kd-weight", "0.5", "--optimizer", "adam", "--lr", "1e-4",

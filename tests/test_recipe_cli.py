@@ -12,7 +12,7 @@ from conftest import ROOT, run
 from recipes.librispeech.memory import arch_config, batch_memory
 from recipes.librispeech.run import ROWS, SIZES, longest_first
 
-MEMORY = re.compile(r"^#   (fp32|qat) vggtransformer_2: (\d+) x 35 s: activations ([\d.]+) GB \+ model state "
+MEMORY = re.compile(r"^#   (fp32|qat) vggtransformer_2_ctc: (\d+) x 35 s: activations ([\d.]+) GB \+ model state "
                     r"\([^)]*\) ([\d.]+) GB = ([\d.]+) GB$")
 
 
@@ -48,8 +48,11 @@ def test_dry_run_of_the_paper_recipe_prints_every_stage_and_fits_an_80_gb_gpu(tm
         assert cmd[1:3] == ["-m", "fairseq_cli.train"]
         assert cmd.count("--max-tokens") == 1 and cmd[cmd.index("--max-tokens") + 1] == "20000"
         assert cmd[cmd.index("--update-freq") + 1] == "2"
-    assert commands["fp32"][commands["fp32"].index("--arch") + 1] == "vggtransformer_2"
-    assert commands["qat qat-w2a8"][commands["qat qat-w2a8"].index("--arch") + 1] == "quant_vggtransformer_2"
+    assert commands["fp32"][commands["fp32"].index("--arch") + 1] == "vggtransformer_2_ctc"
+    assert commands["qat qat-w2a8"][commands["qat qat-w2a8"].index("--arch") + 1] == "quant_vggtransformer_2_ctc"
+    for stage in ("fp32", "qat qat-w2a8"):  # the model's CTC head is trained in both, by the preset's weight
+        cmd = commands[stage]
+        assert cmd[cmd.index("--ctc-weight") + 1] == "0.3" and "--ctc-encoder-dim" not in cmd
     assert "--teacher-path" in commands["qat qat-w2a8"] and "--teacher-path" not in commands["qat qat-w2a8-nokd"]
 
     arch = arch_config("vggtransformer_2")

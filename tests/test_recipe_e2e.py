@@ -113,7 +113,7 @@ def test_resuming_qat_restores_quantizers_instead_of_recalibrating(smoke, tmp_pa
     before = quantizer_state(torch.load(resumed / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"])
     fp32 = work / "fp32" / "checkpoint_best.pt"
     proc = run([sys.executable, "-m", "fairseq_cli.train", str(work / "data"), "--user-dir", "fairseq_quant",
-                "--task", "speech_recognition", "--arch", "quant_vggtransformer_small",
+                "--task", "speech_recognition", "--arch", "quant_vggtransformer_small_ctc",
                 "--quant-strategy", str(ROOT / "recipes/librispeech/strategies/w4a8.yaml"),
                 "--quant-calib-batches", "2", "--finetune-from-model", str(fp32),
                 "--criterion", "quant_cross_entropy_acc", "--optimizer", "adam", "--lr", "1e-4",
@@ -136,7 +136,7 @@ def test_bad_strategy_is_one_clear_error(smoke, tmp_path):
     strategy = tmp_path / "other_model.yaml"
     strategy.write_text("default: {weight_bits: 4}\nrules:\n  - match: 'encoder.layers.*.fc1'\n    weight_bits: 2\n")
     proc = run([sys.executable, "-m", "fairseq_cli.train", str(work / "data"), "--user-dir", "fairseq_quant",
-                "--task", "speech_recognition", "--arch", "quant_vggtransformer_small",
+                "--task", "speech_recognition", "--arch", "quant_vggtransformer_small_ctc",
                 "--quant-strategy", str(strategy), "--criterion", "cross_entropy_acc", "--optimizer", "adam",
                 "--batch-size", "8", "--max-update", "1", "--save-dir", str(tmp_path / "ckpt")])
     assert proc.returncode != 0
@@ -180,7 +180,7 @@ def test_post_training_refuses_a_quantized_checkpoint(smoke, tmp_path):
 def test_bad_uniform_flag_is_one_clear_error(smoke, tmp_path):
     work, _ = smoke
     proc = run([sys.executable, "-m", "fairseq_cli.train", str(work / "data"), "--user-dir", "fairseq_quant",
-                "--task", "speech_recognition", "--arch", "quant_vggtransformer_small", "--quant-weight-bits", "4",
+                "--task", "speech_recognition", "--arch", "quant_vggtransformer_small_ctc", "--quant-weight-bits", "4",
                 "--quant-act-method", "kl", "--criterion", "cross_entropy_acc", "--optimizer", "adam",
                 "--batch-size", "8", "--max-update", "1", "--save-dir", str(tmp_path / "ckpt")])
     assert proc.returncode != 0

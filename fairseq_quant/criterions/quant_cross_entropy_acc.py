@@ -117,17 +117,7 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
         return loss, sample_size, logging_output
 
     def ctc_loss(self, ctc_out, sample):
-        """CTC of the CTC head's logits (T x B x V) against the targets without EOS, summed over the batch."""
-        x = ctc_out["ctc_logits"]
-        lprobs = F.log_softmax(x.float(), dim=-1)
-        pad_mask = ctc_out["encoder_padding_mask"]  # T x B, True = padding
-        input_lengths = (~pad_mask).long().sum(0) if pad_mask is not None else \
-            torch.full((x.size(1),), x.size(0), dtype=torch.long, device=x.device)
-        target = sample["target"]
-        eos = self.task.target_dictionary.eos()
-        keep = (target != self.padding_idx) & (target != eos)
-        return F.ctc_loss(lprobs, target.masked_select(keep), input_lengths, keep.long().sum(1),
-                          blank=self.padding_idx, reduction="sum", zero_infinity=True)
+        return ctc_loss(ctc_out, sample["target"], self.padding_idx, self.task.target_dictionary.eos())
 
     def distillation_loss(self, model, net_output, sample, target):
         teacher = self.teacher
@@ -168,6 +158,19 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
         return False
+
+
+def ctc_loss(ctc_out: dict, target: torch.Tensor, pad: int, eos: int) -> torch.Tensor:
+    """CTC of a CTC head's logits (``ctc_out["ctc_logits"]``, T x B x V) against the targets without EOS, summed
+    over the batch; the blank is the padding symbol."""
+    x = ctc_out["ctc_logits"]
+    lprobs = F.log_softmax(x.float(), dim=-1)
+    pad_mask = ctc_out["encoder_padding_mask"]  # T x B, True = padding
+    input_lengths = (~pad_mask).long().sum(0) if pad_mask is not None else \
+        torch.full((x.size(1),), x.size(0), dtype=torch.long, device=x.device)
+    keep = (target != pad) & (target != eos)
+    return F.ctc_loss(lprobs, target.masked_select(keep), input_lengths, keep.long().sum(1),
+                      blank=pad, reduction="sum", zero_infinity=True)
 
 
 def _kd_weight(teacher_path, kd_weight) -> float:

@@ -182,15 +182,30 @@ class Evaluator:
 
 
 def teacher_forced_nll(model, sample) -> tuple[torch.Tensor, int]:
-    """(summed token negative log-likelihood, target tokens) of ``sample`` with teacher forcing."""
+    """(summed negative log-likelihood, target tokens) of ``sample`` with teacher forcing: of the attention
+    decoder, and for a model with a CTC head the weighted sum that joint decoding scores,
+    ``(1 - w) * attention NLL + w * CTC NLL`` (w = evaluate.DEFAULT_CTC_WEIGHT)."""
+    from ..evaluate import DEFAULT_CTC_WEIGHT
+    from .proxy import ctc_nll
+
     net_output = model(**sample["net_input"])
     lprobs = model.get_normalized_probs(net_output, log_probs=True)
     if not getattr(lprobs, "batch_first", True):
         lprobs = lprobs.transpose(0, 1)
     target = sample["target"]
-    pad = model.decoder.dictionary.pad()
-    nll = F.nll_loss(lprobs.reshape(-1, lprobs.size(-1)), target.reshape(-1), ignore_index=pad, reduction="sum")
-    return nll, int((target != pad).sum())
+    d = model.decoder.dictionary
+    nll = F.nll_loss(lprobs.reshape(-1, lprobs.size(-1)), target.reshape(-1), ignore_index=d.pad(), reduction="sum")
+    extra = net_output[1] if len(net_output) > 1 else None
+    if isinstance(extra, dict) and "ctc_logits" in extra:
+        # labels come first in each target row (then EOS, then padding); ctc_nll has the second derivative that
+        # the Hessian proxy needs
+        mask = extra["encoder_padding_mask"]
+        logits = extra["ctc_logits"]
+        frames = (~mask).long().sum(0) if mask is not None else torch.full((logits.size(1),), logits.size(0))
+        labels = ((target != d.pad()) & (target != d.eos())).long().sum(1)
+        ctc = ctc_nll(torch.log_softmax(logits.float(), dim=-1), target, frames, labels, blank=d.pad())
+        nll = (1 - DEFAULT_CTC_WEIGHT) * nll + DEFAULT_CTC_WEIGHT * ctc
+    return nll, int((target != d.pad()).sum())
 
 
 def run_task(config: dict, task: dict) -> dict:

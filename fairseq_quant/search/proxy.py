@@ -76,6 +76,37 @@ def fisher_traces(model: nn.Module, loss_fn, batches, unit_modules) -> tuple[dic
     return {u: s / max(passes, 1) for u, s in sums.items()}, passes
 
 
+def ctc_nll(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor,
+            target_lengths: torch.Tensor, blank: int) -> torch.Tensor:
+    """Summed CTC negative log-likelihood by the forward algorithm in plain autograd operations, so that it has a
+    second derivative (torch's ``ctc_loss`` has none, and Hutchinson's estimator needs one). ``log_probs``
+    [T, B, V]; ``targets`` [B, L] padded (only the first ``target_lengths`` count). Equal to
+    ``F.ctc_loss(..., reduction="sum")``."""
+    frames, bsz, _ = log_probs.shape
+    labels = targets[:, : int(target_lengths.max())] if targets.numel() else targets
+    ext = torch.full((bsz, 2 * labels.size(1) + 1), blank, dtype=torch.long, device=log_probs.device)
+    ext[:, 1::2] = labels  # blank, y1, blank, y2, ..., blank
+    states = ext.size(1)
+    # a finite "log 0": logsumexp over -inf alone has a nan gradient
+    neg_inf = torch.tensor(-1e30, dtype=log_probs.dtype, device=log_probs.device)
+    # a label may follow the label two states back directly unless it repeats it
+    skip = torch.zeros_like(ext, dtype=torch.bool)
+    skip[:, 2:] = (ext[:, 2:] != blank) & (ext[:, 2:] != ext[:, :-2])
+    emit = log_probs.gather(2, ext.unsqueeze(0).expand(frames, -1, -1))  # [T, B, S]
+    alpha = torch.full((bsz, states), -1e30, dtype=log_probs.dtype, device=log_probs.device)
+    alpha = torch.cat([emit[0, :, :2], alpha[:, 2:]], dim=1)
+    for t in range(1, frames):
+        one = torch.cat([alpha.new_full((bsz, 1), -1e30), alpha[:, :-1]], dim=1)
+        two = torch.cat([alpha.new_full((bsz, 2), -1e30), alpha[:, :-2]], dim=1)
+        two = torch.where(skip, two, neg_inf)
+        step = torch.logsumexp(torch.stack([alpha, one, two]), dim=0) + emit[t]
+        alpha = torch.where((t < input_lengths).unsqueeze(1), step, alpha)
+    last = (2 * target_lengths).unsqueeze(1)  # the final blank; the final label is one before it
+    ends = torch.cat([alpha.gather(1, last), alpha.gather(1, (last - 1).clamp(min=0))], dim=1)
+    ends[:, 1] = torch.where(target_lengths > 0, ends[:, 1], neg_inf)
+    return -torch.logsumexp(ends, dim=1).sum()
+
+
 def second_order_score(trace: float, numel: int, sq_error: float) -> float:
     """HAWQ-V3's sensitivity: mean Hessian (or Fisher) diagonal times the squared quantization error."""
     return trace / max(numel, 1) * sq_error

@@ -83,9 +83,9 @@ class RecipeConfig:
     corpus_size: str | None  # generate_corpus size, None for a real LibriSpeech tree
     reference: bool = False  # start from the shipped reference bundle instead of training fp32 here
     synth_train: int | None = None  # synthesise only this many training utterances (QAT data)
-    arch: str = "vggtransformer_small"
-    encoder_dim: int = 144  # --enc-output-dim of the arch, for the auxiliary CTC head
-    ctc_weight: float = 1.0  # auxiliary CTC loss during fp32 training (0 disables); speeds up alignment
+    arch: str = "vggtransformer_small_ctc"  # *_ctc: a CTC head in the model, decoded jointly with the attention decoder
+    encoder_dim: int = 144  # --enc-output-dim of the arch: a training-only CTC head for an arch without its own
+    ctc_weight: float = 1.0  # CTC loss weight in fp32 training and QAT (0 disables); speeds up alignment
     vocab_size: int = 300
     batch_size: int = 8  # utterances per update (0: let --max-tokens decide)
     fp32_updates: int = 5000
@@ -108,7 +108,7 @@ class RecipeConfig:
     num_workers: int = 0  # data-loading worker processes of fairseq-train (fbank is computed on the fly)
 
 
-REFERENCE = dict(corpus_size="reference", reference=True, arch="vggtransformer_ref", encoder_dim=128,
+REFERENCE = dict(corpus_size="reference", reference=True, arch="vggtransformer_ref_ctc", encoder_dim=128,
                  vocab_size=256, batch_size=16, qat_updates=400)
 SIZES = {
     # a smoke run for CI: tiny corpus, a few updates; checks the plumbing, not accuracy
@@ -124,7 +124,7 @@ SIZES = {
     # every row (make benchmark): the main job's corpus and test sets, so that its workdir's finished rows are reused
     "benchmark": RecipeConfig(**REFERENCE, synth_train=4000, eval_subsets=TEST_SUBSETS, rows=tuple(ROWS)),
     # the paper's vggtransformer_2 on real LibriSpeech (GPU cluster; see README)
-    "paper": RecipeConfig(corpus_size=None, arch="vggtransformer_2", encoder_dim=1024, vocab_size=5000, batch_size=0,
+    "paper": RecipeConfig(corpus_size=None, arch="vggtransformer_2_ctc", encoder_dim=1024, vocab_size=5000, batch_size=0,
                           ctc_weight=0.3, threads=8, jobs=1, num_workers=4,
                           fp32_updates=300000, fp32_lr=1e-4, warmup=8000, qat_updates=20000, qat_lr=5e-5,
                           train_subsets=("train-clean-100", "train-clean-360", "train-other-500"),
@@ -201,10 +201,17 @@ def common_train_args(data: Path, save_dir: Path, cfg: RecipeConfig, updates: in
     return args + list(cfg.extra_train_args)
 
 
+def ctc_args(cfg: RecipeConfig) -> list[str]:
+    """The CTC loss: of the model's own head (*_ctc archs), else of a training-only head of the criterion."""
+    if cfg.ctc_weight <= 0:
+        return []
+    own_head = cfg.arch.endswith("_ctc")
+    return ["--ctc-weight", str(cfg.ctc_weight), *([] if own_head else ["--ctc-encoder-dim", str(cfg.encoder_dim)])]
+
+
 def fp32_command(data: Path, out: Path, cfg: RecipeConfig) -> list[str]:
     return common_train_args(data, out, cfg, cfg.fp32_updates, cfg.fp32_lr) + [
-        "--arch", cfg.arch, "--criterion", "quant_cross_entropy_acc",
-        "--ctc-weight", str(cfg.ctc_weight), "--ctc-encoder-dim", str(cfg.encoder_dim),
+        "--arch", cfg.arch, "--criterion", "quant_cross_entropy_acc", *ctc_args(cfg),
         "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(cfg.warmup),
     ]
 
@@ -231,6 +238,8 @@ def qat_command(data: Path, out: Path, strategy: Path, fp32_ckpt: Path, cfg: Rec
         "--arch", f"quant_{cfg.arch}", "--quant-strategy", str(strategy),
         "--quant-calib-batches", str(cfg.calib_batches), "--finetune-from-model", str(fp32_ckpt),
         "--criterion", "quant_cross_entropy_acc",
+        # the quantized CTC head is trained with the rest (joint decoding uses it); a head-less arch has none
+        *(ctc_args(cfg) if cfg.arch.endswith("_ctc") else []),
         "--lr-scheduler", "cosine", "--warmup-updates", str(min(50, cfg.qat_updates // 5)),
     ]
     if kd:
@@ -649,7 +658,9 @@ def main(argv=None) -> int:
 
         bundle = args.bundle or DEFAULT_BUNDLE
         fp32_ckpt = reference_fp32(bundle, params)
-        logger.info("fp32: the reference model %s", fp32_ckpt)
+        arch = json.loads((bundle / "manifest.json").read_text()).get("arch") or cfg.arch
+        cfg = replace(cfg, arch=arch)  # QAT builds quant_<the bundle's arch>
+        logger.info("fp32: the reference model %s (%s)", fp32_ckpt, arch)
         spm_dict = {"spm_model": bundle / "spm.model", "dictionary": bundle / "dict.txt"}
     else:
         spm_dict = {}

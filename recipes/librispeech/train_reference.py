@@ -7,7 +7,7 @@
 Stages (each resumable; a finished one is skipped):
 - corpus: the `reference` corpus (generate_corpus.SIZES["reference"]; seed --seed);
 - prepare: manifests, a SentencePiece unigram model of --vocab-size pieces, dict.txt;
-- train: fairseq-train of `vggtransformer_ref` with the auxiliary CTC loss, until --hours of training
+- train: fairseq-train of `vggtransformer_ref_ctc` (the model's CTC head trained by the CTC loss), until --hours of training
   time (fairseq's --stop-time-hours, which counts across resumes) or --max-update; an interrupted run
   resumes from checkpoint_last.pt. With --init-from BUNDLE the training continues from a bundle's
   weights (fairseq's --finetune-from-model: fresh optimizer, schedule and update count; the bundle's
@@ -32,8 +32,7 @@ from pathlib import Path
 from recipes.librispeech.run import done_marker, mark_done, run_logged, train_env
 
 REPO = Path(__file__).resolve().parents[2]
-ARCH = "vggtransformer_ref"
-ENCODER_DIM = 128
+ARCH = "vggtransformer_ref_ctc"  # with its CTC head: trained by the CTC loss, used by joint decoding
 CORPUS_SIZE = "reference"
 SPECAUGMENT_EXAMPLE = '{"freq_mask_N": 2, "freq_mask_F": 20, "time_mask_N": 2, "time_mask_T": 30, "time_mask_p": 0.2}'
 STAGES = ("corpus", "prepare", "train", "average", "eval", "bundle")
@@ -48,7 +47,7 @@ def training_command(data: Path, save_dir: Path, args: argparse.Namespace,
         sys.executable, "-m", "fairseq_cli.train", str(data), "--user-dir", str(REPO / "fairseq_quant"),
         *task_args(args), "--train-subset", "train", "--valid-subset", "dev-clean",
         "--arch", ARCH, "--criterion", "quant_cross_entropy_acc",
-        "--ctc-weight", str(args.ctc_weight), "--ctc-encoder-dim", str(ENCODER_DIM),
+        "--ctc-weight", str(args.ctc_weight),
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(args.lr), "--clip-norm", "10",
         *schedule_args(args),
         "--batch-size", str(args.batch_size), "--max-tokens", "10000000", "--required-batch-size-multiple", "1",
