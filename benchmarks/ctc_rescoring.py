@@ -1,15 +1,15 @@
 #!/usr/bin/env python
-"""How much the auxiliary CTC head would buy at decoding time: attention-only beam search (what the product
-decodes with today) against the same beam's n-best rescored with the CTC log-likelihood, side by side on the
-same utterances, with the n-best oracle and CTC greedy decoding for scale.
+"""What the CTC head buys at decoding time, side by side on the same utterances: attention-only beam search,
+the same beam's n-best rescored with the CTC log-likelihood, joint CTC/attention beam search (the product's
+default decoding: CTC prefix scores during the search), the n-best oracle and CTC greedy decoding.
 
-The CTC projection is trained with the model (``--ctc-weight``) but lives in the criterion, so this needs a
-fairseq *training* checkpoint that kept the criterion state (checkpoint_last.pt or an interval checkpoint, not a
-reference bundle's averaged model.pt). Rescored score = (1 - w) * attention log-probability (summed over the
-hypothesis) + w * CTC log-likelihood of the hypothesis (without EOS), for each weight w of --ctc-weights.
+The CTC head is the model's own (an ``*_ctc`` arch, e.g. the shipped reference bundle); for an older training
+checkpoint whose head lived in the criterion state, that head is used. Rescored score = (1 - w) * attention
+log-probability (summed over the hypothesis) + w * CTC log-likelihood (without EOS); joint decoding scores the
+same sum during the search (fairseq_quant.evaluate.JointCTCModel), for each weight w of --ctc-weights.
 
-    python benchmarks/ctc_rescoring.py --checkpoint exp/reference-more/train/checkpoint_last.pt \
-        --data exp/reference-more/data --subsets dev-clean,test-clean,test-other --ctc-weights 0.3,0.5
+    python benchmarks/ctc_rescoring.py --checkpoint recipes/librispeech/reference/model.pt \
+        --data exp/default/data --subsets dev-clean,dev-other,test-clean,test-other --ctc-weights 0.3,0.5,0.7
 """
 from __future__ import annotations
 
@@ -28,15 +28,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fairseq_quant  # noqa: E402,F401  (registers the models and criteria)
-from fairseq_quant.evaluate import find_spm_model, load_checkpoint, word_error_rate  # noqa: E402
+from fairseq_quant.evaluate import (decode_subset, find_spm_model, has_ctc_head, load_checkpoint,  # noqa: E402
+                                   word_error_rate)
 
 
-def ctc_projection(checkpoint: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def ctc_projection(checkpoint: Path, model) -> tuple[torch.Tensor, torch.Tensor]:
+    if has_ctc_head(model):
+        return model.ctc_proj.weight.detach(), model.ctc_proj.bias.detach()
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     criterion = state.get("criterion") or {}
     if "ctc_proj.weight" not in criterion:
-        raise SystemExit(f"{checkpoint}: no CTC projection in its criterion state (a bundle's model.pt keeps none; "
-                         f"give a training checkpoint of a --ctc-weight > 0 training)")
+        raise SystemExit(f"{checkpoint}: neither the model (an *_ctc arch) nor the criterion state has a CTC head")
     return criterion["ctc_proj.weight"], criterion["ctc_proj.bias"]
 
 
@@ -63,7 +65,8 @@ def decode(model, task, subset: str, sp, weight, bias, beam: int, ctc_weights: l
         tokens = [t for t in tokens if t != eos]
         return sp.decode_pieces(d.string(torch.tensor(tokens)).split()).strip() if tokens else ""
 
-    systems = ["attention"] + [f"rescored w={w:g}" for w in ctc_weights] + [f"oracle of {beam}-best", "CTC greedy"]
+    systems = (["attention"] + [f"rescored w={w:g}" for w in ctc_weights] + [f"oracle of {beam}-best", "CTC greedy"]
+               + ([f"joint w={w:g}" for w in ctc_weights] if has_ctc_head(model) else []))
     hyps = {s: {} for s in systems}
     itr = task.get_batch_iterator(dataset=dataset, max_tokens=60000, max_positions=(1e9, 1e9)).next_epoch_itr(
         shuffle=False)
@@ -89,24 +92,29 @@ def decode(model, task, subset: str, sp, weight, bias, beam: int, ctc_weights: l
                 hyps[f"oracle of {beam}-best"][utt] = min(
                     cands, key=lambda c: jiwer.wer(refs[utt], c[2]) if c[2] else float("inf"))[2]
                 hyps["CTC greedy"][utt] = text(collapse(lprobs[:frames, j].argmax(-1).tolist(), blank))
+    if has_ctc_head(model):
+        for w in ctc_weights:
+            rows = decode_subset(model, task, subset, sp, beam=beam, max_len_b=200, progress=False, ctc_weight=w)
+            hyps[f"joint w={w:g}"] = {u: h for u, _, h in rows}
     return {"refs": refs, "hyps": hyps}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a training checkpoint with criterion state")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a model with a CTC head (or a training "
+                        "checkpoint whose criterion state holds one)")
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--subsets", default="dev-clean,test-clean,test-other")
     parser.add_argument("--beam", type=int, default=5)
-    parser.add_argument("--ctc-weights", default="0.3,0.5")
+    parser.add_argument("--ctc-weights", default="0.3,0.5,0.7")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     weights = [float(w) for w in args.ctc_weights.split(",") if w]
     if any(not 0 < w < 1 for w in weights):
         raise SystemExit(f"--ctc-weights must lie in (0, 1), got {weights}")
-    weight, bias = ctc_projection(args.checkpoint)
     model, task = load_checkpoint(args.checkpoint, args.data)
+    weight, bias = ctc_projection(args.checkpoint, model)
     sp = spm.SentencePieceProcessor(model_file=str(find_spm_model(args.data)))
     subsets = [s for s in args.subsets.split(",") if s]
     table = {}

@@ -21,7 +21,7 @@ from fairseq import checkpoint_utils, utils
 from fairseq.sequence_generator import EnsembleModel, SequenceGenerator
 from tqdm import tqdm
 
-from .runtime.ctc import CTCPrefixScorer, joint_scores
+from .runtime.ctc import CTCPrefixScorer, joint_scores, pre_beam_size
 from .stats import format_utterances
 
 logger = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def decode_subset(model, task, subset: str, sp, beam: int = 5, max_tokens: int =
         if ctc_weight is not None:
             raise ValueError(f"--ctc-weight {ctc_weight}: the model has no CTC head (an *_ctc arch); pass 0")
         weight = 0.0
-    scored = JointCTCModel(model, weight, pre_beam=max(int(1.5 * beam), 2)) if weight > 0 else [model]
+    scored = JointCTCModel(model, weight, pre_beam=pre_beam_size(beam)) if weight > 0 else [model]
     generator = SequenceGenerator(scored, task.target_dictionary, beam_size=beam, max_len_a=max_len_a,
                                   max_len_b=max_len_b)
     itr = samples if samples is not None else task.get_batch_iterator(

@@ -173,6 +173,7 @@ def test_averaging_makes_a_criterion_head_the_models_own(tmp_path):
     state = torch.load(average_checkpoints(tmp_path, 2, tmp_path / "model.pt"), map_location="cpu", weights_only=False)
     assert state["cfg"]["model"].arch == state["cfg"]["model"]._name == "vggtransformer_ref_ctc"
     assert state["model"]["ctc_proj.weight"].tolist() == [[2.0, 2.0]] * 3 and "criterion" not in state
+    assert state["extra_state"]["ctc_head_from_criterion"] is True
 
 
 def test_the_runtime_joint_beam_search_returns_fairseqs_hypotheses(dict_dir):

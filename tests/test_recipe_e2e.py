@@ -48,6 +48,7 @@ def test_evaluation_scores_every_utterance_against_its_transcript(smoke):
         assert len(refs) == len(hyps) == len(manifest) == 6
         assert refs == [f"{u['output']['text']} ({utt})" for utt, u in manifest.items()]
         summary = json.loads((work / "eval" / "qat-w4a8" / "wer.json").read_text())
+        assert summary["ctc_weight"] == 0.5  # the recipe's models have a CTC head: joint decoding
         words = sum(len(u["output"]["text"].split()) for u in manifest.values())
         result = next(r for r in summary["results"] if r["subset"] == subset)
         assert result["words"] == words

@@ -59,12 +59,13 @@ def test_the_runtime_cli_decodes_without_torch_or_fairseq(smoke):
 
 def test_beam_search_equals_fairseq_on_the_reference_model(smoke, tmp_path):
     """fp32 export of the shipped reference model: the runtime's beam search (fp32 kernels) returns fairseq's
-    SequenceGenerator tokens on real audio, batched with padding."""
+    SequenceGenerator tokens on real audio, batched with padding, attention-only and joint with the CTC head."""
     from fairseq.sequence_generator import SequenceGenerator
 
-    from fairseq_quant.evaluate import load_checkpoint
+    from fairseq_quant.evaluate import DEFAULT_CTC_WEIGHT, JointCTCModel, load_checkpoint
     from fairseq_quant.export.exporter import export_checkpoint
     from fairseq_quant.runtime.audio import features
+    from fairseq_quant.runtime.ctc import pre_beam_size
     from fairseq_quant.runtime.recognizer import Recognizer
 
     work, _ = smoke
@@ -84,8 +85,16 @@ def test_beam_search_equals_fairseq_on_the_reference_model(smoke, tmp_path):
         expected = [o[0]["tokens"].tolist()[:-1] for o in
                     generator.generate([model], {"net_input": {"src_tokens": x, "src_lengths": lengths}})]
     recognizer = Recognizer(tmp_path / "fp32.fqm", "fp32", "fp32")
-    got = recognizer.beam_search(feats, beam=5)
+    got = recognizer.beam_search(feats, beam=5, ctc_weight=0.0)  # the attention decoder alone
     assert [h.tokens for h in got] == expected
+    # joint CTC/attention decoding (the default for a model with a CTC head, as the reference has)
+    joint = SequenceGenerator(JointCTCModel(model, DEFAULT_CTC_WEIGHT, pre_beam=pre_beam_size(5)),
+                              task.target_dictionary, beam_size=5, max_len_a=0.2, max_len_b=10)
+    with torch.no_grad():
+        expected_joint = [o[0]["tokens"].tolist()[:-1] for o in
+                          joint.generate([model], {"net_input": {"src_tokens": x, "src_lengths": lengths}})]
+    assert [h.tokens for h in recognizer.beam_search(feats, beam=5)] == expected_joint
+    assert expected_joint != expected  # the CTC head changes the hypotheses
     # greedy search is fairseq's beam search of width 1
     greedy = SequenceGenerator([model], task.target_dictionary, beam_size=1, max_len_a=0.2, max_len_b=10)
     with torch.no_grad():

@@ -112,6 +112,11 @@ class CTCPrefixScorer:
         return CTCState(cands.r[:, :, rows, col], cands.scores[rows, col])
 
 
+def pre_beam_size(beam: int) -> int:
+    """Tokens scored by the CTC head per hypothesis and step: ESPnet's 1.5 x beam."""
+    return max(int(1.5 * beam), 2)
+
+
 def joint_scores(att_lprobs: np.ndarray, scorer: CTCPrefixScorer, state: CTCState, prefix_len: int,
                  last: np.ndarray, weight: float, pre_beam: int, keep: tuple[int, ...] = ()) -> tuple[np.ndarray, CTCCandidates]:
     """[rows, vocab] step scores of joint decoding: ``(1 - weight) * att + weight * (ctc(h + c) - ctc(h))`` for
@@ -131,4 +136,4 @@ def joint_scores(att_lprobs: np.ndarray, scorer: CTCPrefixScorer, state: CTCStat
     return out, cands
 
 
-__all__ = ["CTCCandidates", "CTCPrefixScorer", "CTCState", "joint_scores"]
+__all__ = ["CTCCandidates", "CTCPrefixScorer", "CTCState", "joint_scores", "pre_beam_size"]

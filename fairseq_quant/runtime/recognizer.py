@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import sentencepiece as spm
 
-from .ctc import CTCPrefixScorer, joint_scores
+from .ctc import CTCPrefixScorer, joint_scores, pre_beam_size
 from .fqm import ModelFile, ModelFileError, read
 from .graphs import KERNELS, materialize
 
@@ -212,7 +212,7 @@ class Recognizer:
             lprobs = lprobs.astype(np.float32)
             if ctc is not None:
                 lprobs, ctc[2] = joint_scores(lprobs, ctc[0], ctc[1], step, tokens[:, -1], weight,
-                                              max(int(1.5 * beam), 2), keep=(self.eos,))
+                                              pre_beam_size(beam), keep=(self.eos,))
             lprobs[np.isnan(lprobs)] = -math.inf
             lprobs[:, self.pad] = -math.inf
             if step >= max_len:

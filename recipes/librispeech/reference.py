@@ -111,6 +111,7 @@ def attach_ctc_head(merged: dict, states: list[dict]) -> bool:
         if key.startswith("ctc_proj."):
             merged["model"][key] = sum(h[key].double() for h in heads).div(len(heads)).to(heads[-1][key].dtype)
     cfg.arch = cfg._name = f"{arch}_ctc"
+    merged.setdefault("extra_state", {})["ctc_head_from_criterion"] = True
     return True
 
 
@@ -184,7 +185,7 @@ def write_bundle(bundle: Path, work: Path, args) -> Path:
     wer_json = work / "eval" / "wer.json"
     if wer_json.is_file():
         summary = json.loads(wer_json.read_text())
-        wer = {"beam": summary["beam"], "subsets": {r["subset"]: {k: r[k] for k in (
+        wer = {"beam": summary["beam"], "ctc_weight": summary.get("ctc_weight", 0.0), "subsets": {r["subset"]: {k: r[k] for k in (
             "utterances", "words", "substitutions", "deletions", "insertions", "wer")} for r in summary["results"]}}
     manifest = {
         "bundle_version": BUNDLE_VERSION,
@@ -201,6 +202,8 @@ def write_bundle(bundle: Path, work: Path, args) -> Path:
             "epoch": int(extra.get("train_iterator", {}).get("epoch", 0)),
             "wall_time_s": round(float(extra.get("previous_training_time", 0.0)), 1),
             "averaged_checkpoints": extra.get("averaged_checkpoints", []),
+            # trained as the criterion's CTC head (--ctc-encoder-dim), made the model's when averaged
+            **({"ctc_head_from_criterion": True} if extra.get("ctc_head_from_criterion") else {}),
             "machine": machine_description(),
         },
         "wer": wer,
