@@ -2,8 +2,8 @@
 rest fp32) and measure how much the WER moves. The table says which layers lose the most at low bits.
 
 Groups of a VGGTransformer: the VGG front end, each child of the encoder's transformer stack (its input
-projection, every layer, its output projection), the token embedding, the decoder convolutions, each
-decoder layer and the output projection.
+projection, every layer, its output projection), the CTC head (``*_ctc`` archs), the token embedding, the
+decoder convolutions, each decoder layer and the output projection.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def layer_groups(model: nn.Module) -> list[str]:
     """Module names of the groups, in forward order, that hold parameters."""
     modules = dict(model.named_modules())
     groups = []
-    for name in ("encoder.conv_layers", "encoder.transformer_layers", "decoder.embed_tokens",
+    for name in ("encoder.conv_layers", "encoder.transformer_layers", "ctc_proj", "decoder.embed_tokens",
                  "decoder.conv_layers", "decoder.layers", "decoder.fc_out"):
         if name not in modules:
             continue

@@ -224,3 +224,15 @@ def test_the_twice_differentiable_ctc_loss_equals_torchs():
         assert torch.isfinite(hessian_row).all() and hessian_row.abs().sum() > 0
         with pytest.raises(RuntimeError, match="derivative for aten::_ctc_loss_backward is not implemented"):
             torch.autograd.grad(g_theirs[0, 0, 3], x)
+
+
+def test_the_ctc_head_is_a_unit_of_the_search_and_a_group_of_the_sensitivity_table(dict_dir):
+    from fairseq_quant.search.space import model_units
+    from fairseq_quant.sensitivity import layer_groups
+
+    _, model, _ = build_tiny(dict_dir, arch="vggtransformer_small_ctc")
+    groups = layer_groups(model)
+    assert groups.index("ctc_proj") == groups.index("encoder.transformer_layers.3") + 1  # after the encoder
+    assert [u.name for u in model_units(model)].count("ctc_proj") == 1
+    _, plain, _ = build_tiny(dict_dir, arch="vggtransformer_small")
+    assert "ctc_proj" not in layer_groups(plain)

@@ -208,6 +208,8 @@ def test_quant_report_applies_the_strategy_to_a_qat_checkpoint(smoke):
     assert first == (f"quant_report: {qat} is quantized with {ROOT / 'recipes/librispeech/strategies/w4a8.yaml'} "
                      f"(stored in checkpoint); reporting {strategy} on its fp32 architecture")
     assert rest == from_fp32.splitlines()  # what the strategy does, whatever the checkpoint was trained with
-    assert "average weight bits 2.04" in from_qat
+    assert "average weight bits 2.05" in from_qat  # 2.04 before the CTC head (8,784 weights at 4 bits)
+    assert "ctc_proj                                         QuantLinear              w4a8       rule 4: ctc_proj" \
+        in from_qat
     assert "decoder.fc_out                                   QuantLinear              w4a8       rule 3: decoder.fc_out" \
         in from_qat

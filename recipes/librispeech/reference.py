@@ -102,7 +102,7 @@ def attach_ctc_head(merged: dict, states: list[dict]) -> bool:
     import fairseq_quant  # noqa: F401  (registers the *_ctc archs)
 
     heads = [s.get("criterion") or {} for s in states]
-    cfg = merged["cfg"]["model"]
+    cfg = (merged.get("cfg") or {}).get("model")
     arch = getattr(cfg, "arch", None) if cfg is not None else None
     if "ctc_proj.weight" in merged["model"] or not all("ctc_proj.weight" in h for h in heads) or \
             f"{arch}_ctc" not in ARCH_MODEL_REGISTRY:
