@@ -236,3 +236,31 @@ def test_the_ctc_head_is_a_unit_of_the_search_and_a_group_of_the_sensitivity_tab
     assert [u.name for u in model_units(model)].count("ctc_proj") == 1
     _, plain, _ = build_tiny(dict_dir, arch="vggtransformer_small")
     assert "ctc_proj" not in layer_groups(plain)
+
+
+def test_ctc_distillation_is_zero_from_an_identical_teacher_and_matches_hand_computation(dict_dir):
+    """--kd-ctc-weight: T^2 * KL(teacher || student) of the CTC posteriors, summed over the valid encoder frames."""
+    task, student, _ = build_tiny(dict_dir, arch="vggtransformer_small_ctc")
+    student.eval()
+    crit = QuantCrossEntropyWithAccCriterion(task, sentence_avg=False, kd_weight=0.0, kd_temperature=2.0)
+    x, lengths, prev = fbank_batch(0)
+    _, twin, _ = build_tiny(dict_dir, arch="vggtransformer_small_ctc")
+    twin.load_state_dict(student.state_dict())
+    out = student(x, lengths, prev)
+    assert crit.ctc_distillation_loss(out, twin.eval()(x, lengths, prev)).item() == pytest.approx(0.0, abs=1e-4)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        teacher_out = twin(x, lengths, prev)
+    got = crit.ctc_distillation_loss(out, teacher_out).item()
+    s_lp = torch.log_softmax(out[1]["ctc_logits"] / 2.0, -1)
+    t_lp = torch.log_softmax(teacher_out[1]["ctc_logits"] / 2.0, -1)
+    valid = ~out[1]["encoder_padding_mask"]
+    expected = ((t_lp.exp() * (t_lp - s_lp)).sum(-1) * valid).sum().item() * 4.0
+    assert got == pytest.approx(expected, rel=1e-4) and got > 0
+    _, plain, _ = build_tiny(dict_dir, arch="vggtransformer_small")
+    with pytest.raises(TeacherError, match="needs a CTC head in the student and the teacher"):
+        crit.ctc_distillation_loss(plain.eval()(x, lengths, prev), teacher_out)
+    with pytest.raises(TeacherError, match="--kd-ctc-weight > 0 needs --teacher-path"):
+        QuantCrossEntropyWithAccCriterion(task, sentence_avg=False, kd_ctc_weight=0.5)

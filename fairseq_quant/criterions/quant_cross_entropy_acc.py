@@ -31,9 +31,9 @@ class TeacherError(FairseqQuantError, ValueError):
 @register_criterion("quant_cross_entropy_acc")
 class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
     def __init__(self, task, sentence_avg, teacher_path=None, kd_weight=None, kd_temperature=1.0,
-                 ctc_weight=0.0, ctc_encoder_dim=0):
+                 ctc_weight=0.0, ctc_encoder_dim=0, kd_ctc_weight=0.0):
         super().__init__(task, sentence_avg)
-        kd_weight = _kd_weight(teacher_path, kd_weight)
+        kd_weight = _kd_weight(teacher_path, kd_weight, kd_ctc_weight)
         if ctc_weight < 0:
             raise TeacherError(f"--ctc-weight must be >= 0, got {ctc_weight}")
         self.ctc_weight = ctc_weight
@@ -47,9 +47,14 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
             raise TeacherError(f"--kd-temperature must be positive, got {kd_temperature}")
         if kd_weight > 0 and not teacher_path:
             raise TeacherError("--kd-weight > 0 needs --teacher-path (an fp32 checkpoint)")
-        self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
+        if kd_ctc_weight < 0:
+            raise TeacherError(f"--kd-ctc-weight must be >= 0, got {kd_ctc_weight}")
+        if kd_ctc_weight > 0 and not teacher_path:
+            raise TeacherError("--kd-ctc-weight > 0 needs --teacher-path (an fp32 checkpoint with a CTC head)")
+        self.kd_weight, self.kd_temperature, self.kd_ctc_weight = kd_weight, kd_temperature, kd_ctc_weight
         # kept out of the module tree: the teacher is neither trained nor saved in checkpoints
-        self._teacher = (load_teacher(teacher_path, task),) if teacher_path and kd_weight > 0 else ()
+        self._teacher = (load_teacher(teacher_path, task),) if teacher_path and (kd_weight > 0 or kd_ctc_weight > 0) \
+            else ()
 
     def load_state_dict(self, state_dict, strict=True, **kwargs):
         """A checkpoint without the CTC projection (a reference bundle keeps only the model) starts it fresh."""
@@ -71,6 +76,9 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
                                  "else 0; 0 disables distillation)")
         parser.add_argument("--kd-temperature", type=float, default=1.0, metavar="T",
                             help="softmax temperature of teacher and student for distillation")
+        parser.add_argument("--kd-ctc-weight", type=float, default=0.0, metavar="W",
+                            help="weight of distilling the teacher's CTC posteriors into the student's CTC head "
+                                 "(KL per encoder frame at --kd-temperature; both models need a CTC head)")
         parser.add_argument("--ctc-weight", type=float, default=0.0, metavar="W",
                             help="weight of an auxiliary CTC loss on the encoder output (training only)")
         parser.add_argument("--ctc-encoder-dim", type=int, default=0, metavar="D",
@@ -89,10 +97,15 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
                 hook.remove()
         target = model.get_targets(sample, net_output)
         lprobs, ce_loss = self.compute_loss(model, net_output, target, reduction, log_probs)
-        loss, kd_loss, ctc_loss = ce_loss, None, None
+        loss, kd_loss, ctc_loss, kd_ctc_loss = ce_loss, None, None, None
         if self.teacher is not None and model.training:
-            kd_loss = self.distillation_loss(model, net_output, sample, target)
-            loss = (1 - self.kd_weight) * ce_loss + self.kd_weight * kd_loss
+            teacher_out = self.teacher_output(sample, target)
+            if self.kd_weight > 0:
+                kd_loss = self.distillation_loss(model, net_output, sample, target, teacher_out)
+                loss = (1 - self.kd_weight) * ce_loss + self.kd_weight * kd_loss
+            if self.kd_ctc_weight > 0:
+                kd_ctc_loss = self.ctc_distillation_loss(net_output, teacher_out)
+                loss = loss + self.kd_ctc_weight * kd_ctc_loss
         if self.ctc_weight > 0:
             if isinstance(net_output[1], dict) and "ctc_logits" in net_output[1]:  # the model's head comes first
                 ctc_out = net_output[1]
@@ -110,6 +123,8 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
             logging_output["kd_loss"] = kd_loss.item()
         if ctc_loss is not None:
             logging_output["ctc_loss"] = ctc_loss.item()
+        if kd_ctc_loss is not None:
+            logging_output["kd_ctc_loss"] = kd_ctc_loss.item()
         report = getattr(_unwrap(model), "quant_report", None)
         if report is not None:
             logging_output["wbits"] = report.avg_weight_bits
@@ -119,12 +134,28 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
     def ctc_loss(self, ctc_out, sample):
         return ctc_loss(ctc_out, sample["target"], self.padding_idx, self.task.target_dictionary.eos())
 
-    def distillation_loss(self, model, net_output, sample, target):
+    def teacher_output(self, sample, target):
         teacher = self.teacher
         if next(teacher.parameters()).device != target.device:
             teacher.to(target.device)
         with torch.no_grad():
-            teacher_out = teacher(**sample["net_input"])
+            return teacher(**sample["net_input"])
+
+    def ctc_distillation_loss(self, net_output, teacher_out):
+        """T^2 * KL(teacher || student) of the CTC heads' posteriors at temperature T, summed over the frames."""
+        student, teacher = (o[1] if len(o) > 1 and isinstance(o[1], dict) else {} for o in (net_output, teacher_out))
+        if "ctc_logits" not in student or "ctc_logits" not in teacher:
+            raise TeacherError("--kd-ctc-weight needs a CTC head in the student and the teacher (*_ctc archs)")
+        t = self.kd_temperature
+        kl = F.kl_div(F.log_softmax(student["ctc_logits"].float() / t, dim=-1),
+                      F.log_softmax(teacher["ctc_logits"].float() / t, dim=-1), log_target=True, reduction="none")
+        mask = student["encoder_padding_mask"]  # T x B, True = padding
+        kl = kl.sum(-1)
+        return (kl.masked_fill(mask, 0.0) if mask is not None else kl).sum() * t * t
+
+    def distillation_loss(self, model, net_output, sample, target, teacher_out=None):
+        if teacher_out is None:
+            teacher_out = self.teacher_output(sample, target)
         t = self.kd_temperature
         student_logits = net_output[0] / t
         teacher_logits = teacher_out[0] / t
@@ -137,7 +168,7 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
     def aggregate_logging_outputs(logging_outputs):
         agg = CrossEntropyWithAccCriterion.aggregate_logging_outputs(logging_outputs)
         sample_size = agg["sample_size"]
-        for key in ("ce_loss", "kd_loss", "ctc_loss"):
+        for key in ("ce_loss", "kd_loss", "ctc_loss", "kd_ctc_loss"):
             if any(key in log for log in logging_outputs) and sample_size > 0:
                 agg[key] = sum(log.get(key, 0) for log in logging_outputs) / sample_size / math.log(2)
         for key in ("wbits", "model_mb"):
@@ -173,7 +204,7 @@ def ctc_loss(ctc_out: dict, target: torch.Tensor, pad: int, eos: int) -> torch.T
                       blank=pad, reduction="sum", zero_infinity=True)
 
 
-def _kd_weight(teacher_path, kd_weight) -> float:
+def _kd_weight(teacher_path, kd_weight, kd_ctc_weight: float = 0.0) -> float:
     """The distillation weight to use: the default when a teacher is given without one; a teacher with weight
     0 is ignored, and the log says so."""
     if kd_weight is None:
@@ -182,7 +213,7 @@ def _kd_weight(teacher_path, kd_weight) -> float:
                         teacher_path, DEFAULT_KD_WEIGHT)
             return DEFAULT_KD_WEIGHT
         return 0.0
-    if teacher_path and kd_weight == 0:
+    if teacher_path and kd_weight == 0 and not kd_ctc_weight:
         logger.warning("fairseq_quant: --teacher-path %s is not used: --kd-weight 0 disables distillation",
                        teacher_path)
     return kd_weight
