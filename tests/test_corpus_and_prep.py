@@ -108,6 +108,32 @@ def test_partial_synthesis_is_a_subset_of_the_full_corpus(tmp_path):
         generate_from_params(tmp_path / "bad", size_params("reference", 0, synth_eval=301))
 
 
+def test_extra_eval_speakers_are_new_voices_and_sentences_and_change_nothing_else(tmp_path):
+    """The benchmark's 40-speaker evaluation subsets: the reference corpus plan unchanged, then 30 more speakers per
+    evaluation subset whose (accent, variant) voice no subset uses and whose sentences occur nowhere else."""
+    base_speakers, base_utts = plan_corpus(size_params("reference", 0), tmp_path)
+    params = size_params("reference", 0, extra_eval_speakers=30)
+    assert params == {**size_params("reference", 0), "extra_eval_speakers": 30}
+    assert "extra_eval_speakers" not in size_params("reference", 0)  # bundles made without it keep their params
+    speakers, utts = plan_corpus(params, tmp_path)
+    assert [(u.utt_id, u.text, u.voice) for u in utts[:len(base_utts)]] == [(u.utt_id, u.text, u.voice)
+                                                                            for u in base_utts]
+    assert speakers[:len(base_speakers)] == base_speakers
+    added = speakers[len(base_speakers):]
+    assert {s: sum(sp.subset == s for sp in speakers) for s in EVAL_SUBSETS} == {s: 40 for s in EVAL_SUBSETS}
+    assert len(utts) - len(base_utts) == 4 * 30 * 25
+    train_voices = {(sp.voice.base, sp.voice.variant) for sp in speakers if sp.subset == TRAIN_SUBSET}
+    old_voices = {(sp.voice.base, sp.voice.variant) for sp in base_speakers}
+    new_voices = [(sp.voice.base, sp.voice.variant) for sp in added]
+    assert len(set(new_voices)) == len(new_voices) and not set(new_voices) & old_voices
+    assert not {(sp.voice.base, sp.voice.variant) for sp in speakers if sp.subset != TRAIN_SUBSET} & train_voices
+    assert len({u.text for u in utts}) == len(utts) and len({u.utt_id for u in utts}) == len(utts)
+    assert len({sp.speaker_id for sp in speakers}) == len(speakers)
+    assert all(sp.other == sp.subset.endswith("other") for sp in added)
+    with pytest.raises(ValueError, match="extra_eval_speakers 200: only .* voices are unused by the corpus"):
+        plan_corpus(size_params("reference", 0, extra_eval_speakers=200), tmp_path)
+
+
 def test_layout(tiny_corpus: Path):
     assert tiny_corpus.name == "LibriSpeech"
     assert sorted(p.name for p in tiny_corpus.iterdir() if p.is_dir()) == sorted(SUBSETS)

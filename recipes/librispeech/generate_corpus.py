@@ -54,6 +54,8 @@ MIN_TRAIN_SPEAKERS = 3
 MIN_EVAL_SPEAKERS = 2
 MAX_EVAL_SPEAKERS = 10
 MAX_CHAPTERS_PER_SPEAKER = 3
+# held-out speakers added to each evaluation subset by `extra_eval_speakers` (the benchmark's 40-speaker sets)
+EXTRA_EVAL_UTTS_PER_SPEAKER = 25
 
 BASE_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp",
                "en-gb-x-gbcwmd", "en-029", "en-us-nyc")
@@ -367,24 +369,30 @@ def _run_tasks(tasks: list, jobs: int):
 
 def generation_params(seed: int, num_train: int, num_dev: int, num_test: int, lexicon: int | None = None,
                       max_words: int = MAX_WORDS, train_other: float = 0.0,
-                      synth_train: int | None = None, synth_eval: int | None = None) -> dict:
+                      synth_train: int | None = None, synth_eval: int | None = None,
+                      extra_eval_speakers: int = 0) -> dict:
     """The parameters that determine the corpus content (recorded in the marker file).
 
     `synth_train` synthesises only N evenly spaced training utterances of the plan: the evaluation subsets
     (texts, speakers, audio) are exactly those of the full corpus, so a model trained on the full corpus
     is evaluated on the same held-out data, and a short fine-tuning run needs less synthesis.
     `synth_eval` likewise synthesises only N evenly spaced utterances of each evaluation subset (a quick
-    check of a trained model on a few of its held-out utterances)."""
+    check of a trained model on a few of its held-out utterances).
+    `extra_eval_speakers` adds that many new-voice speakers to each evaluation subset (`plan_extra_eval`)."""
     return {"format_version": FORMAT_VERSION, "seed": seed, "num_train": num_train,
             "num_dev": num_dev, "num_test": num_test, "lexicon": lexicon, "max_words": max_words,
-            "train_other": train_other, "synth_train": synth_train, "synth_eval": synth_eval}
+            "train_other": train_other, "synth_train": synth_train, "synth_eval": synth_eval,
+            # only when set, so that the parameters of corpora (and reference bundles) made without it are unchanged
+            **({"extra_eval_speakers": extra_eval_speakers} if extra_eval_speakers else {})}
 
 
-def size_params(size: str, seed: int = 0, synth_train: int | None = None, synth_eval: int | None = None) -> dict:
+def size_params(size: str, seed: int = 0, synth_train: int | None = None, synth_eval: int | None = None,
+                extra_eval_speakers: int = 0) -> dict:
     """generation_params of a named size."""
     if size not in SIZES:
         raise ValueError(f"unknown corpus size {size!r}; sizes: {sorted(SIZES)}")
-    return generation_params(seed, synth_train=synth_train, synth_eval=synth_eval, **SIZES[size])
+    return generation_params(seed, synth_train=synth_train, synth_eval=synth_eval,
+                             extra_eval_speakers=extra_eval_speakers, **SIZES[size])
 
 
 def check_existing(root: Path, params: dict) -> bool:
@@ -449,8 +457,55 @@ def plan_corpus(params: dict, root: Path) -> tuple[list[Speaker], list[Utterance
     voices = plan_voices(rng, speaker_counts(params["num_train"], params["num_dev"],
                                              params["num_test"]), params["train_other"])
     speakers = plan_speakers(rng, sizes, voices, params["train_other"])
-    return speakers, plan_utterances(params["seed"], sizes, speakers, root, params["lexicon"],
-                                     params["max_words"])
+    utterances = plan_utterances(params["seed"], sizes, speakers, root, params["lexicon"], params["max_words"])
+    extra = params.get("extra_eval_speakers", 0)
+    if extra:
+        more_speakers, more_utts = plan_extra_eval(params, speakers, utterances, extra, root)
+        speakers, utterances = speakers + more_speakers, utterances + more_utts
+    return speakers, utterances
+
+
+def plan_extra_eval(params: dict, speakers: list[Speaker], utterances: list[Utterance], per_subset: int,
+                    root: Path) -> tuple[list[Speaker], list[Utterance]]:
+    """`per_subset` more speakers for each evaluation subset, planned after (and without changing) the rest of
+    the corpus: voices whose (accent, variant) pair no subset uses, EXTRA_EVAL_UTTS_PER_SPEAKER new sentences
+    each (distinct from every sentence of the corpus). A model trained on the corpus without them has heard
+    neither their voices nor their sentences, so they enlarge the held-out sets by new voices."""
+    rng = np.random.default_rng([params["seed"], 3])
+    used = {(sp.voice.base, sp.voice.variant) for sp in speakers}
+    pairs = [(b, v) for b in BASE_VOICES for v in VARIANTS if (b, v) not in used]
+    pairs = [pairs[i] for i in rng.permutation(len(pairs))]
+    rough = [(b, v) for b in BASE_VOICES for v in OTHER_ONLY_VARIANTS if (b, v) not in used]
+    rough = [rough[i] for i in rng.permutation(len(rough))]
+    needed = per_subset * len(EVAL_SUBSETS)
+    if needed > len(pairs) + len(rough):
+        raise ValueError(f"extra_eval_speakers {per_subset}: only {len(pairs) + len(rough)} voices are unused by "
+                         f"the corpus, {needed} needed")
+    taken_ids = {sp.speaker_id for sp in speakers}
+    taken_chapters = {c for sp in speakers for c in sp.chapter_ids}
+    free_ids = [i for i in rng.permutation(np.arange(10, 10000)).tolist() if i not in taken_ids]
+    free_chapters = iter(c for c in rng.permutation(np.arange(100, 300000)).tolist() if c not in taken_chapters)
+    seen = {u.text for u in utterances}
+    new_speakers, new_utts = [], []
+    for s_index, subset in enumerate(EVAL_SUBSETS):
+        other = subset.endswith("other")
+        texts = iter(sentences(np.random.default_rng([params["seed"], 4, s_index]),
+                               per_subset * EXTRA_EVAL_UTTS_PER_SPEAKER, seen,
+                               lexicon=params["lexicon"], max_words=params["max_words"]))
+        for k in range(per_subset):
+            pool = rough if (other and rough and rng.random() < 0.25) or not pairs else pairs
+            voice = _draw_voice(rng, *pool.pop(), other)
+            n_chapters = int(rng.integers(1, MAX_CHAPTERS_PER_SPEAKER + 1))
+            sp = Speaker(free_ids.pop(), subset, voice, sorted(next(free_chapters) for _ in range(n_chapters)),
+                         other)
+            new_speakers.append(sp)
+            for chapter, n_chap in zip(sp.chapter_ids, _split_evenly(EXTRA_EVAL_UTTS_PER_SPEAKER, n_chapters)):
+                for u in range(n_chap):
+                    utt_id = f"{sp.speaker_id}-{chapter}-{u:04d}"
+                    path = root / subset / str(sp.speaker_id) / str(chapter) / f"{utt_id}.flac"
+                    new_utts.append(Utterance(utt_id, next(texts), voice, other, (params["seed"], 5, s_index,
+                                                                                 len(new_utts)), str(path)))
+    return new_speakers, new_utts
 
 
 def _generate_into(tmp_root: Path, params: dict, jobs: int) -> None:
@@ -488,6 +543,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-test", type=int, help="override utterances per test subset")
     parser.add_argument("--synth-train", type=int, default=None,
                         help="synthesise only N evenly spaced training utterances (evaluation subsets unchanged)")
+    parser.add_argument("--extra-eval-speakers", type=int, default=0,
+                        help=f"add N new-voice speakers ({EXTRA_EVAL_UTTS_PER_SPEAKER} utterances each) to every "
+                             "evaluation subset (the rest of the corpus is unchanged)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
     return parser.parse_args(argv)
 
@@ -495,7 +553,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     """Generate the corpus and print its path."""
     args = parse_args(argv)
-    params = size_params(args.size, args.seed, args.synth_train)
+    params = size_params(args.size, args.seed, args.synth_train, extra_eval_speakers=args.extra_eval_speakers)
     for name in ("num_train", "num_dev", "num_test"):
         if getattr(args, name) is not None:
             params[name] = getattr(args, name)
