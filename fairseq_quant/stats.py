@@ -1,9 +1,12 @@
 """Word error counts per utterance and paired bootstrap confidence intervals for WER comparisons.
 
 WER over a set is total errors / total reference words. Comparing two systems on the same utterances,
-the paired bootstrap (Bisani and Ney 2004; Koehn 2004) resamples utterances with replacement, recomputes
+the paired bootstrap (Bisani and Ney 2004; Koehn 2004) resamples the test set with replacement, recomputes
 both corpus WERs on each resample and reads the interval of the statistic off the resampled values.
 Subsets (test-clean, test-other) are resampled separately and pooled, so each keeps its weight.
+By default the resampled unit is the speaker, not the utterance (a cluster bootstrap, Bisani and Ney 2004):
+a drawn speaker brings all its utterances. WER varies far more between voices than within one, so utterance
+resampling gives intervals that are too narrow for the question "how would it do on new speakers".
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import numpy as np
 
 DEFAULT_RESAMPLES = 1000
 DEFAULT_SEED = 0
+UNITS = ("speaker", "utterance")
 
 
 @dataclass(frozen=True)
@@ -64,21 +68,39 @@ class Interval:
         return self.lo > 0 or self.hi < 0
 
 
-def _arrays(groups: list[list[UttErrors]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(np.array([u.errors for u in g], dtype=np.int64), np.array([u.words for u in g], dtype=np.int64))
-            for g in groups]
+def speaker_of(utt_id: str) -> str:
+    """The speaker of a LibriSpeech-style utterance id ``SPEAKER-CHAPTER-UTT``: the part before the first '-'."""
+    speaker, sep, _ = utt_id.partition("-")
+    if not sep or not speaker:
+        raise ValueError(f"utterance id {utt_id!r} names no speaker: expected the form SPEAKER-CHAPTER-UTT")
+    return speaker
 
 
-def _check_groups(name: str, groups: list[list[UttErrors]]) -> None:
+def _arrays(groups: list[list[UttErrors]], unit: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per subset: errors and words of each resampling unit (an utterance, or all utterances of a speaker)."""
+    out = []
+    for g in groups:
+        err, wrd = (np.array([getattr(u, k) for u in g], dtype=np.int64) for k in ("errors", "words"))
+        if unit == "speaker":
+            spk = np.unique([speaker_of(u.utt_id) for u in g], return_inverse=True)[1].ravel()
+            err, wrd = (np.bincount(spk, weights=a).astype(np.int64) for a in (err, wrd))
+        out.append((err, wrd))
+    return out
+
+
+def _check_groups(name: str, groups: list[list[UttErrors]], unit: str) -> None:
+    if unit not in UNITS:
+        raise ValueError(f"{name}: unit {unit!r}: expected one of {', '.join(map(repr, UNITS))}")
     if not groups or any(len(g) == 0 for g in groups):
         raise ValueError(f"{name}: every subset needs at least one utterance")
 
 
 def wer_interval(groups: list[list[UttErrors]], resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
-                 level: float = 0.95) -> Interval:
-    """Pooled WER (%) of the groups with its bootstrap interval."""
-    _check_groups("wer_interval", groups)
-    arrays = _arrays(groups)
+                 level: float = 0.95, unit: str = "speaker") -> Interval:
+    """Pooled WER (%) of the groups with its bootstrap interval; ``unit``: what is resampled within each subset,
+    "speaker" (all utterances of a drawn speaker) or "utterance"."""
+    _check_groups("wer_interval", groups, unit)
+    arrays = _arrays(groups, unit)
     point = 100.0 * sum(e.sum() for e, _ in arrays) / sum(w.sum() for _, w in arrays)
     rng = np.random.default_rng(seed)
     samples = []
@@ -92,10 +114,11 @@ def wer_interval(groups: list[list[UttErrors]], resamples: int = DEFAULT_RESAMPL
 
 def paired_relative_change(base: list[list[UttErrors]], other: list[list[UttErrors]],
                            resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
-                           level: float = 0.95) -> Interval:
+                           level: float = 0.95, unit: str = "speaker") -> Interval:
     """Relative WER change (%) of ``other`` against ``base`` on the same utterances, with the paired
-    bootstrap interval: 100 * (WER_other - WER_base) / WER_base, both WERs from the same resample."""
-    _check_groups("paired_relative_change", base)
+    bootstrap interval: 100 * (WER_other - WER_base) / WER_base, both WERs from the same resample (the same
+    draw of speakers, or of utterances with unit="utterance")."""
+    _check_groups("paired_relative_change", base, unit)
     if len(base) != len(other):
         raise ValueError(f"{len(base)} subsets against {len(other)}")
     for b, o in zip(base, other):
@@ -103,7 +126,7 @@ def paired_relative_change(base: list[list[UttErrors]], other: list[list[UttErro
             raise ValueError("paired comparison needs the same utterances in the same order in both systems")
         if [u.words for u in b] != [u.words for u in o]:
             raise ValueError("paired comparison: reference word counts differ (different references?)")
-    base_a, other_a = _arrays(base), _arrays(other)
+    base_a, other_a = _arrays(base, unit), _arrays(other, unit)
     base_err = sum(e.sum() for e, _ in base_a)
     if base_err == 0:
         raise ValueError("relative change against a WER of 0 is undefined")
