@@ -1,9 +1,11 @@
 """What users get without QAT, on the same fp32 checkpoint: post-training weight quantization and
 PyTorch's dynamic int8 quantization.
 
-- `ptq_checkpoint` turns an fp32 fairseq checkpoint into a ``quant_`` checkpoint with the given strategy
+- `ptq_checkpoint` turns an fp32 fairseq checkpoint into a ``quant_`` checkpoint with a weight-only strategy
   and no training: weights are quantized from their own ranges (min-max per tensor, symmetric per
   channel, ...); the result decodes with `scripts/evaluate.py` and `fairseq-generate` like a QAT one.
+  Strategies that quantize activations need ranges: the calibration phase (`fairseq_quant.calibration`,
+  `scripts/calibrate.py`) writes those checkpoints.
 - `dynamic_int8` applies ``torch.ao.quantization.quantize_dynamic`` (int8 weights, int8 activations
   quantized per batch at run time) to every Linear it can take. fairseq's attention passes its projection
   weights to ``F.multi_head_attention_forward`` directly and reads ``q_proj.bias`` (a method on a
@@ -51,10 +53,14 @@ def quantized_model_cfg(model_cfg, strategy: Strategy, source, in_place: bool = 
 
 
 def ptq_checkpoint(fp32_checkpoint: str | os.PathLike, out: str | os.PathLike, strategy: Strategy) -> Path:
-    """Write ``out``: the fp32 checkpoint's weights under the ``quant_`` architecture and ``strategy``.
+    """Write ``out``: the fp32 checkpoint's weights under the ``quant_`` architecture and a weight-only ``strategy``.
 
-    Quantizer state is absent, so loading initialises it from the weights (as for QAT from fp32); with
-    activation bits set, activation ranges are fixed from the first batches seen in evaluation mode."""
+    Quantizer state is absent, so loading initialises it from the weights (LSQ: the MSE-optimal step)."""
+    quantized_acts = [spec.label() for spec in [strategy.default, *(r.spec for r in strategy.rules)]
+                      if spec.act_bits is not None]
+    if quantized_acts:
+        raise BaselineError(f"{strategy.source}: quantizes activations ({quantized_acts[0]}); their ranges need the "
+                            "calibration phase: scripts/calibrate.py (fairseq_quant.calibration.calibrate_checkpoint)")
     state = torch.load(fp32_checkpoint, map_location="cpu", weights_only=False)
     cfg = state.get("cfg")
     quantized_model_cfg(cfg["model"] if cfg is not None else None, strategy, fp32_checkpoint, in_place=True)

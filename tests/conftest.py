@@ -54,7 +54,7 @@ def fbank_batch(seed=0, bsz=3, frames=(120, 100, 80), tgt_len=7):
 
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE_ROWS = ("fp32", "ptq-w2-sym-channel", "dynamic-int8", "qat-w4a8", "qat-mixed2a8",
+SMOKE_ROWS = ("fp32", "ptq-w2-sym-channel", "ptq-w8a8", "dynamic-int8", "qat-w4a8", "qat-mixed2a8",
               "runtime-mixed2a8")  # the smoke size's
 
 
@@ -78,3 +78,17 @@ def smoke(tmp_path_factory):
     proc = run([sys.executable, "-m", "recipes.librispeech.run", "--size", "smoke", "--workdir", str(work)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return work, proc.stdout
+
+
+def calibrate_tiny(model, seeds=(0, 1)):
+    """The calibration phase on a build_tiny model: its activation ranges from fbank batches, in eval mode (the
+    model's mode is restored)."""
+    from fairseq_quant.quant import calibrate
+
+    was_training = model.training
+    model.eval()
+    calibrate(model, [fbank_batch(seed) for seed in seeds], forward=lambda m, b: m(*b))
+    model.train(was_training)
+    if hasattr(model, "quant_calibrated"):
+        model.quant_calibrated.fill_(True)
+    return model

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny, fbank_batch
+from conftest import build_tiny, calibrate_tiny, fbank_batch
 
 from fairseq_quant.criterions.quant_cross_entropy_acc import QuantCrossEntropyWithAccCriterion, TeacherError
 
@@ -46,8 +46,8 @@ def test_distillation_from_an_identical_teacher_is_zero_and_matches_hand_computa
 
 
 def test_loss_mixes_ce_kd_and_ctc_and_logs_quant_stats(dict_dir):
-    task, model, _ = build_tiny(dict_dir, extra=["--quant-weight-bits", "4", "--quant-act-bits", "8",
-                                                 "--quant-calib-batches", "1"])
+    task, model, _ = build_tiny(dict_dir, extra=["--quant-weight-bits", "4", "--quant-act-bits", "8"])
+    calibrate_tiny(model, seeds=(0,))
     crit = QuantCrossEntropyWithAccCriterion(task, sentence_avg=False, ctc_weight=0.3, ctc_encoder_dim=32)
     assert crit.ctc_proj.out_features == len(task.target_dictionary)
     model.train()

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from fairseq.sequence_generator import SequenceGenerator
 
-from conftest import build_tiny, fbank_batch
+from conftest import build_tiny, calibrate_tiny, fbank_batch
 from fairseq_quant.criterions.quant_cross_entropy_acc import QuantCrossEntropyWithAccCriterion, TeacherError
 from fairseq_quant.evaluate import JointCTCModel
 from fairseq_quant.runtime.ctc import CTCPrefixScorer
@@ -85,7 +85,8 @@ def test_bad_scorer_input_is_one_clear_error():
 
 def test_the_ctc_arch_quantizes_its_head_and_the_criterion_trains_it(dict_dir):
     task, model, _ = build_tiny(dict_dir, arch="quant_vggtransformer_small_ctc",
-                                extra=["--quant-weight-bits", "2", "--quant-act-bits", "8", "--quant-calib-batches", "1"])
+                                extra=["--quant-weight-bits", "2", "--quant-act-bits", "8"])
+    calibrate_tiny(model, seeds=(0,))
     assert type(model.ctc_proj).__name__ == "QuantLinear" and model.ctc_proj.out_features == len(task.target_dictionary)
     assert "ctc_proj" in model.quant_report.specs  # counted in the model's size, like every other layer
     crit = QuantCrossEntropyWithAccCriterion(task, sentence_avg=False, ctc_weight=0.3)

@@ -1,7 +1,7 @@
 """Data-parallel QAT: two fairseq-train workers on CPU (gloo) fine-tune the smoke run's fp32 model at w4a8
-with distillation; every quantizer buffer and parameter must end identical on both workers (calibrated
-ranges are averaged, running ranges follow the global batch), equal to what rank 0 saved, and the saved
-checkpoint must decode."""
+with distillation, both starting from the same calibrated checkpoint (scripts/calibrate.py); every quantizer buffer
+and parameter must end identical on both workers (running ranges follow the global batch), equal to what rank 0
+saved, and the saved checkpoint must decode."""
 import json
 import os
 import socket
@@ -25,6 +25,11 @@ def quantizer_state(state_dict):
 def test_data_parallel_qat_keeps_quantizer_state_identical_on_every_worker(smoke, tmp_path):
     work, _ = smoke
     fp32 = work / "fp32" / "checkpoint_best.pt"
+    strategy = ROOT / "recipes/librispeech/strategies/w4a8.yaml"
+    start = tmp_path / "calibrated.pt"
+    proc = run([sys.executable, "scripts/calibrate.py", "--checkpoint", str(fp32), "--data", str(work / "data"),
+                "--strategy", str(strategy), "--batches", "2", "--batch-size", "4", "--out", str(start)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
     save = tmp_path / "qat"
     port = free_port()
     procs = []
@@ -33,8 +38,8 @@ def test_data_parallel_qat_keeps_quantizer_state_identical_on_every_worker(smoke
         env.update(OMP_NUM_THREADS="1", FAIRSEQ_QUANT_DUMP=str(tmp_path / f"rank{rank}.pt"))
         cmd = [sys.executable, "tests/dp_worker.py", str(work / "data"), "--user-dir", "fairseq_quant",
                "--task", "speech_recognition", "--arch", "quant_vggtransformer_small_ctc",
-               "--quant-strategy", str(ROOT / "recipes/librispeech/strategies/w4a8.yaml"), "--quant-calib-batches", "2",
-               "--finetune-from-model", str(fp32), "--criterion", "quant_cross_entropy_acc",
+               "--quant-strategy", str(strategy),
+               "--finetune-from-model", str(start), "--criterion", "quant_cross_entropy_acc",
                "--teacher-path", str(fp32), "--kd-weight", "0.5", "--optimizer", "adam", "--lr", "1e-4",
                "--batch-size", "4", "--required-batch-size-multiple", "1", "--max-update", "6",
                "--save-interval-updates", "2", "--save-dir", str(save), "--num-workers", "0", "--log-format", "simple",
@@ -51,7 +56,7 @@ def test_data_parallel_qat_keeps_quantizer_state_identical_on_every_worker(smoke
             p.kill()
     logs = [(tmp_path / f"rank{r}.log").read_text() for r in (0, 1)]
     assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    assert "activation ranges calibrated on 2 batches" in logs[0] and "num_updates 6" in logs[0]
+    assert f"loading pretrained model from {start}: " in logs[0] and "num_updates 6" in logs[0]  # rank 0 logs
     assert "wbits 4" in logs[0]  # the criterion finds the quant model inside the data-parallel wrappers
 
     workers = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, build_tiny, fbank_batch
+from conftest import ROOT, build_tiny, calibrate_tiny, fbank_batch
 from fairseq_quant.export.exporter import build_model_file, decode_only_spm
 from fairseq_quant.quant.quantizers import ActivationQuantizer
 from fairseq_quant.runtime import fqm
@@ -39,10 +39,8 @@ def test_pack_unpack_round_trip(bits, data):
 
 def calibrated(dict_dir, extra, act_bits="8"):
     torch.manual_seed(0)
-    task, model, _ = build_tiny(dict_dir, extra=[*extra, "--quant-act-bits", act_bits, "--quant-calib-batches", "1"])
-    model.train()
-    x, lengths, prev = fbank_batch(0)
-    model(x, lengths, prev)
+    task, model, _ = build_tiny(dict_dir, extra=[*extra, "--quant-act-bits", act_bits])
+    calibrate_tiny(model, seeds=(0,))
     model.eval()
     return task, model
 

@@ -7,20 +7,17 @@ import math
 import pytest
 import torch
 import yaml
-from conftest import build_tiny, fbank_batch
+from conftest import build_tiny, calibrate_tiny, fbank_batch
 from fairseq.modules import LinearizedConvolution, MultiheadAttention
 from fairseq.sequence_generator import SequenceGenerator
 
-from fairseq_quant.quant import FP32, QuantConvTBC, QuantMultiheadAttention, quantizable_names
+from fairseq_quant.quant import FP32, QuantConvTBC, QuantMultiheadAttention, calibrate, quantizable_names
 from fairseq_quant.quant.audit import audit
 
 
 def calibrated_model(dict_dir, extra):
-    task, model, _ = build_tiny(dict_dir, extra=[*extra, "--quant-calib-batches", "2"])
-    model.train()
-    for seed in range(2):
-        x, lengths, prev = fbank_batch(seed)
-        model(x, lengths, prev)
+    task, model, _ = build_tiny(dict_dir, extra=extra)
+    calibrate_tiny(model, seeds=(0, 1))
     assert bool(model.quant_calibrated)
     return task, model
 
@@ -225,10 +222,11 @@ def test_quantized_incremental_decoding_equals_full_forward(dict_dir):
 
 def test_encoder_only_quant_architecture_is_fully_quantized(dict_dir):
     task, model, _ = build_tiny(dict_dir, arch="quant_vggtransformer_enc_1", extra=[
-        "--quant-weight-bits", "4", "--quant-act-bits", "8", "--quant-calib-batches", "1"])
+        "--quant-weight-bits", "4", "--quant-act-bits", "8"])
     x, lengths, _ = fbank_batch(3)
+    model.eval()
+    calibrate(model, [(x, lengths)], forward=lambda m, b: m(*b))  # the calibration phase
     model.train()
-    model(x, lengths)  # calibration batch
     report = audit(model, lambda: model(x, lengths), 4, 8)
     assert report.violations == []
     assert report.op_counts()["conv2d"] == 2 and report.op_counts()["bmm"] == 2 * 2

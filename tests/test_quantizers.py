@@ -295,8 +295,7 @@ def _pact_data():
 @pytest.mark.parametrize("start,direction", [(20.0, -1), (0.3, +1)])
 def test_pact_alpha_learns(start, direction):
     x = _pact_data()
-    q = ActivationQuantizer(bits=4, method="pact").train()
-    q(x)  # self-initialises from the first training batch: alpha = max|x|
+    q = calibrated(ActivationQuantizer(bits=4, method="pact"), x).train()  # alpha = max|x|
     assert bool(q.initialized) and q.alpha.item() == 20.0
     with torch.no_grad():
         q.alpha.fill_(start)
@@ -327,7 +326,7 @@ def test_signed_activation_quantizers_are_odd(method, bits):
         assert bits == 1
         return
     x = torch.tensor([0.8, 0.5, 0.3, -0.3, -0.5, -0.8])
-    q(x)  # self-initialise: alpha = 0.8 / step = 0.8 / qmax
+    calibrated(q, x)  # alpha = 0.8 / step = 0.8 / qmax
     out = q(x).detach()
     torch.testing.assert_close(out[:3], -out.flip(0)[:3])
     assert out[0].item() > 0
@@ -395,9 +394,30 @@ def test_uncalibrated_eval_raises_with_name():
         q(torch.randn(4))
 
 
-def test_training_self_initialises_then_ema_only_in_training():
-    q = ActivationQuantizer(bits=8, method="minmax", momentum=0.1).train()
-    q(torch.tensor([-1.0, 0.5, 2.0]))
+def calibrated(q, x):
+    """The calibration phase of one quantizer on one batch."""
+    q.start_calibration()
+    q(x)
+    q.finish_calibration()
+    return q
+
+
+def test_uncalibrated_training_raises_with_name():
+    q = ActivationQuantizer(bits=8, method="minmax", name="encoder.layers.0.fc1.input").train()
+    with pytest.raises(RuntimeError, match=r"encoder\.layers\.0\.fc1\.input: activation quantizer has no range; "
+                                           r"calibrate the model first"):
+        q(torch.randn(4))
+    assert not bool(q.initialized)  # no hidden calibration on the first training batch
+
+
+def test_momentum_zero_keeps_the_calibrated_range_in_training():
+    q = calibrated(ActivationQuantizer(bits=8, method="minmax", momentum=0.0), torch.tensor([-1.0, 2.0])).train()
+    q(torch.tensor([-30.0, 40.0]))
+    assert (q.lo.item(), q.hi.item()) == (-1.0, 2.0) and q.pending_range is None
+
+
+def test_calibrated_then_ema_only_in_training():
+    q = calibrated(ActivationQuantizer(bits=8, method="minmax", momentum=0.1), torch.tensor([-1.0, 0.5, 2.0])).train()
     assert bool(q.initialized)
     assert (q.lo.item(), q.hi.item()) == (-1.0, 2.0)
     q(torch.tensor([-3.0, 4.0]))
@@ -413,8 +433,8 @@ def test_training_self_initialises_then_ema_only_in_training():
 
 
 def test_a_training_batch_is_quantized_with_the_range_before_it():
-    q = ActivationQuantizer(bits=2, method="minmax", momentum=0.5).train()
-    q(torch.tensor([-1.0, 2.0]))  # self-initialises to [-1, 2]: grid step 1
+    q = calibrated(ActivationQuantizer(bits=2, method="minmax", momentum=0.5), torch.tensor([-1.0, 2.0])).train()
+    # calibrated to [-1, 2]: grid step 1
     out = q(torch.tensor([-5.0, 0.4, 7.0]))
     assert out.tolist() == [-1.0, 0.0, 2.0]  # clipped to the old range, then the range moves
     assert (q.lo.item(), q.hi.item()) == (-3.0, 4.5)

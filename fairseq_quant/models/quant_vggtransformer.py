@@ -4,9 +4,9 @@ The upstream model is built as usual, then :func:`fairseq_quant.quant.quantize_m
 module (VGG Conv2d, Linear, attention, LinearizedConvolution, embedding, output projection) for its
 quantized version following ``--quant-strategy FILE`` or a uniform ``--quant-weight-bits N
 --quant-act-bits M``. The float parameter names are unchanged, so ``--finetune-from-model fp32.pt``
-loads a trained fp32 checkpoint; quantizer state is then initialised from the loaded weights and by
-calibration on the first ``--quant-calib-batches`` training batches, and saved in QAT checkpoints so
-that resuming restores it exactly.
+loads a trained fp32 checkpoint. Activation ranges come from the calibration phase
+(``scripts/calibrate.py``: a calibrated post-training-quantized checkpoint, the start of QAT with
+``--finetune-from-model``); quantizer state is saved in QAT checkpoints so that resuming restores it exactly.
 """
 import argparse
 import logging
@@ -26,7 +26,7 @@ from examples.speech_recognition.models.vggtransformer import (
     vggtransformer_enc_1,
 )
 from fairseq.models import ARCH_MODEL_REGISTRY, register_model, register_model_architecture
-from fairseq.modules import ConvTBC, LinearizedConvolution, MultiheadAttention, TransformerDecoderLayer
+from fairseq.modules import ConvTBC, FairseqDropout, LinearizedConvolution, MultiheadAttention, TransformerDecoderLayer
 
 from ..quant import (
     QuantConvTBC,
@@ -34,6 +34,7 @@ from ..quant import (
     Strategy,
     StrategyError,
     apply_range_updates,
+    is_calibrated,
     quantize_model,
     register_quant_module,
 )
@@ -62,12 +63,11 @@ def add_quant_args(parser):
     group.add_argument("--quant-group-size", type=int, default=None)
     group.add_argument("--quant-weight-method", type=str, default=QUANT_FLAG_DEFAULTS["--quant-weight-method"])
     group.add_argument("--quant-act-method", type=str, default=QUANT_FLAG_DEFAULTS["--quant-act-method"])
-    group.add_argument("--quant-calib-batches", type=int, default=8, metavar="N",
-                       help="training batches observed (fp32) to initialise activation ranges")
-    group.add_argument("--quant-strategy-mismatch", choices=("refuse", "reinit"), default="refuse",
-                       help="a checkpoint quantized with another strategy for some modules (fine-tuning from it, or "
-                            "resuming with a changed strategy): refuse it, or re-initialise and recalibrate those "
-                            "modules' quantizers")
+    group.add_argument("--quant-act-momentum", type=float, default=None, metavar="M",
+                       help="QAT: minmax activation ranges move toward each training batch's min/max by this "
+                            "exponential-moving-average weight (default 0.01; 0: ranges stay where calibration put them)")
+    group.add_argument("--quant-dropout", type=float, default=None, metavar="P",
+                       help="QAT: the dropout probability of every dropout module (default: the architecture's)")
     # the resolved strategy, stored in the checkpoint's args so that decoding never needs the YAML file
     group.add_argument("--quant-strategy-inline", type=str, default=None, help=argparse.SUPPRESS)
 
@@ -140,20 +140,32 @@ class QuantTransformerDecoder(TransformerDecoder):
 
 
 class QuantModelMixin:
-    """Quantizes the built model; loads fp32 checkpoints; calibrates on the first training batches; stores
-    every module's spec in its checkpoints and compares them with its own when loading one."""
+    """Quantizes the built model; loads fp32 and calibrated checkpoints; stores every module's spec in its
+    checkpoints and refuses one quantized with another strategy. Calibration is a phase of its own
+    (:mod:`fairseq_quant.calibration`, ``scripts/calibrate.py``), never a side effect of ``forward``."""
 
     def quantize(self, args):
         self.quant_strategy = strategy_from_args(args)
         args.quant_strategy_inline = yaml.safe_dump(self.quant_strategy.to_dict(), sort_keys=False)
         self.quant_report = quantize_model(self, self.quant_strategy)
         self.quant_specs = {name: spec.to_dict() for name, spec in self.quant_report.specs.items()}
-        self.quant_strategy_mismatch = getattr(args, "quant_strategy_mismatch", "refuse")
-        self.quant_calib_batches = int(getattr(args, "quant_calib_batches", 8))
+        # set by the calibration phase and saved in checkpoints (kept for checkpoints that carry it)
         self.register_buffer("quant_calibrated", torch.tensor(False))
-        self._calib_seen = 0
-        self._calibrate_only = None  # after a strategy change: the activation quantizers to recalibrate
         self._ranges_deferred = False  # data parallel: running ranges are updated from all workers' batches
+        momentum = getattr(args, "quant_act_momentum", None)
+        if momentum is not None:
+            if not 0.0 <= momentum <= 1.0:
+                raise StrategyError(f"--quant-act-momentum must be in [0, 1], got {momentum}")
+            for q in self.quantizers():
+                if isinstance(q, ActivationQuantizer):
+                    q.momentum = momentum
+        dropout = getattr(args, "quant_dropout", None)
+        if dropout is not None:
+            if not 0.0 <= dropout < 1.0:
+                raise StrategyError(f"--quant-dropout must be in [0, 1), got {dropout}")
+            for m in self.modules():
+                if isinstance(m, (torch.nn.Dropout, FairseqDropout)):
+                    m.p = dropout
         logger.info("fairseq_quant: %s\n%s", self.quant_strategy, self.quant_report.format())
 
     def quantizers(self):
@@ -172,28 +184,19 @@ class QuantModelMixin:
         own = self.state_dict()
         quant_keys = {k for k in own if _is_quant_key(k)}
         given = {k for k in state_dict if _is_quant_key(k)}
-        changed = []
-        if not given:  # an fp32 checkpoint: quantizers start fresh and calibrate on the first batches
+        if not given:  # an fp32 checkpoint: quantizers start fresh; activations need the calibration phase
             for k in quant_keys:
                 state_dict[k] = own[k]
             for q in self.quantizers():
                 q.reset()
-            logger.info("fairseq_quant: loading an fp32 checkpoint; quantizers will be calibrated")
+            logger.info("fairseq_quant: loading an fp32 checkpoint; its activation quantizers need calibration "
+                        "(scripts/calibrate.py)")
         else:
             changed = self._changed_specs(stored)
             if changed:
-                names = {name for name, _ in changed}
-                _check_optimizer_can_resume(names, state_dict, own, stored, model_cfg)
-                logger.warning("fairseq_quant: %s; their quantizers are re-initialised from the loaded weights and "
-                               "recalibrated on the first %d training batches", _describe_changes(stored, changed),
-                               self.quant_calib_batches)
-                for k in given:
-                    if _quantizer_owner(k) in names:
-                        del state_dict[k]
-                for k in quant_keys:
-                    if _quantizer_owner(k) in names:
-                        state_dict[k] = own[k]
-            given = {k for k in state_dict if _is_quant_key(k)}
+                raise StrategyError(f"{_describe_changes(stored, changed)}; use the strategy it was quantized with, "
+                                    "or re-quantize it with scripts/calibrate.py --checkpoint CKPT --strategy NEW "
+                                    "(keeps the unchanged modules' quantizers, recalibrates the others)")
             if given != quant_keys:
                 missing, extra = sorted(quant_keys - given), sorted(given - quant_keys)
                 raise StrategyError(
@@ -201,13 +204,10 @@ class QuantModelMixin:
                     f"strategy: missing quantizer state {missing[:3]}, unexpected {extra[:3]}"
                 )
         state_dict[EXTRA_STATE_KEY] = own[EXTRA_STATE_KEY]
-        result = super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
-        if changed:
-            self._recalibrate({name for name, _ in changed})
-        return result
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
     def _changed_specs(self, stored) -> list[tuple[str, str]]:
-        """Modules whose spec in the checkpoint differs from the model's; refuses unless told to reinit."""
+        """Modules whose spec in the checkpoint differs from the model's."""
         stored = stored or {}
         source = stored.get("path", "the checkpoint")
         theirs = stored.get("quant_specs")
@@ -218,42 +218,14 @@ class QuantModelMixin:
             logger.warning("fairseq_quant: %s stores no quantization strategy; its quantizer state is loaded "
                            "without comparing strategies", source)
             return []
-        changed = spec_changes(theirs, self.quant_specs)
-        if changed and self.quant_strategy_mismatch != "reinit":
-            raise StrategyError(f"{_describe_changes(stored, changed)}; use the strategy it was trained with, or pass "
-                                "--quant-strategy-mismatch reinit to re-initialise and recalibrate their quantizers")
-        return changed
-
-    def _recalibrate(self, owners: set):
-        """Forget the quantizer state of the modules ``owners`` and calibrate their activations again."""
-        quantizers = [m for name, m in self.named_modules()
-                      if isinstance(m, (WeightQuantizer, ActivationQuantizer)) and name.rsplit(".", 1)[0] in owners]
-        for q in quantizers:
-            q.reset()
-        self._calibrate_only = [q for q in quantizers if isinstance(q, ActivationQuantizer)]
-        self._calib_seen = 0
-        self.quant_calibrated.fill_(False)
-
-    def _finish_calibration(self):
-        for q in self.quantizers():
-            if isinstance(q, ActivationQuantizer):
-                q.finish_calibration()
-        _average_across_workers(self.quantizers())
-        self.quant_calibrated.fill_(True)
-        self._calibrate_only = None
-        logger.info("fairseq_quant: activation ranges calibrated on %d batches", self._calib_seen)
+        return spec_changes(theirs, self.quant_specs)
 
     def forward(self, *args, **kwargs):
-        calibrating = not bool(self.quant_calibrated)
-        if calibrating and not self.training:
-            # evaluation before N training batches were seen: fix ranges from what was observed
-            self._finish_calibration()
-            calibrating = False
-        if calibrating and self._calib_seen == 0:
-            observed = self._calibrate_only if self._calibrate_only is not None else self.quantizers()
-            for q in observed:
-                if isinstance(q, ActivationQuantizer):
-                    q.start_calibration()  # activations pass through in fp32 while observed
+        if self.training and not is_calibrated(self):
+            raise StrategyError(
+                "activation quantizers are not calibrated: quantization-aware training starts from a calibrated "
+                "checkpoint. Run: python scripts/calibrate.py --checkpoint FP32.pt --data DATA --strategy "
+                "STRATEGY.yaml --out calibrated.pt, then fairseq-train ... --finetune-from-model calibrated.pt")
         distributed = _data_parallel()
         if distributed and self.training and not self._ranges_deferred:
             for q in self.quantizers():
@@ -263,10 +235,6 @@ class QuantModelMixin:
         out = super().forward(*args, **kwargs)
         if distributed and self.training:
             apply_range_updates(self, reduce_max=_all_reduce_max)
-        if calibrating:
-            self._calib_seen += 1
-            if self._calib_seen >= self.quant_calib_batches:
-                self._finish_calibration()
         return out
 
 
@@ -275,21 +243,6 @@ def _describe_changes(stored, changed) -> str:
     more = f", ... ({len(changed) - 3} more)" if len(changed) > 3 else ""
     return (f"{(stored or {}).get('path', 'the checkpoint')} was quantized with another strategy: "
             f"{len(changed)} modules changed: {named}{more}")
-
-
-def _check_optimizer_can_resume(owners: set, state_dict, own, stored, model_cfg) -> None:
-    """Resuming keeps the optimizer state of the checkpoint; it no longer fits when the re-initialised modules'
-    learned quantizer parameters differ (a method or granularity change): ask for --reset-optimizer."""
-    path = (stored or {}).get("path", "the checkpoint")
-    if getattr(model_cfg, "reset_optimizer", True) or getattr(model_cfg, "finetune_from_model", None) == path:
-        return  # fairseq resets the optimizer when fine-tuning from a checkpoint
-
-    def shapes(state):
-        return {(k, tuple(v.shape)) for k, v in state.items() if _is_quant_key(k) and _quantizer_owner(k) in owners}
-
-    if shapes(state_dict) != shapes(own):
-        raise StrategyError(f"{path}: the re-initialised modules' quantizer parameters differ from the checkpoint's, "
-                            "so its optimizer state cannot be resumed; add --reset-optimizer")
 
 
 def _is_quant_key(key: str) -> bool:
@@ -308,18 +261,6 @@ def _data_parallel() -> bool:
 def _all_reduce_max(t):
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
-
-
-def _average_across_workers(quantizers):
-    """Data-parallel workers calibrate on different batches: agree on the mean ranges."""
-    if not _data_parallel():
-        return
-    with torch.no_grad():
-        for q in quantizers:
-            for t in list(q.parameters(recurse=False)) + [b for n, b in q.named_buffers(recurse=False)
-                                                         if b.is_floating_point()]:
-                dist.all_reduce(t.data)
-                t.data.div_(dist.get_world_size())
 
 
 @register_model("quant_asr_vggtransformer")

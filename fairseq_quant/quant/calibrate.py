@@ -12,9 +12,10 @@ def activation_quantizers(model: nn.Module) -> list[ActivationQuantizer]:
 
 
 @contextmanager
-def calibration(model: nn.Module):
-    """Inside the block, activation quantizers observe (outputs stay fp32); on exit they fix their ranges."""
-    quantizers = activation_quantizers(model)
+def calibration(model: nn.Module, quantizers=None):
+    """Inside the block, the activation quantizers (all of the model's, or ``quantizers``) observe (outputs stay
+    fp32); on exit they fix their ranges."""
+    quantizers = activation_quantizers(model) if quantizers is None else list(quantizers)
     for q in quantizers:
         q.start_calibration()
     try:
@@ -24,14 +25,16 @@ def calibration(model: nn.Module):
             q.finish_calibration()
 
 
-def calibrate(model: nn.Module, batches, forward=None) -> int:
-    """Run ``forward(model, batch)`` (default ``model(batch)``) over ``batches`` without gradients.
+def calibrate(model: nn.Module, batches, forward=None, quantizers=None) -> int:
+    """Run ``forward(model, batch)`` (default ``model(batch)``) over ``batches`` without gradients, the activation
+    quantizers (all, or ``quantizers``) observing; then each fixes its range. The model's train/eval mode is the
+    caller's choice (calibrate in eval mode to estimate the ranges that decoding sees).
 
     Returns the number of batches seen.
     """
     forward = forward or (lambda m, b: m(b))
     seen = 0
-    with calibration(model), torch.no_grad():
+    with calibration(model, quantizers), torch.no_grad():
         for batch in batches:
             forward(model, batch)
             seen += 1

@@ -18,14 +18,20 @@ from .granularity import Granularity, PerChannel, PerTensor
 WEIGHT_METHODS = ("minmax", "symmetric", "lsq", "binary")
 ACT_METHODS = ("minmax", "percentile", "mse", "pact", "lsq", "fixed")
 MAX_BITS = 8
+# activation sites may also stay at 16 bits: the remedy for outlier sites (Bondarenko et al. 2021), whose 8-bit
+# per-tensor grid wastes its levels on a few large residual dimensions
+HIGH_ACT_BITS = 16
 
 
-def check_bits(bits, what: str = "bits"):
-    """None (fp32) or an int in 1..8; anything else is an error naming ``what``."""
+def check_bits(bits, what: str = "bits", activation: bool = False):
+    """None (fp32) or an int in 1..8 (activations: or 16); anything else is an error naming ``what``."""
     if bits is None:
         return None
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
-        raise ValueError(f"{what} must be an integer in 1..{MAX_BITS} or fp32, got {bits!r}")
+    allowed = isinstance(bits, int) and not isinstance(bits, bool) and (
+        1 <= bits <= MAX_BITS or (activation and bits == HIGH_ACT_BITS))
+    if not allowed:
+        extra = f", {HIGH_ACT_BITS}" if activation else ""
+        raise ValueError(f"{what} must be an integer in 1..{MAX_BITS}{extra} or fp32, got {bits!r}")
     return bits
 
 
@@ -328,10 +334,10 @@ class ActivationQuantizer(nn.Module):
     Methods: ``minmax`` (running min/max, exponential moving average while training), ``percentile``
     and ``mse`` (range fixed at calibration), ``pact`` (learned symmetric clipping ``alpha``),
     ``lsq`` (learned step size), ``fixed`` (a known range such as softmax probabilities in [0, 1]).
-    Ranges come from calibration: run batches with ``observing=True`` (outputs stay fp32), then
-    ``finish_calibration()``. An uncalibrated quantizer calibrates itself on its first training
-    batch, and refuses to run in eval mode. A ``minmax`` training batch is quantized with the range as it
-    was before the batch; the range then moves toward the batch's min/max, at once or, with
+    Ranges come from calibration, an explicit phase: run batches with ``observing=True`` (outputs stay
+    fp32), then ``finish_calibration()``; an uncalibrated quantizer refuses to run. A ``minmax`` training
+    batch is quantized with the range as it was before the batch; with ``momentum`` > 0 (0: the range stays
+    where calibration put it) the range then moves toward the batch's min/max, at once or, with
     ``defer_range_updates``, when :func:`~.calibrate.apply_range_updates` reduces the pending batch ranges
     of all data-parallel workers (so that every worker keeps the same grid).
     """
@@ -339,7 +345,7 @@ class ActivationQuantizer(nn.Module):
     def __init__(self, bits=None, method: str = "minmax", fixed_range: tuple[float, float] | None = None,
                  momentum: float = 0.01, name: str = "activation"):
         super().__init__()
-        self.bits = check_bits(bits, f"{name}: activation bits")
+        self.bits = check_bits(bits, f"{name}: activation bits", activation=True)
         if method not in ACT_METHODS:
             raise ValueError(f"{name}: unknown activation method '{method}'; expected one of {ACT_METHODS}")
         if method == "fixed" and fixed_range is None:
@@ -406,15 +412,12 @@ class ActivationQuantizer(nn.Module):
             self.observer.collect(x)
             return x
         if not bool(self.initialized):
-            if not self.training:
-                raise RuntimeError(
-                    f"{self.name}: activation quantizer has no range; calibrate the model "
-                    "(fairseq_quant.quant.calibrate) or load a calibrated checkpoint before evaluation"
-                )
-            observer = RangeObserver()
-            observer.collect(x)
-            self._set_range(*observer.compute_range(self.method, self.bits))
-        elif self.training and self.method == "minmax":
+            raise RuntimeError(
+                f"{self.name}: activation quantizer has no range; calibrate the model first "
+                "(fairseq_quant.quant.calibrate; for a fairseq checkpoint: scripts/calibrate.py), or load a "
+                "calibrated checkpoint"
+            )
+        if self.training and self.method == "minmax" and self.momentum > 0:
             self.pending_range = (x.detach().min().clamp(max=0.0), x.detach().max().clamp(min=0.0))
         out = self._quantize(x)
         if self.pending_range is not None and not self.defer_range_updates:

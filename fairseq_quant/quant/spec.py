@@ -7,13 +7,14 @@ from .quantizers import ACT_METHODS, WEIGHT_METHODS, check_bits
 FP32_WORDS = ("fp32", "float", "none", None, 32)
 
 
-def parse_bits(value, what: str):
-    """8 -> 8, 'fp32' / None / 32 -> None (no quantization); anything else outside 1..8 is an error."""
+def parse_bits(value, what: str, activation: bool = False):
+    """8 -> 8, 'fp32' / None / 32 -> None (no quantization); anything else outside 1..8 (activations: and 16) is an
+    error."""
     if isinstance(value, str) and value.lower() in FP32_WORDS:
         return None
     if value in FP32_WORDS:
         return None
-    return check_bits(value, what)
+    return check_bits(value, what, activation=activation)
 
 
 class SpecError(ValueError):
@@ -38,7 +39,7 @@ class QuantSpec:
     def __post_init__(self):
         for name in ("weight_bits", "act_bits"):
             try:
-                object.__setattr__(self, name, parse_bits(getattr(self, name), name))
+                object.__setattr__(self, name, parse_bits(getattr(self, name), name, activation=name == "act_bits"))
             except ValueError as err:
                 raise SpecError(name, str(err)) from None
         if self.weight_bits == 1 and self.weight_method != "binary":

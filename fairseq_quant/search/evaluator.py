@@ -5,8 +5,8 @@ Task kinds:
 
 - ``costs``: every unit's weight elements, bytes and squared quantization error at every width;
 - ``proxy``: Hutchinson Hessian traces and empirical Fisher traces per unit (fp32 model, training batches);
-- ``eval``: a strategy applied post-training (``ptq_checkpoint``), activation ranges calibrated on the first
-  training batches, then the teacher-forced loss on the dev subset and (``decode``) the dev WER by beam
+- ``eval``: a strategy applied post-training, activation ranges calibrated on the first training batches (the
+  calibration phase of ``scripts/calibrate.py``), then the teacher-forced loss on the dev subset and (``decode``) the dev WER by beam
   search with fairseq's SequenceGenerator, per utterance.
 """
 from __future__ import annotations
@@ -65,21 +65,18 @@ class Evaluator:
         return self._build(copy.deepcopy(state["cfg"].model)), task
 
     def quant_model(self, strategy_dict: dict):
-        """The checkpoint's weights quantized post-training with the strategy (as ``ptq_checkpoint`` then
-        loading would), activation ranges calibrated on the first training batches."""
+        """The checkpoint's weights quantized post-training with the strategy, activation ranges calibrated on the
+        first training batches (as ``scripts/calibrate.py`` writes it)."""
         from ..baselines import quantized_model_cfg
+        from ..calibration import calibrate_model
         from ..quant import Strategy
-        from ..quant.calibrate import calibration
 
         state, task = self._setup()
         strategy = Strategy.from_dict(strategy_dict, source="search")
         model = self._build(quantized_model_cfg(state["cfg"].model, strategy, self.checkpoint))
         batches = self.calibration_batches(task)
-        if batches and hasattr(model, "quant_calibrated"):
-            model.quant_calibrated.fill_(True)  # calibrated here, on training batches, not on the dev set
-            with calibration(model), torch.no_grad():
-                for sample in batches:
-                    model(**sample["net_input"])
+        if batches:  # the calibration phase of scripts/calibrate.py, on training batches, never on the dev set
+            calibrate_model(model, batches)
         return model, task, len(batches)
 
     # -- data -----------------------------------------------------------------------------------------
