@@ -34,10 +34,15 @@ def test_dry_run_of_the_paper_recipe_prints_every_stage_and_fits_an_80_gb_gpu(tm
             expected += [f"export {row.name}"] + [f"runtime {row.name} {s}" for s in
                                                   ("dev-clean", "dev-other", "test-clean", "test-other")]
             continue
-        expected += {"qat": [f"qat {row.name}"], "search_qat": [f"search {row.name}", f"qat {row.name}"]}.get(
+        # QAT starts from the calibrated post-training checkpoint (the calibration phase), which PTQ rows evaluate
+        # and ends with the better of the two on dev (its start and its trained checkpoint, decoded on dev)
+        select = [f"select {row.name} start", f"select {row.name} trained"]
+        expected += {"qat": [f"calibrate {row.name}", f"qat {row.name}", *select],
+                     "ptq_calibrated": [f"calibrate {row.name}"],
+                     "search_qat": [f"search {row.name}", f"calibrate {row.name}", f"qat {row.name}", *select]}.get(
             row.kind, []) + [f"eval {row.name}"]
     assert stages == expected
-    assert "eval ptq-w2-sym-channel" in stages and "qat qat-w4a8-nokd" in stages
+    assert "eval ptq-w2-sym-channel" in stages and "qat qat-w4a8-nokd" in stages and "eval ptq-w8a8" in stages
     commands = {stage: shlex.split(lines[lines.index(f"# stage {stage}") + 1]) for stage in stages}
     prepare = commands["prepare"]
     assert prepare[1:3] == ["-m", "recipes.librispeech.prepare_data"]
@@ -54,6 +59,19 @@ def test_dry_run_of_the_paper_recipe_prints_every_stage_and_fits_an_80_gb_gpu(tm
         cmd = commands[stage]
         assert cmd[cmd.index("--ctc-weight") + 1] == "0.3" and "--ctc-encoder-dim" not in cmd
     assert "--teacher-path" in commands["qat qat-w2a8"] and "--teacher-path" not in commands["qat qat-w2a8-nokd"]
+    calibrate, qat = commands["calibrate qat-w2a8"], commands["qat qat-w2a8"]
+    assert calibrate[1].endswith("scripts/calibrate.py") and calibrate[calibrate.index("--strategy") + 1].endswith(
+        "strategies/w2a8.yaml")
+    start = calibrate[calibrate.index("--out") + 1]
+    assert start == str(work.resolve() / "calib" / "w2a8.pt") and qat[qat.index("--finetune-from-model") + 1] == start
+    assert commands["eval ptq-w8a8"][commands["eval ptq-w8a8"].index("--checkpoint") + 1] == str(
+        work.resolve() / "calib" / "w8a8.pt")
+    select = commands["select qat-w2a8 start"]
+    assert select[select.index("--checkpoint") + 1] == start and select[select.index("--subsets") + 1] == \
+        "dev-clean,dev-other"
+    evaluated = commands["eval qat-w2a8"]
+    assert evaluated[evaluated.index("--checkpoint") + 1] == str(work.resolve() / "qat" / "qat-w2a8" /
+                                                                  "checkpoint_selected.pt")
 
     arch = arch_config("vggtransformer_2")
     memory = {m.group(1): m for m in map(MEMORY.match, lines) if m}
@@ -178,3 +196,37 @@ def test_a_stage_log_follows_its_command_while_it_runs(tmp_path):
     finally:
         flag.touch()
         thread.join()
+
+
+def _cached_eval(directory, checkpoint, errors):
+    """A finished evaluation (what evaluate_model reads back instead of decoding): ``errors`` per dev subset over
+    1000 words each."""
+    directory.mkdir(parents=True, exist_ok=True)
+    results = [{"subset": s, "utterances": 10, "words": 1000, "substitutions": e, "deletions": 0, "insertions": 0,
+                "wer": e / 10, "seconds": 1.0} for s, e in zip(("dev-clean", "dev-other"), errors)]
+    (directory / "wer.json").write_text(json.dumps({"checkpoint": str(checkpoint), "avg_weight_bits": 8.0,
+                                                    "model_mb": 2.5, "results": results}))
+
+
+@pytest.mark.parametrize("start_errors,trained_errors,chosen", [
+    ((50, 100), (60, 80), "trained"),  # 7.0% against 7.5%: training helped on dev
+    ((50, 100), (40, 110), "trained"),  # a tie (7.5% both) keeps the trained model
+    ((50, 100), (80, 90), "start"),    # 8.5% against 7.5%: QAT made dev worse, the calibrated start is kept
+])
+def test_qat_keeps_its_calibrated_start_when_training_decodes_dev_worse(tmp_path, start_errors, trained_errors,
+                                                                       chosen):
+    from recipes.librispeech.run import select_on_dev
+
+    work, out = tmp_path / "work", tmp_path / "work" / "qat" / "qat-w8a8"
+    start, trained = work / "calib" / "w8a8.pt", out / "checkpoint_best.pt"
+    for path, content in ((start, b"start"), (trained, b"trained")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    _cached_eval(work / "select" / "w8a8", start, start_errors)
+    _cached_eval(out / "select", trained, trained_errors)
+    selected = select_on_dev("qat-w8a8", start, trained, out, tmp_path, work, SIZES["benchmark"])
+    assert selected == out / "checkpoint_selected.pt" and selected.read_bytes() == chosen.encode()
+    record = json.loads((out / "selection.json").read_text())
+    assert record["chosen"] == chosen and record["dev_subsets"] == ["dev-clean", "dev-other"]
+    assert record["dev_wer"] == {"start": sum(start_errors) / 20, "trained": sum(trained_errors) / 20}
+    assert not list(out.glob(".*.tmp"))

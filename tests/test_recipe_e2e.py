@@ -66,16 +66,22 @@ def subsets_without_unk(data):
                                       for u in json.loads((data / f"{s}.json").read_text())["utts"].values())]
 
 
-def test_fairseq_generate_scores_words_like_evaluate(smoke):
+def test_fairseq_generate_scores_words_like_evaluate(smoke, tmp_path):
     """The README's fairseq-generate command: with --post-process sentencepiece its WER is word WER, the
-    value scripts/evaluate.py reports for the same checkpoint, beam and length limits."""
+    value scripts/evaluate.py reports for the same checkpoint, beam and length limits and the same decoder
+    (fairseq-generate searches with the attention decoder alone: evaluate.py with --ctc-weight 0)."""
     work, _ = smoke
     subsets = subsets_without_unk(work / "data")
     assert subsets
-    expected = {r["subset"]: r["wer"] for r in json.loads((work / "eval" / "qat-w4a8" / "wer.json").read_text())["results"]}
+    ckpt = work / "qat" / "qat-w4a8" / "checkpoint_selected.pt"
+    proc = run([sys.executable, "scripts/evaluate.py", "--checkpoint", str(ckpt), "--data", str(work / "data"),
+                "--subsets", ",".join(subsets), "--beam", "2", "--max-len-a", "0", "--max-len-b", "40",
+                "--ctc-weight", "0", "--device", "cpu", "--out", str(tmp_path / "eval")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = {r["subset"]: r["wer"] for r in json.loads((tmp_path / "eval" / "wer.json").read_text())["results"]}
     for subset in subsets:
         proc = run([sys.executable, "-m", "fairseq_cli.generate", str(work / "data"), "--user-dir", "fairseq_quant",
-                    "--task", "speech_recognition", "--path", str(work / "qat" / "qat-w4a8" / "checkpoint_best.pt"),
+                    "--task", "speech_recognition", "--path", str(ckpt),
                     "--gen-subset", subset, "--beam", "2", "--max-len-a", "0", "--max-len-b", "40",
                     "--max-tokens", "60000", "--required-batch-size-multiple", "1",
                     "--scoring", "wer", "--post-process", "sentencepiece"])
@@ -110,13 +116,13 @@ def test_resuming_qat_restores_quantizers_instead_of_recalibrating(smoke, tmp_pa
     resumed = tmp_path / "resumed"
     shutil.copytree(work / "qat" / "qat-w4a8", resumed)
     log = (resumed / "train.log").read_text()
-    assert "loading an fp32 checkpoint" in log and "activation ranges calibrated on 2 batches" in log
+    start = work / "calib" / "w4a8.pt"  # QAT started from the calibrated post-training checkpoint
+    assert f"loading pretrained model from {start}: " in log and "loading an fp32 checkpoint" not in log
     before = quantizer_state(torch.load(resumed / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"])
-    fp32 = work / "fp32" / "checkpoint_best.pt"
     proc = run([sys.executable, "-m", "fairseq_cli.train", str(work / "data"), "--user-dir", "fairseq_quant",
                 "--task", "speech_recognition", "--arch", "quant_vggtransformer_small_ctc",
                 "--quant-strategy", str(ROOT / "recipes/librispeech/strategies/w4a8.yaml"),
-                "--quant-calib-batches", "2", "--finetune-from-model", str(fp32),
+                "--finetune-from-model", str(start),
                 "--criterion", "quant_cross_entropy_acc", "--optimizer", "adam", "--lr", "1e-4",
                 "--batch-size", "8", "--required-batch-size-multiple", "1", "--max-update", "8",
                 "--save-dir", str(resumed), "--no-epoch-checkpoints", "--num-workers", "0", "--log-format", "simple",
@@ -124,7 +130,7 @@ def test_resuming_qat_restores_quantizers_instead_of_recalibrating(smoke, tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "checkpoint_last.pt" in out and "num_updates 8" in out
-    assert "loading an fp32 checkpoint" not in out and "activation ranges calibrated" not in out
+    assert "loading an fp32 checkpoint" not in out
     after = quantizer_state(torch.load(resumed / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"])
     assert after.keys() == before.keys()
     assert bool(after["quant_calibrated"])
@@ -166,6 +172,17 @@ def test_post_training_checkpoint_holds_the_fp32_weights_on_a_2_bit_grid(smoke):
                 assert all(len(torch.unique(r)) <= 4 for r in rows)  # 2-bit symmetric: levels -2..1
                 checked += 1
     assert checked >= 15
+
+
+def test_post_training_weight_only_refuses_quantized_activations(smoke, tmp_path):
+    from fairseq_quant.baselines import BaselineError, ptq_checkpoint
+    from fairseq_quant.quant import Strategy
+
+    work, _ = smoke
+    with pytest.raises(BaselineError, match=r"uniform w4a8: quantizes activations \(w4a8\); their ranges need the "
+                                            r"calibration phase: scripts/calibrate.py"):
+        ptq_checkpoint(work / "fp32" / "checkpoint_best.pt", tmp_path / "x.pt", Strategy.uniform(4, 8))
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_post_training_refuses_a_quantized_checkpoint(smoke, tmp_path):
