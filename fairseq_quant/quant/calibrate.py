@@ -27,8 +27,9 @@ def calibration(model: nn.Module, quantizers=None):
 
 def calibrate(model: nn.Module, batches, forward=None, quantizers=None) -> int:
     """Run ``forward(model, batch)`` (default ``model(batch)``) over ``batches`` without gradients, the activation
-    quantizers (all, or ``quantizers``) observing; then each fixes its range. The model's train/eval mode is the
-    caller's choice (calibrate in eval mode to estimate the ranges that decoding sees).
+    quantizers (all, or ``quantizers``) observing; then each fixes its range. Put the model in eval mode first:
+    that estimates the ranges decoding sees, and the fairseq quant models refuse any training-mode forward before
+    they are calibrated (``fairseq_quant.calibration.calibrate_model`` does this for them).
 
     Returns the number of batches seen.
     """
