@@ -279,6 +279,79 @@ def test_exact_activation_graphs_apply_every_training_quantizer(dict_dir, bits):
     assert (results[False] - expected).abs().max() > 1e-3
 
 
+REMEDIES = {
+    # the outlier site (the encoder's output projection: layer 3 of the tiny stack) at 16 bits, the rest at 6
+    "out16": {"default": {"weight_bits": 8, "act_bits": 6}, "rules": [{"match": "encoder.transformer_layers.3",
+                                                                      "act_bits": 16}]},
+    # per-embedding-group ranges on every transformer site (widths 16, 32 and 64: 4 groups divide them all)
+    "peg": {"default": {"weight_bits": 8, "act_bits": 6},
+            "rules": [{"match": m, "act_granularity": "peg", "act_groups": 4}
+                      for m in ("encoder.transformer_layers", "decoder.layers", "decoder.fc_out")]},
+    # per-token dynamic ranges everywhere
+    "token": {"default": {"weight_bits": 8, "act_bits": 6, "act_granularity": "token"}},
+}
+
+
+@pytest.mark.parametrize("remedy", sorted(REMEDIES))
+def test_remedied_models_export_graphs_that_compute_the_fake_quantized_model(dict_dir, tmp_path, remedy):
+    """The activation remedies (16-bit sites, per-group and per-token ranges) travel through export: the .fqm stores
+    their grids, and the graphs with them compute what fairseq's fake-quantized model computes (float64, so no
+    rounding-boundary flips), which the graphs without them do not."""
+    import yaml
+
+    from fairseq_quant.export.graphs import initial_decoder_state
+
+    path = tmp_path / f"{remedy}.yaml"
+    path.write_text(yaml.safe_dump(REMEDIES[remedy]))
+    torch.manual_seed(0)
+    task, model, _ = build_tiny(dict_dir, extra=["--quant-strategy", str(path)])
+    calibrate_tiny(model, seeds=(0,))
+    model.eval()
+    file, _, _ = export(task, model, exact_activations=True)
+    grids = file.config["activation_quantization"]
+    site = "encoder.transformer_layers.3.input_quantizer"
+    if remedy == "out16":
+        assert grids[site]["levels"] == 65535 and grids["encoder.transformer_layers.2.fc1.input_quantizer"]["levels"] == 63
+    elif remedy == "peg":
+        assert grids[site]["groups"] == 4 and len(grids[site]["scale"]) == 32 and len(set(grids[site]["scale"])) == 4
+        assert "axis" not in grids["encoder.conv_layers.0.layers.0.input_quantizer"]  # per tensor outside the rules
+    else:
+        assert all(g["kind"] == "token" for name, g in grids.items() if not name.endswith("prob_quantizer"))
+        assert grids["encoder.conv_layers.0.layers.0.input_quantizer"]["axis"] == 1  # NCHW: channels second
+    x, lengths, _ = fbank_batch(3)
+    for i, n in enumerate(lengths.tolist()):
+        x[i, n:] = 0
+    tokens = torch.randint(4, 40, (3, 5), generator=torch.Generator().manual_seed(3))
+    tokens[:, 0] = task.target_dictionary.eos()
+    # ONNX Runtime runs the float32 graphs with the grids (closer to fairseq than the graphs without them)
+    float32 = fairseq_step_log_probs(model, x, lengths, tokens).numpy()
+    exact_rec, plain_rec = Recognizer(file, "fp32", "fp32", activations="exact"), Recognizer(file, "fp32", "fp32")
+    exact_diff = np.abs(runtime_step_log_probs(exact_rec, x, lengths, tokens) - float32).mean()
+    plain_diff = np.abs(runtime_step_log_probs(plain_rec, x, lengths, tokens) - float32).mean()
+    # measured: mean |diff| 1e-7 (out16, peg) and 0.006 (token: GEMM order moves a value across a rounding boundary)
+    # with the grids, 0.05-0.11 without
+    assert exact_diff < plain_diff / 2
+    model.double()
+    x = x.double()
+    expected = fairseq_step_log_probs(model, x, lengths, tokens)
+    results = {}
+    for exact in (True, False):
+        layout, encoder, decoder = torch_graphs(model, None if exact else {})  # grids of the float64 model
+        with torch.no_grad():
+            enc_bias, *cross = encoder(x, lengths)
+            state = initial_decoder_state(layout, 3, 0, dtype=torch.float64)
+            convs = [state[k] for k in state if k.startswith("conv")]
+            selfs = [state[k] for k in state if k.startswith("self")]
+            steps = []
+            for t in range(tokens.size(1)):
+                lp, *rest = decoder(tokens[:, t], enc_bias, *cross, *convs, *selfs)
+                convs, selfs = rest[: len(convs)], rest[len(convs):]
+                steps.append(lp)
+        results[exact] = torch.stack(steps, dim=1)
+    torch.testing.assert_close(results[True], expected, atol=1e-9, rtol=0)
+    assert (results[False] - expected).abs().max() > 1e-3
+
+
 def test_exact_activation_export_runs_in_onnx_runtime(dict_dir):
     """float32 ONNX graphs with the activation grids are much closer to fairseq's fake-quantized model than the
     graphs without them, but not equal: a GEMM that sums in another order moves an activation that sits near a

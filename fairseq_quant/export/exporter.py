@@ -187,8 +187,16 @@ def activation_grid(quantizer) -> dict:
         step = quantizer.step.detach().abs().clamp(min=1e-8)
         return {"kind": "symmetric", "scale": float(step), "qmin": qmin, "qmax": qmax}
     levels = 2**bits - 1
-    scale = torch.clamp(quantizer.hi - quantizer.lo, min=1e-8) / levels
-    zero_point = torch.clamp(torch.round(-quantizer.lo / scale), 0, levels)
+    if quantizer.granularity == "token":  # computed from each position's own values
+        return {"kind": "token", "levels": levels, "axis": quantizer.channel_dim}
+    lo, hi = quantizer.lo, quantizer.hi
+    if quantizer.granularity == "peg":  # a range per channel, from its group's
+        lo, hi = lo[quantizer.group_of], hi[quantizer.group_of]
+    scale = torch.clamp(hi - lo, min=1e-8) / levels
+    zero_point = torch.clamp(torch.round(-lo / scale), 0, levels)
+    if quantizer.granularity == "peg":
+        return {"kind": "zero_point", "scale": scale.tolist(), "zero_point": zero_point.tolist(), "levels": levels,
+                "axis": quantizer.channel_dim, "groups": quantizer.groups}
     return {"kind": "zero_point", "scale": float(scale), "zero_point": float(zero_point), "levels": levels}
 
 

@@ -61,9 +61,21 @@ class WeightTable(nn.Module):
         p = self.activations.get(quantizer)
         if p is None:
             return x
+        if p["kind"] == "token":  # dynamic: each position's range over its channels, as the fake quantizer
+            axis = p["axis"]
+            lo = torch.clamp(torch.amin(x, dim=axis, keepdim=True), max=0.0)
+            hi = torch.clamp(torch.amax(x, dim=axis, keepdim=True), min=0.0)
+            scale = torch.clamp(hi - lo, min=1e-8) / float(p["levels"])
+            zero = torch.clamp(torch.round(-lo / scale), 0.0, float(p["levels"]))
+            q = torch.clamp(torch.round(x / scale) + zero, 0.0, float(p["levels"]))
+            return (q - zero) * scale
         scale = torch.tensor(p["scale"], dtype=x.dtype)
         if p["kind"] == "zero_point":
             zero = torch.tensor(p["zero_point"], dtype=x.dtype)
+            if "axis" in p:  # per channel (per-group ranges): broadcast along the channel axis
+                shape = [1] * x.dim()
+                shape[p["axis"]] = -1
+                scale, zero = scale.reshape(shape), zero.reshape(shape)
             q = torch.clamp(torch.round(x / scale) + zero, 0.0, float(p["levels"]))
             return (q - zero) * scale
         if "clip" in p:

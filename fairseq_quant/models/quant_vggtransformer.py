@@ -47,7 +47,8 @@ register_quant_module(MultiheadAttention, QuantMultiheadAttention)
 register_quant_module(ConvTBC, QuantConvTBC)  # LinearizedConvolution is a ConvTBC subclass
 QUANTIZER_KEY = "_quantizer."
 EXTRA_STATE_KEY = "_extra_state"  # torch's key for get_extra_state()
-QUANT_FLAG_DEFAULTS = {"--quant-granularity": "channel", "--quant-weight-method": "lsq", "--quant-act-method": "minmax"}
+QUANT_FLAG_DEFAULTS = {"--quant-granularity": "channel", "--quant-weight-method": "lsq", "--quant-act-method": "minmax",
+                       "--quant-act-granularity": "tensor"}
 
 
 def add_quant_args(parser):
@@ -57,12 +58,17 @@ def add_quant_args(parser):
     group.add_argument("--quant-weight-bits", type=str, metavar="N",
                        help="uniform weight bits 1..8 or fp32 (when no --quant-strategy)")
     group.add_argument("--quant-act-bits", type=str, metavar="M",
-                       help="uniform activation bits 1..8, or 32/fp32 for weight-only (when no --quant-strategy)")
+                       help="uniform activation bits 1..8 or 16, or 32/fp32 for weight-only (when no --quant-strategy)")
     group.add_argument("--quant-granularity", type=str, default=QUANT_FLAG_DEFAULTS["--quant-granularity"],
                        choices=("tensor", "channel", "group"))
     group.add_argument("--quant-group-size", type=int, default=None)
     group.add_argument("--quant-weight-method", type=str, default=QUANT_FLAG_DEFAULTS["--quant-weight-method"])
     group.add_argument("--quant-act-method", type=str, default=QUANT_FLAG_DEFAULTS["--quant-act-method"])
+    group.add_argument("--quant-act-granularity", type=str, default=QUANT_FLAG_DEFAULTS["--quant-act-granularity"],
+                       help="activation ranges: tensor (one per tensor), peg (one per group of channels, sorted by "
+                            "range at calibration; with --quant-act-groups) or token (one per position, dynamic)")
+    group.add_argument("--quant-act-groups", type=int, default=None, metavar="K",
+                       help="--quant-act-granularity peg: channel groups per activation site (divides every width)")
     group.add_argument("--quant-act-momentum", type=float, default=None, metavar="M",
                        help="QAT: minmax activation ranges move toward each training batch's min/max by this "
                             "exponential-moving-average weight (default 0.01; 0: ranges stay where calibration put them)")
@@ -94,13 +100,16 @@ def strategy_from_args(args) -> Strategy:
              "granularity": ("--quant-granularity", args.quant_granularity),
              "group_size": ("--quant-group-size", args.quant_group_size),
              "weight_method": ("--quant-weight-method", args.quant_weight_method),
-             "act_method": ("--quant-act-method", args.quant_act_method)}
+             "act_method": ("--quant-act-method", args.quant_act_method),
+             "act_granularity": ("--quant-act-granularity", getattr(args, "quant_act_granularity", "tensor")),
+             "act_groups": ("--quant-act-groups", getattr(args, "quant_act_groups", None))}
     given = " ".join(f"{flag} {value}" for flag, value in flags.values()
                      if value is not None and value != QUANT_FLAG_DEFAULTS.get(flag))
     try:
         return Strategy.uniform(bits(wbits), bits(abits if abits is not None else "fp32"), source=given,
                                 granularity=args.quant_granularity, group_size=args.quant_group_size,
-                                weight_method=args.quant_weight_method, act_method=args.quant_act_method)
+                                weight_method=args.quant_weight_method, act_method=args.quant_act_method,
+                                act_granularity=flags["act_granularity"][1], act_groups=flags["act_groups"][1])
     except SpecError as err:
         flag, value = flags[err.field]
         raise StrategyError(f"{flag} {value}: {err}") from None

@@ -36,9 +36,9 @@ class QuantMultiheadAttention(IncrementalStateMixin, nn.Module):
         self.encoder_decoder_attention = encoder_decoder_attention
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = q_proj, k_proj, v_proj, out_proj
         # one quantizer per matmul operand: Q and K^T of QK^T, probabilities and V of AV
-        self.q_quantizer = make_act_quantizer(spec, f"{name}.q")
-        self.k_quantizer = make_act_quantizer(spec, f"{name}.k")
-        self.v_quantizer = make_act_quantizer(spec, f"{name}.v")
+        self.q_quantizer = make_act_quantizer(spec, f"{name}.q", self.head_dim)
+        self.k_quantizer = make_act_quantizer(spec, f"{name}.k", self.head_dim)
+        self.v_quantizer = make_act_quantizer(spec, f"{name}.v", self.head_dim)
         self.prob_quantizer = ActivationQuantizer(bits=spec.act_bits, method="fixed", fixed_range=(0.0, 1.0),
                                                   name=f"{name}.softmax")
 

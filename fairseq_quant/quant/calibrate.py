@@ -60,16 +60,24 @@ def apply_range_updates(model: nn.Module, reduce_max=None) -> None:
     ``ActivationQuantizer.defer_range_updates``). ``reduce_max(t)`` returns the elementwise maximum of ``t``
     over all data-parallel workers (one call per model forward, the same size on every worker), so that each
     range follows the min/max of the whole global batch and every worker keeps identical ranges."""
-    quantizers = [q for q in activation_quantizers(model) if q.method == "minmax"]
+    quantizers = [q for q in activation_quantizers(model) if q.method == "minmax" and q.granularity != "token"]
     if not quantizers:
         return
-    none = torch.tensor(float("-inf"), device=quantizers[0].lo.device)
-    stats = torch.stack([-q.pending_range[0].float() if q.pending_range is not None else none for q in quantizers]
-                        + [q.pending_range[1].float() if q.pending_range is not None else none for q in quantizers])
+    # every range flattened into one vector (per-group quantizers hold several), -lo then hi: one reduction
+    parts = []
+    for q in quantizers:
+        lo, hi = q.pending_range if q.pending_range is not None else (None, None)
+        none = torch.full(q.lo.shape, float("-inf"), device=q.lo.device)
+        parts.append((-lo.float() if lo is not None else none).reshape(-1))
+        parts.append((hi.float() if hi is not None else none).reshape(-1))
+    stats = torch.cat(parts)
     if reduce_max is not None:
         stats = reduce_max(stats)
-    n = len(quantizers)
-    for i, q in enumerate(quantizers):
-        if torch.isfinite(stats[i]) and torch.isfinite(stats[n + i]):
-            q.update_range(-stats[i], stats[n + i])
+    offset = 0
+    for q in quantizers:
+        n = q.lo.numel()
+        neg_lo, hi = stats[offset:offset + n], stats[offset + n:offset + 2 * n]
+        offset += 2 * n
+        if bool(torch.isfinite(neg_lo).all()) and bool(torch.isfinite(hi).all()):
+            q.update_range(-neg_lo.reshape(q.lo.shape), hi.reshape(q.hi.shape))
         q.pending_range = None

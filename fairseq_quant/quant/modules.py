@@ -27,8 +27,12 @@ def make_weight_quantizer(spec: QuantSpec, weight_layout_shape, name: str) -> We
     )
 
 
-def make_act_quantizer(spec: QuantSpec, name: str, **kwargs) -> ActivationQuantizer:
-    return ActivationQuantizer(bits=spec.act_bits, method=spec.act_method, name=name, **kwargs)
+def make_act_quantizer(spec: QuantSpec, name: str, width: int, channel_dim: int = -1, **kwargs) -> ActivationQuantizer:
+    """The spec's activation quantizer for an input of ``width`` channels along ``channel_dim``."""
+    granularity = spec.act_granularity if spec.act_bits is not None else "tensor"
+    return ActivationQuantizer(bits=spec.act_bits, method=spec.act_method, name=name, granularity=granularity,
+                               groups=spec.act_groups if granularity == "peg" else None, width=width,
+                               channel_dim=channel_dim, **kwargs)
 
 
 class QuantModule(nn.Module):
@@ -54,7 +58,7 @@ class QuantLinear(QuantModule):
         self.weight = weight
         self.bias = bias
         self.weight_quantizer = make_weight_quantizer(spec, weight.shape, name)
-        self.input_quantizer = make_act_quantizer(spec, f"{name}.input")
+        self.input_quantizer = make_act_quantizer(spec, f"{name}.input", self.in_features)
 
     @classmethod
     def from_float(cls, module: nn.Linear, spec: QuantSpec, name: str, resolve=None):
@@ -78,7 +82,7 @@ class QuantConv2d(QuantModule):
         self.weight, self.bias = conv.weight, conv.bias
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.weight_quantizer = make_weight_quantizer(spec, conv.weight.shape, name)
-        self.input_quantizer = make_act_quantizer(spec, f"{name}.input")
+        self.input_quantizer = make_act_quantizer(spec, f"{name}.input", conv.in_channels, channel_dim=1)
 
     @classmethod
     def from_float(cls, module: nn.Conv2d, spec: QuantSpec, name: str, resolve=None):
@@ -160,7 +164,7 @@ class QuantConvTBC(IncrementalStateMixin, QuantModule):
             self.weight = conv.weight
         layout = (self.out_channels, self.kernel_size * self.in_channels)
         self.weight_quantizer = make_weight_quantizer(spec, layout, name)
-        self.input_quantizer = make_act_quantizer(spec, f"{name}.input")
+        self.input_quantizer = make_act_quantizer(spec, f"{name}.input", self.in_channels)
 
     @classmethod
     def from_float(cls, module, spec: QuantSpec, name: str, resolve=None):

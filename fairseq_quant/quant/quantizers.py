@@ -2,7 +2,9 @@
 
 A quantizer with ``bits=None`` is off (fp32 pass-through). Weight quantizers take the weight in
 output-channel-first layout and split it into groups (:mod:`.granularity`); activation quantizers
-use one range per tensor, estimated during calibration (:class:`RangeObserver`) or learned.
+use one range per tensor, estimated during calibration (:class:`RangeObserver`) or learned; or one range per
+group of channels (``peg``: per-embedding-group, Bondarenko et al. 2021), or one per token, computed from
+the token itself (``token``: dynamic).
 
 Rounding uses the straight-through estimator: ``round_ste(x)`` is ``round(x)`` forward and the
 identity backward, so gradients reach the fp32 master weights; values clamped away get zero gradient.
@@ -17,6 +19,11 @@ from .granularity import Granularity, PerChannel, PerTensor
 
 WEIGHT_METHODS = ("minmax", "symmetric", "lsq", "binary")
 ACT_METHODS = ("minmax", "percentile", "mse", "pact", "lsq", "fixed")
+# tensor: one range per tensor; peg: one range per group of channels (channels sorted by their calibrated range
+# and cut into equal groups, so the few outlier channels share a group; the permutation is free at inference: an
+# integer kernel permutes the columns of the next weight instead); token: one range per position over its channels,
+# computed from the values themselves at every forward (dynamic, nothing to calibrate)
+ACT_GRANULARITIES = ("tensor", "peg", "token")
 MAX_BITS = 8
 # activation sites may also stay at 16 bits: the remedy for outlier sites (Bondarenko et al. 2021), whose 8-bit
 # per-tensor grid wastes its levels on a few large residual dimensions
@@ -292,6 +299,13 @@ class RangeObserver:
         self.max_samples = max_samples
         self.per_batch = per_batch
         self.generator = torch.Generator().manual_seed(seed)
+        self.channel_lo: torch.Tensor | None = None  # per-channel min/max (collect_channels; PEG calibration)
+        self.channel_hi: torch.Tensor | None = None
+
+    def collect_channels(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Fold one batch's per-channel min/max into the running ones."""
+        self.channel_lo = lo if self.channel_lo is None else torch.minimum(self.channel_lo, lo)
+        self.channel_hi = hi if self.channel_hi is None else torch.maximum(self.channel_hi, hi)
 
     def collect(self, x: torch.Tensor) -> None:
         flat = x.detach().float().reshape(-1).cpu()
@@ -329,7 +343,8 @@ class RangeObserver:
 
 
 class ActivationQuantizer(nn.Module):
-    """Fake-quantizes an activation tensor with one range per tensor.
+    """Fake-quantizes an activation tensor with one range per tensor (``granularity`` "tensor"), per group of
+    channels ("peg", ``groups`` groups of the ``width`` channels along ``channel_dim``) or per token ("token").
 
     Methods: ``minmax`` (running min/max, exponential moving average while training), ``percentile``
     and ``mse`` (range fixed at calibration), ``pact`` (learned symmetric clipping ``alpha``),
@@ -340,10 +355,15 @@ class ActivationQuantizer(nn.Module):
     where calibration put it) the range then moves toward the batch's min/max, at once or, with
     ``defer_range_updates``, when :func:`~.calibrate.apply_range_updates` reduces the pending batch ranges
     of all data-parallel workers (so that every worker keeps the same grid).
+
+    ``peg`` ranges are min-max per group; calibration sorts the channels by their observed range and cuts them
+    into ``groups`` equal groups (``group_of``: each channel's group). ``token`` needs no calibration: each
+    position's range is its own min/max over the channels (0 always inside).
     """
 
     def __init__(self, bits=None, method: str = "minmax", fixed_range: tuple[float, float] | None = None,
-                 momentum: float = 0.01, name: str = "activation"):
+                 momentum: float = 0.01, name: str = "activation", granularity: str = "tensor",
+                 groups: int | None = None, width: int | None = None, channel_dim: int = -1):
         super().__init__()
         self.bits = check_bits(bits, f"{name}: activation bits", activation=True)
         if method not in ACT_METHODS:
@@ -353,7 +373,28 @@ class ActivationQuantizer(nn.Module):
         if self.bits == 1 and method in ("pact", "lsq"):
             raise ValueError(f"{name}: 1-bit activations need a range method (minmax, percentile, mse), "
                              f"not '{method}' (its signed 1-bit grid is {{-1, 0}})")
+        if granularity not in ACT_GRANULARITIES:
+            raise ValueError(f"{name}: unknown activation granularity '{granularity}'; expected one of "
+                             f"{ACT_GRANULARITIES}")
+        if granularity != "tensor" and method != "minmax":
+            raise ValueError(f"{name}: activation granularity '{granularity}' uses min-max ranges (act_method "
+                             f"minmax), not '{method}'")
+        shape = ()
+        if granularity == "peg":
+            if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+                raise ValueError(f"{name}: activation granularity 'peg' needs a positive number of groups, "
+                                 f"got {groups!r}")
+            if width is None:
+                raise ValueError(f"{name}: activation granularity 'peg' needs the width of its input")
+            if width % groups:
+                raise ValueError(f"{name}: {groups} activation groups do not divide the {width} channels of its "
+                                 f"input (use a divisor of {width})")
+            shape = (groups,)
+        elif groups is not None:
+            raise ValueError(f"{name}: activation groups ({groups}) apply to granularity 'peg', not '{granularity}'")
         self.method = method
+        self.granularity = granularity
+        self.groups, self.width, self.channel_dim = groups, width, channel_dim
         self.momentum = momentum
         self.name = name
         self.last_grid: Grid | None = None  # the grid of the latest output (for the audit)
@@ -361,10 +402,12 @@ class ActivationQuantizer(nn.Module):
         self.pending_range: tuple[torch.Tensor, torch.Tensor] | None = None  # batch (min, max) not yet applied
         self.observing = False
         self.observer: RangeObserver | None = None
-        self.register_buffer("initialized", torch.tensor(method == "fixed"))
+        self.register_buffer("initialized", torch.tensor(method == "fixed" or granularity == "token"))
         lo, hi = fixed_range if fixed_range is not None else (0.0, 0.0)
-        self.register_buffer("lo", torch.tensor(float(lo)))
-        self.register_buffer("hi", torch.tensor(float(hi)))
+        self.register_buffer("lo", torch.full(shape, float(lo)))
+        self.register_buffer("hi", torch.full(shape, float(hi)))
+        if granularity == "peg":  # channel -> group; calibration sorts the channels by range before cutting
+            self.register_buffer("group_of", torch.arange(width) // (width // groups))
         if method == "pact":
             self.alpha = nn.Parameter(torch.tensor(1.0))
         if method == "lsq":
@@ -375,7 +418,7 @@ class ActivationQuantizer(nn.Module):
         return self.bits is not None
 
     def start_calibration(self) -> None:
-        if self.enabled and self.method != "fixed":
+        if self.enabled and self.method != "fixed" and self.granularity != "token":
             self.observing = True
             self.observer = RangeObserver()
 
@@ -384,12 +427,54 @@ class ActivationQuantizer(nn.Module):
             return
         self.observing = False
         observer, self.observer = self.observer, None
-        if observer.samples:
+        if not observer.samples:
+            return
+        if self.granularity == "peg":
+            self._set_group_ranges(observer.channel_lo, observer.channel_hi)
+        else:
             self._set_range(*observer.compute_range(self.method, self.bits))
 
     def reset(self) -> None:
-        if self.method != "fixed":
+        if self.method != "fixed" and self.granularity != "token":
             self.initialized.fill_(False)
+
+    @property
+    def range_count(self) -> int:
+        """Stored ranges (a scale and a zero point each): one per tensor, one per group, none for dynamic ones."""
+        if not self.enabled or self.granularity == "token":
+            return 0
+        return self.groups if self.granularity == "peg" else 1
+
+    def _channel_view(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """A per-channel vector shaped to broadcast along ``channel_dim`` of an ``ndim``-dimensional input."""
+        shape = [1] * ndim
+        shape[self.channel_dim] = -1
+        return t.reshape(shape)
+
+    def _channel_minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[self.channel_dim] != self.width:
+            raise ValueError(f"{self.name}: input has {x.shape[self.channel_dim]} channels along dimension "
+                             f"{self.channel_dim}, its groups were made for {self.width}")
+        flat = x.detach().float().movedim(self.channel_dim, 0).reshape(self.width, -1)
+        return flat.amin(dim=1), flat.amax(dim=1)
+
+    def _group_minmax(self, ch_lo: torch.Tensor, ch_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo = torch.full((self.groups,), math.inf).scatter_reduce(0, self.group_of.cpu(), ch_lo.cpu(), "amin")
+        hi = torch.full((self.groups,), -math.inf).scatter_reduce(0, self.group_of.cpu(), ch_hi.cpu(), "amax")
+        return lo.clamp(max=0.0).to(self.lo), hi.clamp(min=0.0).to(self.hi)
+
+    @torch.no_grad()
+    def _set_group_ranges(self, ch_lo: torch.Tensor, ch_hi: torch.Tensor) -> None:
+        """PEG calibration: channels sorted by their range (hi - lo, 0 kept inside), cut into equal groups."""
+        ch_lo, ch_hi = ch_lo.clamp(max=0.0), ch_hi.clamp(min=0.0)
+        order = torch.argsort(ch_hi - ch_lo, stable=True)
+        group_of = torch.empty(self.width, dtype=torch.long)
+        group_of[order] = torch.arange(self.width) // (self.width // self.groups)
+        self.group_of.copy_(group_of)
+        lo, hi = self._group_minmax(ch_lo, ch_hi)
+        self.lo.copy_(lo)
+        self.hi.copy_(torch.maximum(hi, lo + 1e-8))
+        self.initialized.fill_(True)
 
     @torch.no_grad()
     def _set_range(self, lo: float, hi: float) -> None:
@@ -410,6 +495,8 @@ class ActivationQuantizer(nn.Module):
             return x
         if self.observing:
             self.observer.collect(x)
+            if self.granularity == "peg":
+                self.observer.collect_channels(*self._channel_minmax(x))
             return x
         if not bool(self.initialized):
             raise RuntimeError(
@@ -417,8 +504,11 @@ class ActivationQuantizer(nn.Module):
                 "(fairseq_quant.quant.calibrate; for a fairseq checkpoint: scripts/calibrate.py), or load a "
                 "calibrated checkpoint"
             )
-        if self.training and self.method == "minmax" and self.momentum > 0:
-            self.pending_range = (x.detach().min().clamp(max=0.0), x.detach().max().clamp(min=0.0))
+        if self.training and self.method == "minmax" and self.momentum > 0 and self.granularity != "token":
+            if self.granularity == "peg":
+                self.pending_range = self._group_minmax(*self._channel_minmax(x))
+            else:
+                self.pending_range = (x.detach().min().clamp(max=0.0), x.detach().max().clamp(min=0.0))
         out = self._quantize(x)
         if self.pending_range is not None and not self.defer_range_updates:
             self.update_range(*self.pending_range)
@@ -445,17 +535,24 @@ class ActivationQuantizer(nn.Module):
             step = grad_scale(self.step, g).abs().clamp(min=1e-8)
             self.last_grid = symmetric_grid(step, self.bits)
             return fake_quant_symmetric(x, step, self.bits)
-        self.last_grid = zero_point_grid(self.lo, self.hi, self.bits)
-        return fake_quant_zero_point(x, self.lo, self.hi, self.bits)
+        lo, hi = self.lo, self.hi
+        if self.granularity == "peg":
+            lo, hi = self._channel_view(lo[self.group_of], x.dim()), self._channel_view(hi[self.group_of], x.dim())
+        elif self.granularity == "token":
+            lo = x.detach().amin(dim=self.channel_dim, keepdim=True).clamp(max=0.0)
+            hi = x.detach().amax(dim=self.channel_dim, keepdim=True).clamp(min=0.0)
+        self.last_grid = zero_point_grid(lo, hi, self.bits)
+        return fake_quant_zero_point(x, lo, hi, self.bits)
 
     def extra_repr(self) -> str:
         if self.bits is None:
             return "fp32"
-        return f"bits={self.bits}, method={self.method}"
+        groups = f", groups={self.groups}" if self.granularity == "peg" else ""
+        return f"bits={self.bits}, method={self.method}, granularity={self.granularity}{groups}"
 
 
 __all__ = [
-    "ACT_METHODS", "WEIGHT_METHODS", "ActivationQuantizer", "Grid", "PerChannel", "PerTensor", "RangeObserver",
+    "ACT_GRANULARITIES", "ACT_METHODS", "WEIGHT_METHODS", "ActivationQuantizer", "Grid", "PerChannel", "PerTensor", "RangeObserver",
     "WeightQuantizer", "binarize", "check_bits", "fake_quant_affine", "fake_quant_symmetric", "fake_quant_zero_point",
     "round_ste",
 ]

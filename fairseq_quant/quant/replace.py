@@ -168,7 +168,8 @@ def build_report(model: nn.Module, rules_used: dict[str, str] | None = None) -> 
         if id(p) not in packed and id(p) not in quantizer_params:
             report.fp32_params.append((pname, p.numel()))
             quant_bytes += 4 * p.numel()
-    quant_bytes += 8 * sum(1 for m in model.modules() if isinstance(m, ActivationQuantizer) and m.enabled)
+    # a scale and a zero point per stored activation range (per-group ranges: one pair per group; per-token: none)
+    quant_bytes += 8 * sum(m.range_count for m in model.modules() if isinstance(m, ActivationQuantizer))
     report.fp32_mb = 4 * sum(p.numel() for p in model.parameters() if id(p) not in quantizer_params) / 1e6
     report.quant_mb = quant_bytes / 1e6
     report.avg_weight_bits = bits_sum / max(weight_count, 1)

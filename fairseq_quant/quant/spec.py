@@ -2,7 +2,7 @@
 from dataclasses import asdict, dataclass, fields, replace
 
 from .granularity import Granularity, parse_granularity
-from .quantizers import ACT_METHODS, WEIGHT_METHODS, check_bits
+from .quantizers import ACT_GRANULARITIES, ACT_METHODS, WEIGHT_METHODS, check_bits
 
 FP32_WORDS = ("fp32", "float", "none", None, 32)
 
@@ -35,6 +35,8 @@ class QuantSpec:
     group_size: int | None = None
     weight_method: str = "lsq"
     act_method: str = "minmax"
+    act_granularity: str = "tensor"  # activation ranges: per tensor, per channel group ("peg"), per token
+    act_groups: int | None = None  # act_granularity peg: the number of channel groups (divides every input width)
 
     def __post_init__(self):
         for name in ("weight_bits", "act_bits"):
@@ -56,6 +58,19 @@ class QuantSpec:
         if self.act_bits == 1 and self.act_method in ("pact", "lsq"):
             raise SpecError("act_method",
                             f"act_bits=1 needs act_method minmax, percentile or mse, not {self.act_method!r}")
+        if self.act_granularity not in ACT_GRANULARITIES:
+            raise SpecError("act_granularity", f"unknown act_granularity {self.act_granularity!r}; expected one of "
+                                               f"{ACT_GRANULARITIES}")
+        if self.act_granularity == "peg":
+            if not isinstance(self.act_groups, int) or isinstance(self.act_groups, bool) or self.act_groups < 1:
+                raise SpecError("act_groups", "act_granularity peg needs act_groups, a positive number of channel "
+                                              f"groups, got {self.act_groups!r}")
+        elif self.act_groups is not None:
+            raise SpecError("act_groups", f"act_groups ({self.act_groups!r}) applies to act_granularity peg, not "
+                                          f"{self.act_granularity!r}")
+        if self.act_granularity != "tensor" and self.act_method != "minmax":
+            raise SpecError("act_method", f"act_granularity {self.act_granularity} uses min-max ranges (act_method "
+                                          f"minmax), not {self.act_method!r}")
         try:
             parse_granularity(self.granularity, self.group_size)
         except (ValueError, TypeError, OverflowError) as err:
@@ -73,6 +88,10 @@ class QuantSpec:
     def label(self) -> str:
         w = "fp32" if self.weight_bits is None else str(self.weight_bits)
         a = "fp32" if self.act_bits is None else str(self.act_bits)
+        if self.act_bits is not None and self.act_granularity == "peg":
+            a += f"-peg{self.act_groups}"
+        elif self.act_bits is not None and self.act_granularity == "token":
+            a += "-token"
         return f"w{w}a{a}"
 
     def to_dict(self) -> dict:
@@ -94,11 +113,19 @@ def spec_changes(stored: dict, current: dict) -> list[tuple[str, str]]:
     maps (a checkpoint's and the model's), in the order of ``current`` then any names only ``stored`` has."""
     changes = []
     for name in list(current) + [n for n in stored if n not in current]:
-        old, new = stored.get(name), current.get(name)
+        old, new = _complete(stored.get(name)), current.get(name)
         if old != new:
             changes.append((name, f"{_describe(old)} -> {_describe(new)}" if _describe(old) != _describe(new)
                             else ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in new if old.get(k) != new[k])))
     return changes
+
+
+def _complete(spec_dict):
+    """A stored spec with the fields added since it was written at their defaults (they meant the default then)."""
+    if not isinstance(spec_dict, dict):
+        return spec_dict
+    defaults = {f.name: f.default for f in fields(QuantSpec)}
+    return {**{k: v for k, v in defaults.items() if k not in spec_dict}, **spec_dict}
 
 
 def _describe(spec_dict) -> str:
