@@ -221,6 +221,8 @@ def test_activation_granularity_errors_name_the_problem():
         Strategy.from_dict({"default": {"act_granularity": "channel"}})
     with pytest.raises(StrategyError, match=r"act_groups, a positive number of channel groups, got 0"):
         Strategy.from_dict({"default": {"act_granularity": "peg", "act_groups": 0}})
+    with pytest.raises(ValueError, match=r"conv.input: per-token ranges over its single input channel would keep"):
+        ActivationQuantizer(bits=8, granularity="token", width=1, channel_dim=1, name="conv.input")
     assert QuantSpec(act_bits=6, act_granularity="peg", act_groups=8).label() == "w8a6-peg8"
     assert QuantSpec(act_bits=4, act_granularity="token").label() == "w8a4-token"
 

@@ -287,8 +287,9 @@ REMEDIES = {
     "peg": {"default": {"weight_bits": 8, "act_bits": 6},
             "rules": [{"match": m, "act_granularity": "peg", "act_groups": 4}
                       for m in ("encoder.transformer_layers", "decoder.layers", "decoder.fc_out")]},
-    # per-token dynamic ranges everywhere
-    "token": {"default": {"weight_bits": 8, "act_bits": 6, "act_granularity": "token"}},
+    # per-token dynamic ranges everywhere but the VGG front end (its first convolution reads one channel)
+    "token": {"default": {"weight_bits": 8, "act_bits": 6, "act_granularity": "token"},
+              "rules": [{"match": "encoder.conv_layers", "act_granularity": "tensor"}]},
 }
 
 
@@ -316,8 +317,9 @@ def test_remedied_models_export_graphs_that_compute_the_fake_quantized_model(dic
         assert grids[site]["groups"] == 4 and len(grids[site]["scale"]) == 32 and len(set(grids[site]["scale"])) == 4
         assert "axis" not in grids["encoder.conv_layers.0.layers.0.input_quantizer"]  # per tensor outside the rules
     else:
-        assert all(g["kind"] == "token" for name, g in grids.items() if not name.endswith("prob_quantizer"))
-        assert grids["encoder.conv_layers.0.layers.0.input_quantizer"]["axis"] == 1  # NCHW: channels second
+        assert all(g["kind"] == "token" for name, g in grids.items()
+                   if not name.endswith("prob_quantizer") and not name.startswith("encoder.conv_layers"))
+        assert grids["decoder.conv_layers.0.input_quantizer"] == {"kind": "token", "levels": 63, "axis": -1}
     x, lengths, _ = fbank_batch(3)
     for i, n in enumerate(lengths.tolist()):
         x[i, n:] = 0

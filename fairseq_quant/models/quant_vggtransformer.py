@@ -258,11 +258,6 @@ def _is_quant_key(key: str) -> bool:
     return QUANTIZER_KEY in key or key == "quant_calibrated"
 
 
-def _quantizer_owner(key: str) -> str:
-    """'encoder.fc1.weight_quantizer.step' -> 'encoder.fc1': the module a quantizer state key belongs to."""
-    return key.rsplit(".", 2)[0]
-
-
 def _data_parallel() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

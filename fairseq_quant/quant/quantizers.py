@@ -392,6 +392,9 @@ class ActivationQuantizer(nn.Module):
             shape = (groups,)
         elif groups is not None:
             raise ValueError(f"{name}: activation groups ({groups}) apply to granularity 'peg', not '{granularity}'")
+        if granularity == "token" and width == 1 and self.bits is not None:
+            raise ValueError(f"{name}: per-token ranges over its single input channel would keep every value exact "
+                             "(unquantized); give this site act_granularity tensor")
         self.method = method
         self.granularity = granularity
         self.groups, self.width, self.channel_dim = groups, width, channel_dim
