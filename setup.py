@@ -6,10 +6,12 @@ setup(
     version="0.1.0",
     description="Honest low-bit quantization (QAT, strategies, export) for fairseq's VGGTransformer ASR models",
     python_requires=">=3.11",
-    packages=find_packages(include=["fairseq_quant", "fairseq_quant.*", "recipes", "recipes.*"]),
+    packages=find_packages(include=["fairseq_quant", "fairseq_quant.*", "fairseq_quant_runtime", "recipes",
+                                    "recipes.*"]),
     package_data={"recipes.librispeech": ["strategies/*.yaml", "reference/*"]},
-    # the base install is what every part needs; `train` is the fairseq plugin (torch, 4 GB), `runtime` the
-    # on-device decoder (no torch): a device installs `fairseq_quant[runtime]` only
+    # the base install is what every part needs; `train` is the fairseq plugin (torch, 4 GB, package fairseq_quant:
+    # training, calibration, evaluation, export, search), `runtime` the on-device decoder (package
+    # fairseq_quant_runtime, no torch): a device installs `fairseq_quant[runtime]` only
     install_requires=["numpy>=1.26", "pyyaml>=6.0"],
     extras_require={
         "train": [
@@ -31,7 +33,7 @@ setup(
         "search": ["ray>=2.40"],
         # ray: the search's Ray path is tested against a local Ray instance (a 79 MB wheel, seconds to install)
         "test": ["pytest>=8", "hypothesis>=6.100", "ray>=2.40"],
-        # the on-device runtime (fairseq_quant.runtime): imports neither torch nor fairseq
+        # the on-device runtime (package fairseq_quant_runtime): imports neither torch nor fairseq
         "runtime": [
             "onnxruntime>=1.20",
             "onnx>=1.16",

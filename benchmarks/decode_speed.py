@@ -101,8 +101,8 @@ def worker_fairseq(args, groups) -> dict:
 def worker_runtime(args, groups) -> dict:
     """With 2 threads or more, one core computes the features of the next batches in a worker process while
     ONNX Runtime decodes with the others (kaldi-native-fbank is single-threaded)."""
-    from fairseq_quant.runtime.audio import features_ahead
-    from fairseq_quant.runtime.recognizer import Recognizer
+    from fairseq_quant_runtime.audio import features_ahead
+    from fairseq_quant_runtime.recognizer import Recognizer
 
     enc_kernel, dec_kernel = args.kernels.split(",")
     feature_workers = 1 if args.threads > 1 else 0

@@ -102,8 +102,8 @@ def main(argv=None) -> int:
     import fairseq_quant  # noqa: F401
     from fairseq_quant.evaluate import load_checkpoint
     from fairseq_quant.export.exporter import export_checkpoint
-    from fairseq_quant.runtime.audio import features
-    from fairseq_quant.runtime.recognizer import Recognizer
+    from fairseq_quant_runtime.audio import features
+    from fairseq_quant_runtime.recognizer import Recognizer
     from fairseq_quant.stats import paired_relative_change, wer_interval
 
     work = Path(args.workdir)

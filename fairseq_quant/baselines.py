@@ -21,6 +21,7 @@ import torch
 import yaml
 from torch import nn
 
+from .compat import load_torch_file
 from .quant import Strategy
 from .quant.errors import FairseqQuantError
 
@@ -61,7 +62,7 @@ def ptq_checkpoint(fp32_checkpoint: str | os.PathLike, out: str | os.PathLike, s
     if quantized_acts:
         raise BaselineError(f"{strategy.source}: quantizes activations ({quantized_acts[0]}); their ranges need the "
                             "calibration phase: scripts/calibrate.py (fairseq_quant.calibration.calibrate_checkpoint)")
-    state = torch.load(fp32_checkpoint, map_location="cpu", weights_only=False)
+    state = load_torch_file(fp32_checkpoint)
     cfg = state.get("cfg")
     quantized_model_cfg(cfg["model"] if cfg is not None else None, strategy, fp32_checkpoint, in_place=True)
     state.pop("last_optimizer_state", None)

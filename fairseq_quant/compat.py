@@ -6,7 +6,10 @@ Each fix is small and named for the upstream breakage it repairs (see PLATFORM.m
   task twice);
 - ``AsrDataset`` calls ``torchaudio.load_wav``, removed from torchaudio; we provide it on top of soundfile
   with the old semantics (int16-range float, [channels, frames], sample rate);
-- fairseq checkpoints pickle argparse/omegaconf objects, which torch >= 2.6 refuses to load by default;
+- fairseq checkpoints pickle argparse/omegaconf objects, which torch >= 2.6 refuses to load by default; we load
+  them with ``weights_only=True`` and an allow-list of exactly those classes (torch's safe globals), so a
+  checkpoint's pickle can never run code; ``FAIRSEQ_QUANT_UNSAFE_PICKLE=1`` loads full pickles instead (only for
+  files you trust: a pickle can run any code);
 - ``AsrDataset`` does not order utterances by length, so every batch pads to its longest utterance; we
   order them as fairseq's other audio datasets do;
 - ``AsrDataset`` recomputes every utterance's fbank features in every epoch (about a quarter of a small
@@ -22,6 +25,8 @@ import importlib
 import importlib.util
 import logging
 import os
+import pickle
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -86,12 +91,57 @@ def install_torchaudio_load_wav() -> None:
         torchaudio.load_wav = load_wav
 
 
-def allow_fairseq_checkpoints() -> None:
-    """fairseq checkpoints are pickles of argparse/omegaconf objects: load them as full pickles.
+UNSAFE_PICKLE_ENV = "FAIRSEQ_QUANT_UNSAFE_PICKLE"
 
-    Only load checkpoints you trust, as with any fairseq checkpoint.
-    """
-    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+
+def checkpoint_globals() -> list:
+    """The classes a fairseq checkpoint's pickle may name: its arguments (argparse) and config (omegaconf)."""
+    import argparse
+    import collections
+    import typing
+
+    from omegaconf import base, dictconfig, listconfig, nodes
+
+    return [argparse.Namespace, dictconfig.DictConfig, listconfig.ListConfig, base.ContainerMetadata, base.Metadata,
+            nodes.AnyNode, nodes.StringNode, nodes.IntegerNode, nodes.FloatNode, nodes.BooleanNode, nodes.EnumNode,
+            typing.Any, collections.defaultdict, collections.OrderedDict, dict, list, tuple, set, int, float, str,
+            bool, bytes]
+
+
+def unsafe_pickles() -> bool:
+    return os.environ.get(UNSAFE_PICKLE_ENV) == "1"
+
+
+def load_torch_file(path, **kwargs):
+    """``torch.load`` of a checkpoint: weights only plus :func:`checkpoint_globals` (a pickle that names anything
+    else is refused with one line), unless ``FAIRSEQ_QUANT_UNSAFE_PICKLE=1``."""
+    verify_checkpoint(path)
+    kwargs.setdefault("map_location", "cpu")
+    if unsafe_pickles():
+        return torch.load(path, weights_only=False, **kwargs)
+    with torch.serialization.safe_globals(checkpoint_globals()):
+        try:
+            return torch.load(path, weights_only=True, **kwargs)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(refusal(path, err)) from None
+
+
+def refusal(path, err) -> str:
+    named = re.findall(r"GLOBAL ([\w.]+)", str(err))
+    what = (f"names {', '.join(dict.fromkeys(named))}" if named
+            else f"cannot be loaded safely ({str(err).splitlines()[0]})")
+    return (f"{path}: refused: the checkpoint's pickle {what}, which is not one of the argument and config classes a "
+            f"fairseq checkpoint holds, so loading it could run code from the file. If you trust the file, set "
+            f"{UNSAFE_PICKLE_ENV}=1 to load it as a full pickle (which runs any code it contains)")
+
+
+def allow_fairseq_checkpoints() -> None:
+    """fairseq's own ``torch.load`` calls load weights only with :func:`checkpoint_globals` allowed (see
+    :func:`annotate_loaded_checkpoints`); ``FAIRSEQ_QUANT_UNSAFE_PICKLE=1`` loads full pickles instead."""
+    if unsafe_pickles():
+        logger.warning("%s=1: checkpoints are loaded as full pickles, which can run any code they contain; load "
+                       "only files you trust", UNSAFE_PICKLE_ENV)
+        os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
 
 
 def user_error(exc):
@@ -200,7 +250,10 @@ def annotate_loaded_checkpoints() -> None:
     def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
         verify_checkpoint(path)
         try:
-            state = original(path, arg_overrides, load_on_all_ranks)
+            with torch.serialization.safe_globals(checkpoint_globals()):
+                state = original(path, arg_overrides, load_on_all_ranks)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(refusal(path, err)) from None
         except Exception as err:
             raise CheckpointError(f"{path}: cannot load checkpoint ({type(err).__name__}: {err})") from err
         model_state = state.get("model") if isinstance(state, dict) else None

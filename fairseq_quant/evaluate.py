@@ -9,20 +9,20 @@ and for the run ``wer.json`` and ``wer.md``.
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import jiwer
 import sentencepiece as spm
 import torch
 from fairseq import checkpoint_utils, utils
 from fairseq.sequence_generator import EnsembleModel, SequenceGenerator
 from tqdm import tqdm
 
-from .runtime.ctc import CTCPrefixScorer, joint_scores, pre_beam_size
-from .stats import format_utterances
+from fairseq_quant_runtime.ctc import CTCPrefixScorer, joint_scores, pre_beam_size
+from fairseq_quant_runtime.decoding import DEFAULT_CTC_WEIGHT, DecodingConfig  # noqa: F401  (re-exported)
+from fairseq_quant_runtime.files import atomic_write
+from fairseq_quant_runtime.wer import corpus_wer, format_utterances, utterance_errors, word_error_rate  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -39,34 +39,9 @@ class SubsetResult:
     seconds: float
 
 
-def word_error_rate(refs: list[str], hyps: list[str]) -> dict:
-    """Corpus-level WER in percent: total errors over total reference words (not a mean of utterance WERs)."""
-    if len(refs) != len(hyps):
-        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
-    if not refs:
-        raise ValueError("no utterances to score")
-    if any(not r.strip() for r in refs):
-        raise ValueError("empty reference transcript: WER is undefined for it")
-    out = jiwer.process_words(refs, hyps)
-    words = out.hits + out.substitutions + out.deletions
-    errors = out.substitutions + out.deletions + out.insertions
-    return {"words": words, "substitutions": out.substitutions, "deletions": out.deletions,
-            "insertions": out.insertions, "wer": 100.0 * errors / words}
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary name in the same directory, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, text)
 
 
 def find_spm_model(data_dir: Path) -> Path:
@@ -96,7 +71,7 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-DEFAULT_CTC_WEIGHT = 0.5  # joint decoding of models with a CTC head; chosen on dev-clean and dev-other (see README)
+_DEFAULT = DecodingConfig()  # one set of decoding defaults for every decoder (fairseq_quant_runtime.decoding)
 
 
 def has_ctc_head(model) -> bool:
@@ -105,7 +80,7 @@ def has_ctc_head(model) -> bool:
 
 class JointCTCModel(EnsembleModel):
     """fairseq's single-model EnsembleModel whose step scores are joint CTC/attention scores (ESPnet's
-    one-pass joint decoding, with the prefix scorer of :mod:`fairseq_quant.runtime.ctc`, the same as the
+    one-pass joint decoding, with the prefix scorer of :mod:`fairseq_quant_runtime.ctc`, the same as the
     on-device runtime's): ``(1 - w) * log p_att(c | h) + w * (ctc(h + c) - ctc(h))`` for each hypothesis's
     ``pre_beam`` best tokens under the attention decoder (and EOS), -inf for the rest. fairseq's
     SequenceGenerator keeps the rest of beam search (candidates, EOS, length normalisation)."""
@@ -153,29 +128,29 @@ class JointCTCModel(EnsembleModel):
         return torch.from_numpy(scores).to(att), attn
 
 
-def decode_subset(model, task, subset: str, sp, beam: int = 5, max_tokens: int = 60000,
-                  max_len_b: int = 200, progress: bool = True, device: str = "cpu",
-                  max_len_a: float = 0.0, samples=None, ctc_weight: float | None = None) -> list[tuple[str, str, str]]:
+def decode_subset(model, task, subset: str, sp, beam: int = _DEFAULT.beam, max_tokens: int = 60000,
+                  max_len_b: int = _DEFAULT.max_len_b, progress: bool = True, device: str = "cpu",
+                  max_len_a: float = _DEFAULT.max_len_a, samples=None, ctc_weight: float | None = None,
+                  len_penalty: float = _DEFAULT.len_penalty) -> list[tuple[str, str, str]]:
     """[(utterance id, reference, hypothesis)] for every utterance of ``subset``, in manifest order.
 
-    ``ctc_weight``: joint CTC/attention decoding with this weight when the model has a CTC head (default
-    DEFAULT_CTC_WEIGHT; 0: the attention decoder alone). A model without a CTC head decodes attention-only.
+    The decoding options are :class:`~fairseq_quant_runtime.decoding.DecodingConfig`'s, validated there:
+    ``ctc_weight`` is the weight of joint CTC/attention decoding when the model has a CTC head (default
+    DEFAULT_CTC_WEIGHT; 0: the attention decoder alone); a model without a CTC head decodes attention-only.
 
     ``samples``: the subset's batches, already built (a caller that decodes it many times keeps them).
 
     Hypotheses stop at ``max_len_a * frames + max_len_b`` tokens (frames of 10 ms): with ``max_len_a``
     set, a model that has not learnt to stop does not decode every utterance to the absolute limit."""
+    config = DecodingConfig(beam=beam, ctc_weight=ctc_weight, max_len_a=max_len_a, max_len_b=max_len_b,
+                            len_penalty=len_penalty)
+    weight = config.joint_weight(has_ctc_head(model))
     task.load_dataset(subset)
     dataset = task.dataset(subset)
     manifest = json.loads((Path(task.args.data) / f"{subset}.json").read_text())["utts"]
-    weight = DEFAULT_CTC_WEIGHT if ctc_weight is None else ctc_weight
-    if weight > 0 and not has_ctc_head(model):
-        if ctc_weight is not None:
-            raise ValueError(f"--ctc-weight {ctc_weight}: the model has no CTC head (an *_ctc arch); pass 0")
-        weight = 0.0
     scored = JointCTCModel(model, weight, pre_beam=pre_beam_size(beam)) if weight > 0 else [model]
     generator = SequenceGenerator(scored, task.target_dictionary, beam_size=beam, max_len_a=max_len_a,
-                                  max_len_b=max_len_b)
+                                  max_len_b=max_len_b, len_penalty=len_penalty)
     itr = samples if samples is not None else task.get_batch_iterator(
         dataset=dataset, max_tokens=max_tokens, max_positions=(1e9, 1e9),
         ignore_invalid_inputs=False).next_epoch_itr(shuffle=False)
@@ -201,13 +176,17 @@ def model_size(model) -> dict:
     return {"avg_weight_bits": round(report.avg_weight_bits, 4), "model_mb": round(report.quant_mb, 6)}
 
 
-def evaluate(checkpoint, data_dir, subsets, out_dir, beam: int = 5, spm_model=None, max_tokens: int = 60000,
-             max_len_b: int = 200, progress: bool = True, device: str | None = None,
-             max_len_a: float = 0.0, dynamic_int8: bool = False, ctc_weight: float | None = None) -> list[SubsetResult]:
+def evaluate(checkpoint, data_dir, subsets, out_dir, beam: int = _DEFAULT.beam, spm_model=None, max_tokens: int = 60000,
+             max_len_b: int = _DEFAULT.max_len_b, progress: bool = True, device: str | None = None,
+             max_len_a: float = _DEFAULT.max_len_a, dynamic_int8: bool = False, ctc_weight: float | None = None,
+             len_penalty: float = _DEFAULT.len_penalty) -> list[SubsetResult]:
     """WER of ``checkpoint`` on each subset; ``device`` defaults to CUDA when there is one. A model with a CTC
     head decodes jointly with it (``ctc_weight``, default DEFAULT_CTC_WEIGHT; 0: the attention decoder alone).
+    The decoding options are validated before the checkpoint is loaded (DecodingConfig).
 
     ``dynamic_int8``: decode with torch's dynamic int8 Linear layers instead (a baseline; CPU only)."""
+    config = DecodingConfig(beam=beam, ctc_weight=ctc_weight, max_len_a=max_len_a, max_len_b=max_len_b,
+                            len_penalty=len_penalty)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     device = device or default_device()
     sp = spm.SentencePieceProcessor(model_file=str(spm_model or find_spm_model(data_dir)))
@@ -228,19 +207,20 @@ def evaluate(checkpoint, data_dir, subsets, out_dir, beam: int = 5, spm_model=No
             raise FileNotFoundError(f"no manifest {data_dir / (subset + '.json')}; prepared subsets: "
                                     f"{sorted(p.stem for p in data_dir.glob('*.json'))}")
         start = time.perf_counter()
-        rows = decode_subset(model, task, subset, sp, beam=beam, max_tokens=max_tokens, max_len_b=max_len_b,
-                             progress=progress, device=device, max_len_a=max_len_a, ctc_weight=ctc_weight)
+        rows = decode_subset(model, task, subset, sp, max_tokens=max_tokens, progress=progress, device=device,
+                             **config.to_dict())
         seconds = time.perf_counter() - start
-        scores = word_error_rate([r for _, r, _ in rows], [h for _, _, h in rows])
+        utts = utterance_errors(rows)
+        scores = corpus_wer(utts)
         atomic_write_text(out_dir / f"{subset}.ref", "".join(f"{r} ({u})\n" for u, r, _ in rows))
         atomic_write_text(out_dir / f"{subset}.hyp", "".join(f"{h} ({u})\n" for u, _, h in rows))
-        atomic_write_text(out_dir / f"{subset}.utt.tsv", format_utterances(rows))
+        atomic_write_text(out_dir / f"{subset}.utt.tsv", format_utterances(rows, utts))
         results.append(SubsetResult(subset, len(rows), scores["words"], scores["substitutions"],
                                     scores["deletions"], scores["insertions"], round(scores["wer"], 2),
                                     round(seconds, 1)))
         logger.info("%s: WER %.2f%% over %d words", subset, scores["wer"], scores["words"])
-    joint = ctc_weight if ctc_weight is not None else (DEFAULT_CTC_WEIGHT if has_ctc_head(model) else 0.0)
-    summary = {"checkpoint": str(checkpoint), "beam": beam, "ctc_weight": joint, "dynamic_int8": dynamic_int8, **size,
+    joint = config.joint_weight(has_ctc_head(model))
+    summary = {"checkpoint": str(checkpoint), **config.to_dict(), "ctc_weight": joint, "dynamic_int8": dynamic_int8, **size,
                "results": [asdict(r) for r in results]}
     atomic_write_text(out_dir / "wer.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out_dir / "wer.md", format_table(results))

@@ -13,42 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import jiwer
 import numpy as np
+
+# the per-utterance counts and results file are shared with the runtime (one way of counting words)
+from fairseq_quant_runtime.wer import (  # noqa: F401
+    UTT_HEADER, UttErrors, format_utterances, read_utterances, utterance_errors,
+)
 
 DEFAULT_RESAMPLES = 1000
 DEFAULT_SEED = 0
 UNITS = ("speaker", "utterance")
-
-
-@dataclass(frozen=True)
-class UttErrors:
-    """Alignment counts of one utterance."""
-
-    utt_id: str
-    words: int
-    substitutions: int
-    deletions: int
-    insertions: int
-
-    @property
-    def errors(self) -> int:
-        return self.substitutions + self.deletions + self.insertions
-
-
-def utterance_errors(rows: list[tuple[str, str, str]]) -> list[UttErrors]:
-    """[(utt_id, reference, hypothesis)] -> per-utterance counts (an empty hypothesis is all deletions)."""
-    out = []
-    for utt_id, ref, hyp in rows:
-        if not ref.strip():
-            raise ValueError(f"{utt_id}: empty reference transcript: WER is undefined for it")
-        if hyp.strip():
-            m = jiwer.process_words(ref, hyp)
-            out.append(UttErrors(utt_id, m.hits + m.substitutions + m.deletions, m.substitutions, m.deletions,
-                                 m.insertions))
-        else:
-            out.append(UttErrors(utt_id, len(ref.split()), 0, len(ref.split()), 0))
-    return out
 
 
 @dataclass(frozen=True)
@@ -144,26 +118,5 @@ def paired_relative_change(base: list[list[UttErrors]], other: list[list[UttErro
     return Interval(float(point), float(lo), float(hi))
 
 
-UTT_HEADER = "utt_id\twords\tsub\tdel\tins\treference\thypothesis\n"
 
 
-def format_utterances(rows: list[tuple[str, str, str]]) -> str:
-    """The per-utterance results file: a TSV of id, word count, S, D, I, reference and hypothesis."""
-    lines = [UTT_HEADER]
-    for (utt_id, ref, hyp), u in zip(rows, utterance_errors(rows)):
-        lines.append(f"{utt_id}\t{u.words}\t{u.substitutions}\t{u.deletions}\t{u.insertions}\t{ref}\t{hyp}\n")
-    return "".join(lines)
-
-
-def read_utterances(path) -> list[UttErrors]:
-    """Per-utterance counts from a file written by `format_utterances`."""
-    text = Path(path).read_text()
-    if not text.startswith(UTT_HEADER):
-        raise ValueError(f"{path}: not a per-utterance results file (expected header {UTT_HEADER.strip()!r})")
-    out = []
-    for n, line in enumerate(text.splitlines()[1:], start=2):
-        fields = line.split("\t")
-        if len(fields) != 7:
-            raise ValueError(f"{path}:{n}: expected 7 tab-separated fields, got {len(fields)}")
-        out.append(UttErrors(fields[0], *map(int, fields[1:5])))
-    return out

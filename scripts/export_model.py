@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Export a fairseq checkpoint (QAT-quantized or fp32 VGGTransformer) to one ``.fqm`` file for the on-device
-runtime (``python -m fairseq_quant.runtime``): bit-packed integer weights on the exact QAT grid, their scales,
+runtime (``python -m fairseq_quant_runtime``): bit-packed integer weights on the exact QAT grid, their scales,
 float leftovers, the ONNX encoder and decoder-step graphs, the SentencePiece model and the feature settings.
 Prints the size breakdown against the checkpoint's fp32 weights.
 

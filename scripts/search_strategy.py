@@ -66,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes", type=int, default=8, help="Hutchinson probes per batch")
     p.add_argument("--proxy-batches", type=int, default=2, help="training batches for the Hessian/Fisher traces")
     p.add_argument("--calib-batches", type=int, default=4, help="training batches that calibrate activations")
-    p.add_argument("--beam", type=int, default=5)
-    p.add_argument("--max-len-a", type=float, default=0.2)
-    p.add_argument("--max-len-b", type=int, default=10)
+    p.add_argument("--beam", type=int, default=5, help="dev decoding: beam size (default 5; decoding flags as "
+                                                         "scripts/evaluate.py's, the CTC weight at its default)")
+    p.add_argument("--max-len-a", type=float, default=0.2, help="(default 0.2)")
+    p.add_argument("--max-len-b", type=int, default=10, help="(default 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="local worker processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")

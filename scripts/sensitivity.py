@@ -9,11 +9,13 @@ bootstrap interval of the relative change. Writes sensitivity.md, sensitivity.js
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 import torch
+
+from fairseq_quant_runtime.decoding import DecodingConfig, DecodingError
+from fairseq_quant_runtime.files import atomic_output
 
 
 def main(argv=None) -> int:
@@ -22,12 +24,14 @@ def main(argv=None) -> int:
     parser.add_argument("--data", required=True, help="prepared data directory")
     parser.add_argument("--subset", default="dev-clean")
     parser.add_argument("--bits", type=int, default=2, help="weight bits of the quantized group")
-    parser.add_argument("--beam", type=int, default=5)
-    parser.add_argument("--max-len-a", type=float, default=0.2)
-    parser.add_argument("--max-len-b", type=int, default=10)
+    DecodingConfig.add_arguments(parser)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    try:
+        decoding = DecodingConfig.from_args(args)
+    except DecodingError as err:
+        parser.error(str(err))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s | %(message)s")
     torch.set_num_threads(args.threads)
     import fairseq_quant  # noqa: F401  (registers the quant_ models with fairseq)
@@ -46,8 +50,7 @@ def main(argv=None) -> int:
         eval_dir = out / "eval" / name
         summary = eval_dir / "wer.json"
         if not (summary.exists() and json.loads(summary.read_text())["checkpoint"] == str(ckpt)):
-            evaluate(ckpt, args.data, [args.subset], eval_dir, beam=args.beam, progress=False, device="cpu",
-                     max_len_a=args.max_len_a, max_len_b=args.max_len_b)
+            evaluate(ckpt, args.data, [args.subset], eval_dir, progress=False, device="cpu", **decoding.to_dict())
         result = json.loads(summary.read_text())["results"][0]
         return result["wer"], read_utterances(eval_dir / f"{args.subset}.utt.tsv")
 
@@ -95,10 +98,9 @@ def plot(rows, args, path: Path) -> None:
     ax.set_xlabel(f"relative WER change on {args.subset}, % (95% CI)")
     ax.set_title(f"one group at {args.bits}-bit weights, the rest fp32", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

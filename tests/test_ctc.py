@@ -14,7 +14,7 @@ from fairseq.sequence_generator import SequenceGenerator
 from conftest import build_tiny, calibrate_tiny, fbank_batch
 from fairseq_quant.criterions.quant_cross_entropy_acc import QuantCrossEntropyWithAccCriterion, TeacherError
 from fairseq_quant.evaluate import JointCTCModel
-from fairseq_quant.runtime.ctc import CTCPrefixScorer
+from fairseq_quant_runtime.ctc import CTCPrefixScorer
 
 BLANK, EOS = 1, 2
 
@@ -182,7 +182,7 @@ def test_the_runtime_joint_beam_search_returns_fairseqs_hypotheses(dict_dir):
     and without the CTC head's weight the attention decoder's own (the CTC output is in the encoder graph)."""
     from test_export import export
 
-    from fairseq_quant.runtime.recognizer import Recognizer
+    from fairseq_quant_runtime.recognizer import Recognizer
 
     torch.manual_seed(0)
     task, model, _ = build_tiny(dict_dir, arch="vggtransformer_small_ctc")

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from conftest import ROOT, build_tiny, calibrate_tiny, fbank_batch
 from fairseq_quant.export.exporter import build_model_file, decode_only_spm
 from fairseq_quant.quant.quantizers import ActivationQuantizer
-from fairseq_quant.runtime import fqm
-from fairseq_quant.runtime.graphs import count_kernels, materialize
-from fairseq_quant.runtime.recognizer import Recognizer
+from fairseq_quant_runtime import fqm
+from fairseq_quant_runtime.graphs import count_kernels, materialize
+from fairseq_quant_runtime.recognizer import Recognizer
 
 SPM = ROOT / "recipes/librispeech/reference/spm.model"
 

@@ -1,4 +1,4 @@
-"""The runtime's audio input and features (fairseq_quant.runtime.audio) against the training front end.
+"""The runtime's audio input and features (fairseq_quant_runtime.audio) against the training front end.
 
 Audio is real speech made exactly as the recipe's corpus makes it (espeak-ng, resampled to 16 kHz, padded,
 noise added, 16-bit FLAC), compared with ``recipes.librispeech.prepare_data`` (soundfile + torchaudio's
@@ -16,7 +16,7 @@ import torch
 import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as AF
 
-from fairseq_quant.runtime import AudioError, apply_mv_norm, fbank, features, read_audio
+from fairseq_quant_runtime.audio import AudioError, apply_mv_norm, fbank, features, read_audio
 from recipes.librispeech import generate_corpus as gc
 from recipes.librispeech import prepare_data
 
@@ -253,7 +253,7 @@ def test_runtime_audio_imports_neither_torch_nor_fairseq(speech):
     code = (
         "import sys\n"
         "sys.modules['torch'] = None; sys.modules['fairseq'] = None  # any import of them now fails\n"
-        "import fairseq_quant.runtime.audio as audio\n"
+        "import fairseq_quant_runtime.audio as audio\n"
         f"feats = audio.features({str(speech[0])!r})\n"
         "loaded = [m for m, mod in sys.modules.items() if mod is not None\n"
         "          and m.split('.')[0] in ('torch', 'torchaudio', 'fairseq', 'examples')]\n"
@@ -282,7 +282,7 @@ def test_registration_errors_other_than_missing_frameworks_still_propagate():
 
 @pytest.mark.parametrize("workers", [0, 1, 2])
 def test_features_ahead_keeps_batch_order_and_values(speech, tmp_path, workers):
-    from fairseq_quant.runtime.audio import features, features_ahead
+    from fairseq_quant_runtime.audio import features, features_ahead
 
     batches = [speech[:2], speech[2:3], speech[3:], speech[:1]]
     got = list(features_ahead(batches, workers, ahead=2))

@@ -41,20 +41,20 @@ def test_the_runtime_cli_decodes_without_torch_or_fairseq(smoke):
     # fixed kernels: "auto" times them at load and two processes may choose differently
     args = ["--model", str(model), audio, "--beam", "2", "--max-len-a", "0", "--max-len-b", "40",
             "--decoder-kernel", "nbits"]
-    blocked = run([sys.executable, "-c", BLOCK + "from fairseq_quant.runtime.__main__ import main; "
+    blocked = run([sys.executable, "-c", BLOCK + "from fairseq_quant_runtime.__main__ import main; "
                    f"assert 'torch' not in {{k for k, v in sys.modules.items() if v is not None}}; "
                    f"sys.exit(main({args!r}))"])
     assert blocked.returncode == 0, blocked.stderr[-2000:]
-    plain = run([sys.executable, "-m", "fairseq_quant.runtime", *args])
+    plain = run([sys.executable, "-m", "fairseq_quant_runtime", *args])
     assert plain.returncode == 0, plain.stderr[-2000:]
     assert blocked.stdout == plain.stdout and blocked.stdout.startswith(f"{audio}\t")
     damaged = work / "damaged.fqm"
     damaged.write_bytes(model.read_bytes()[:-10])
-    proc = run([sys.executable, "-m", "fairseq_quant.runtime", "--model", str(damaged), audio])
+    proc = run([sys.executable, "-m", "fairseq_quant_runtime", "--model", str(damaged), audio])
     assert proc.returncode == 2
     # (the last line: with fairseq installed, importing fairseq_quant registers with it, and fairseq logs)
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"fairseq_quant.runtime: {damaged}: checksum mismatch (the file is truncated or corrupted)")
+        f"fairseq_quant_runtime: {damaged}: checksum mismatch (the file is truncated or corrupted)")
 
 
 def test_beam_search_equals_fairseq_on_the_reference_model(smoke, tmp_path):
@@ -64,9 +64,9 @@ def test_beam_search_equals_fairseq_on_the_reference_model(smoke, tmp_path):
 
     from fairseq_quant.evaluate import DEFAULT_CTC_WEIGHT, JointCTCModel, load_checkpoint
     from fairseq_quant.export.exporter import export_checkpoint
-    from fairseq_quant.runtime.audio import features
-    from fairseq_quant.runtime.ctc import pre_beam_size
-    from fairseq_quant.runtime.recognizer import Recognizer
+    from fairseq_quant_runtime.audio import features
+    from fairseq_quant_runtime.ctc import pre_beam_size
+    from fairseq_quant_runtime.recognizer import Recognizer
 
     work, _ = smoke
     bundle = ROOT / "recipes" / "librispeech" / "reference"
@@ -111,7 +111,7 @@ def test_manifest_mode_with_a_feature_worker_gives_the_same_results(smoke, tmp_p
     outs = []
     for workers in ("0", "1"):
         out = tmp_path / f"w{workers}"
-        proc = run([sys.executable, "-m", "fairseq_quant.runtime", "--model", str(model), "--manifest",
+        proc = run([sys.executable, "-m", "fairseq_quant_runtime", "--model", str(model), "--manifest",
                     str(work / "data" / "test-other.json"), "--out", str(out), "--beam", "2", "--max-len-a", "0",
                     "--max-len-b", "40", "--feature-workers", workers, "--batch-frames", "1500",
                     "--decoder-kernel", "fp32"])

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..quant.quantizers import WeightQuantizer
-from ..runtime import fqm
+from fairseq_quant_runtime import fqm
 from .graphs import (DecoderStepGraph, EncoderGraph, Layout, WeightTable, decoder_io_names, encoder_io_names,
                      onnx_name)
 
@@ -236,7 +236,7 @@ def build_graphs(layout: dict, table: WeightTable) -> tuple[onnx.ModelProto, onn
 def build_model_file(model: nn.Module, dictionary_symbols: list[str], spm_proto: bytes,
                      special: dict, features: dict, source: dict, float16: bool = False,
                      exact_activations: bool = False) -> tuple[fqm.ModelFile, dict]:
-    """The :class:`~fairseq_quant.runtime.fqm.ModelFile` of a (quantized or float) VGGTransformer.
+    """The :class:`~fairseq_quant_runtime.fqm.ModelFile` of a (quantized or float) VGGTransformer.
 
     ``exact_activations`` also stores graphs that apply the model's static activation grids
     ("encoder_actq"/"decoder_actq"): slower, but they compute what the fake-quantized model computes."""
@@ -334,7 +334,7 @@ def export_checkpoint(checkpoint, data_dir, out, spm_model=None, float16: bool =
     })
     sizes["ratio"] = sizes["fp32_bytes"] / sizes["total"]
     if onnx_dir:
-        from ..runtime.graphs import materialize
+        from fairseq_quant_runtime.graphs import materialize
 
         onnx_dir = Path(onnx_dir)
         onnx_dir.mkdir(parents=True, exist_ok=True)

@@ -295,7 +295,7 @@ class QuantVGGTransformerModel(QuantModelMixin, VGGTransformerModel):
 class VGGTransformerCTCModel(VGGTransformerModel):
     """The upstream VGGTransformer with a CTC head on the encoder output, part of the model: trained by the
     criterion's CTC loss (``--ctc-weight``), quantized with the rest, exported, and used by joint CTC/attention
-    beam search (:mod:`fairseq_quant.runtime.ctc`). ``forward`` returns the decoder output with
+    beam search (:mod:`fairseq_quant_runtime.ctc`). ``forward`` returns the decoder output with
     ``{"ctc_logits": T x B x V, "encoder_padding_mask": T x B}`` as its second element. The blank is the
     padding symbol, which never occurs in a target."""
 

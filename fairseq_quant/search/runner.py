@@ -19,6 +19,9 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
+from fairseq_quant_runtime.decoding import DecodingConfig, DecodingError
+from fairseq_quant_runtime.files import atomic_output, atomic_write
+
 from .solver import pareto_front, solve_allocations, spearman
 from .space import SearchError, Unit, UnitCosts, allocation_strategy, strategy_yaml
 
@@ -45,9 +48,9 @@ class SearchConfig:
     probes: int = 8
     proxy_batches: int = 2
     calib_batches: int = 4
-    beam: int = 5
-    max_len_a: float = 0.2
-    max_len_b: int = 10
+    beam: int = DecodingConfig.beam
+    max_len_a: float = DecodingConfig.max_len_a
+    max_len_b: int = DecodingConfig.max_len_b
     seed: int = 0
     workers: int = 1
     threads: int = 1
@@ -57,6 +60,10 @@ class SearchConfig:
     extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
+        try:
+            DecodingConfig(beam=self.beam, max_len_a=self.max_len_a, max_len_b=self.max_len_b)
+        except DecodingError as err:
+            raise SearchError(str(err)) from None
         if self.mode not in MODES:
             raise SearchError(f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
         if not self.bits:
@@ -101,12 +108,6 @@ class SearchConfig:
 
 def task_key(task: dict) -> str:
     return hashlib.sha1(json.dumps(task, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def atomic_write(path: Path, text: str) -> None:
-    from ..evaluate import atomic_write_text
-
-    atomic_write_text(path, text)
 
 
 class State:
@@ -530,10 +531,9 @@ def plot(cfg, rows, base, path: Path) -> None:
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 __all__ = ["Executor", "SearchConfig", "State", "run_search", "subset_data_dir", "task_key"]

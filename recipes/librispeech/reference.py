@@ -50,13 +50,13 @@ def averaging_candidates(save_dir: Path) -> list[Path]:
     """The interval checkpoints, then checkpoint_last.pt when it is newer than all of them: fairseq writes no
     interval checkpoint at an epoch's end, so the final model of a training that stops there (at --max-update
     or its time limit) is only in checkpoint_last.pt."""
-    import torch
+    from fairseq_quant.compat import load_torch_file
 
     paths = interval_checkpoints(save_dir)
     last = Path(save_dir) / "checkpoint_last.pt"
     if last.is_file():
         def updates(path):
-            return torch.load(path, map_location="cpu", weights_only=False)["optimizer_history"][-1]["num_updates"]
+            return load_torch_file(path)["optimizer_history"][-1]["num_updates"]
 
         if not paths or updates(last) > updates(paths[-1]):
             paths.append(last)
@@ -67,13 +67,14 @@ def average_checkpoints(save_dir: Path, count: int, out: Path) -> Path:
     """Average the model weights of the last ``count`` checkpoints (``averaging_candidates``; 0: copy the last
     checkpoint), drop optimizer and criterion state, and write ``out`` atomically."""
     import torch
+    from fairseq_quant.compat import load_torch_file
 
     paths = averaging_candidates(save_dir)[-count:] if count > 0 else []
     if count > 0 and len(paths) < count:
         raise BundleError(f"{save_dir}: {len(paths)} checkpoints to average, {count} needed")
     if not paths:
         paths = [Path(save_dir) / "checkpoint_last.pt"]
-    states = [torch.load(p, map_location="cpu", weights_only=False) for p in paths]
+    states = [load_torch_file(p) for p in paths]
     merged = states[-1]
     model = {}
     for key, value in merged["model"].items():
@@ -162,6 +163,7 @@ def copy_init_bundle(bundle: str | os.PathLike, dest: Path) -> Path:
 def write_bundle(bundle: Path, work: Path, args) -> Path:
     """Assemble the bundle from a train_reference work directory; replaces ``bundle`` atomically."""
     import torch
+    from fairseq_quant.compat import load_torch_file
 
     from recipes.librispeech.generate_corpus import size_params
     from fairseq_quant.evaluate import find_spm_model
@@ -170,7 +172,7 @@ def write_bundle(bundle: Path, work: Path, args) -> Path:
     model_path = work / "model.pt"
     if not model_path.is_file():
         raise BundleError(f"{model_path} not found: run the average stage first")
-    state = torch.load(model_path, map_location="cpu", weights_only=False)
+    state = load_torch_file(model_path)
     train_dir = work / "train"
     started = json.loads((train_dir / "command.json").read_text())
     repo = Path(__file__).resolve().parents[2]

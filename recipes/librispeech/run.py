@@ -437,7 +437,7 @@ def export_command(ckpt: Path, data: Path, model_file: Path, out: Path, exact: b
 
 def runtime_command(model_file: Path, data: Path, subset: str, out: Path, cfg: RecipeConfig,
                     exact: bool = False) -> list[str]:
-    return [sys.executable, "-m", "fairseq_quant.runtime", "--model", str(model_file), "--manifest",
+    return [sys.executable, "-m", "fairseq_quant_runtime", "--model", str(model_file), "--manifest",
             str(data / f"{subset}.json"), "--out", str(out / subset), "--beam", str(cfg.beam),
             "--max-len-a", str(cfg.max_len_a), "--max-len-b", str(cfg.max_len_b), "--threads", str(threads_per_job(cfg)),
             *(["--activations", "exact"] if exact else [])]

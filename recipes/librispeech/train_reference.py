@@ -83,7 +83,9 @@ def start_checkpoint(init_dir: Path) -> Path:
     if not start.is_file():
         import torch
 
-        state = torch.load(init_dir / "model.pt", map_location="cpu", weights_only=False)
+        from fairseq_quant.compat import load_torch_file
+
+        state = load_torch_file(init_dir / "model.pt")
         state.setdefault("criterion", {})
         # fairseq's --stop-time-hours counts the checkpoint's previous training time: --hours is this training's
         state.setdefault("extra_state", {})["previous_training_time"] = 0.0

@@ -13,10 +13,10 @@ import onnxruntime as ort
 import sentencepiece as spm
 
 from .ctc import CTCPrefixScorer, joint_scores, pre_beam_size
+from .decoding import DecodingConfig
 from .fqm import ModelFile, ModelFileError, read
 from .graphs import KERNELS, materialize
 
-DEFAULT_CTC_WEIGHT = 0.5  # as fairseq_quant.evaluate's (chosen on the dev sets); 0: the attention decoder alone
 
 REQUIRED_CONFIG = ("model", "layout", "graphs", "dictionary", "eos", "pad", "unk")
 
@@ -171,14 +171,8 @@ class Recognizer:
     def has_ctc(self) -> bool:
         return bool(self.layout.get("ctc"))
 
-    def _ctc_weight(self, ctc_weight: float | None) -> float:
-        if ctc_weight is None:
-            return DEFAULT_CTC_WEIGHT if self.has_ctc else 0.0
-        if ctc_weight > 0 and not self.has_ctc:
-            raise ValueError(f"ctc_weight {ctc_weight}: the model has no CTC head; pass 0")
-        if not 0.0 <= ctc_weight <= 1.0:
-            raise ValueError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
-        return ctc_weight
+    def _ctc_weight(self, ctc_weight: float | None, beam: int = 5) -> float:
+        return DecodingConfig(beam=max(beam, 2), ctc_weight=ctc_weight).joint_weight(self.has_ctc)
 
     def beam_search(self, features: list[np.ndarray], beam: int = 5, max_len_a: float = 0.2,
                     max_len_b: int = 10, len_penalty: float = 1.0, ctc_weight: float | None = None) -> list[Hypothesis]:
@@ -187,8 +181,8 @@ class Recognizer:
         when it has ``beam`` finalised hypotheses; finished sentences leave the batch.
 
         With a CTC head (``ctc_weight`` > 0; default DEFAULT_CTC_WEIGHT for such models) the step scores are
-        joint CTC/attention scores (:func:`fairseq_quant.runtime.ctc.joint_scores`), as fairseq_quant.evaluate's."""
-        weight = self._ctc_weight(ctc_weight)
+        joint CTC/attention scores (:func:`fairseq_quant_runtime.ctc.joint_scores`), as fairseq_quant.evaluate's."""
+        weight = self._ctc_weight(ctc_weight, beam)
         bsz = len(features)
         enc = self.encode(features)
         max_len = self.max_len(max(f.shape[0] for f in features), max_len_a, max_len_b)
@@ -305,13 +299,17 @@ class Recognizer:
 
     def transcribe_features(self, features: list[np.ndarray], beam: int = 5, ctc_weight: float | None = None,
                             **kwargs) -> list[str]:
-        if beam <= 1:
-            if ctc_weight:
-                raise ValueError("greedy search (beam 1) is the attention decoder's alone: joint CTC decoding "
-                                 "needs beam >= 2")
-            hyps = self.greedy_search(features, **kwargs)
+        """Transcripts of feature matrices; the options are :class:`~.decoding.DecodingConfig`'s (validated)."""
+        return self.decode(features, DecodingConfig(beam=beam, ctc_weight=ctc_weight, **kwargs))
+
+    def decode(self, features: list[np.ndarray], config: DecodingConfig) -> list[str]:
+        """Transcripts of feature matrices with ``config``: greedy search at beam 1, else beam search (joint
+        CTC/attention with the model's CTC head unless ``config.ctc_weight`` is 0)."""
+        if config.beam == 1:
+            hyps = self.greedy_search(features, max_len_a=config.max_len_a, max_len_b=config.max_len_b)
         else:
-            hyps = self.beam_search(features, beam, ctc_weight=ctc_weight, **kwargs)
+            hyps = self.beam_search(features, config.beam, max_len_a=config.max_len_a, max_len_b=config.max_len_b,
+                                    len_penalty=config.len_penalty, ctc_weight=config.ctc_weight)
         return [self.text(h.tokens) for h in hyps]
 
     def transcribe(self, paths: list[str | os.PathLike], beam: int = 5, **kwargs) -> list[str]:

@@ -18,12 +18,13 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .files import atomic_write
 
 MAGIC = b"FQMODEL\x00"
 FORMAT_VERSION = 1
@@ -159,18 +160,7 @@ def encode(model: ModelFile, scale_dtype: str = "float32") -> tuple[bytes, dict]
 def write(path: str | os.PathLike, model: ModelFile, scale_dtype: str = "float32") -> dict:
     """Write atomically (temporary file in the same directory, then rename); returns the size breakdown."""
     payload, sizes = encode(model, scale_dtype)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, payload, fsync=True)
     sizes["total"] = len(payload)
     return sizes
 
