@@ -201,7 +201,7 @@ def test_the_runtime_joint_beam_search_returns_fairseqs_hypotheses(dict_dir):
         got = recognizer.beam_search(feats, beam=3, max_len_a=0, max_len_b=6, ctc_weight=weight)
         assert [h.tokens for h in got] == [o[0]["tokens"].tolist()[:-1] for o in expected]
         np.testing.assert_allclose([h.score for h in got], [o[0]["score"].item() for o in expected], rtol=1e-4)
-    with pytest.raises(ValueError, match="greedy search .* needs beam >= 2"):
+    with pytest.raises(ValueError, match=r"--beam 1 is greedy search .* needs --beam >= 2"):
         recognizer.transcribe_features(feats, beam=1, ctc_weight=0.5)
 
 
