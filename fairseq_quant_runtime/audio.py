@@ -153,6 +153,34 @@ def _wav_data_frames(path: Path, info) -> int | None:
     return None
 
 
+def prepare_samples(samples, sample_rate: int, name: str = "samples") -> np.ndarray:
+    """Samples an application holds (a microphone buffer, a decoded stream) as the model reads audio: float32
+    [samples] at 16 kHz, mono, in int16 range. ``samples``: [samples] or [samples, channels] (averaged), floats in
+    [-1, 1] (as soundfile and sounddevice give them) or int16 PCM; another ``sample_rate`` is resampled (soxr HQ).
+    Raises AudioError for anything else (wrong shape or type, non-finite values, a bad rate, under 25 ms)."""
+    array = np.asarray(samples)
+    if not isinstance(sample_rate, (int, np.integer)) or isinstance(sample_rate, bool) or sample_rate <= 0:
+        raise AudioError(f"{name}: sample_rate must be a positive integer (Hz), got {sample_rate!r}")
+    if array.ndim not in (1, 2):
+        raise AudioError(f"{name}: expected [samples] or [samples, channels], got shape {tuple(array.shape)}")
+    if array.dtype == np.int16:
+        data = array.astype(np.float64)
+    elif np.issubdtype(array.dtype, np.floating):
+        data = array.astype(np.float64) * INT16_SCALE
+    else:
+        raise AudioError(f"{name}: expected float samples in [-1, 1] or int16 PCM, got dtype {array.dtype}")
+    if data.ndim == 2:
+        data = data.mean(axis=1)
+    if not np.isfinite(data).all():
+        raise AudioError(f"{name}: contains NaN or infinite samples")
+    if sample_rate != SAMPLE_RATE:
+        data = soxr.resample(data, int(sample_rate), SAMPLE_RATE, quality="HQ")
+    if data.shape[0] < FRAME_SAMPLES:
+        raise AudioError(f"{name}: {data.shape[0]} samples at {SAMPLE_RATE} Hz, shorter than one "
+                         f"{FRAME_LENGTH_MS:g} ms frame ({FRAME_SAMPLES} samples)")
+    return data.astype(np.float32)
+
+
 def fbank(samples: np.ndarray) -> np.ndarray:
     """80-dim log-mel Kaldi fbank, float32 [frames, 80], of 16 kHz int16-range samples: 25 ms frames every
     10 ms, 1 + (samples - 400) // 160 frames (torchaudio's ``kaldi.fbank`` with training's arguments)."""

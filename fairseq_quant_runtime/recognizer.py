@@ -16,6 +16,7 @@ from .ctc import CTCPrefixScorer, joint_scores, pre_beam_size
 from .decoding import DecodingConfig
 from .fqm import ModelFile, ModelFileError, read
 from .graphs import KERNELS, materialize
+from .segment import SegmentConfig, segments
 
 
 REQUIRED_CONFIG = ("model", "layout", "graphs", "dictionary", "eos", "pad", "unk")
@@ -313,9 +314,48 @@ class Recognizer:
         return [self.text(h.tokens) for h in hyps]
 
     def transcribe(self, paths: list[str | os.PathLike], beam: int = 5, **kwargs) -> list[str]:
-        from .audio import features as audio_features
+        """Transcripts of audio files (long ones in segments); the options are DecodingConfig's."""
+        return self.transcribe_batch([Path(p) for p in paths], DecodingConfig(beam=beam, **kwargs))
 
-        return self.transcribe_features([audio_features(Path(p)) for p in paths], beam, **kwargs)
+    def transcribe_samples(self, samples, sample_rate: int, config: DecodingConfig | None = None,
+                           segment: SegmentConfig | None = None) -> str:
+        """The transcript of samples an application holds: floats in [-1, 1] or int16 PCM, mono or [samples,
+        channels], at any ``sample_rate`` (resampled to 16 kHz); long inputs are decoded in segments."""
+        return self.transcribe_batch([(samples, sample_rate)], config, segment)[0]
+
+    def transcribe_batch(self, inputs: list, config: DecodingConfig | None = None,
+                         segment: SegmentConfig | None = None, batch_frames: int = 6000) -> list[str]:
+        """Transcripts of several inputs (audio file paths, or ``(samples, sample_rate)`` pairs), decoded together
+        in batches of up to ``batch_frames`` padded 10 ms frames. An input longer than ``segment.max_seconds`` is
+        cut at its quiet frames (:mod:`.segment`) and its segments' transcripts are joined: time linear in its
+        length, memory bounded by the segment length."""
+        from .audio import apply_mv_norm, fbank, prepare_samples, read_audio
+
+        config = config or DecodingConfig()
+        segment = segment or SegmentConfig()
+        pieces = []  # (input index, features) for every segment of every input, in order
+        for i, item in enumerate(inputs):
+            if isinstance(item, tuple):
+                samples = prepare_samples(item[0], item[1], name=f"input {i}")
+            else:
+                samples = read_audio(item)
+            for start, end in segments(samples, segment):
+                pieces.append((i, apply_mv_norm(fbank(samples[start:end]))))
+        texts = [""] * len(pieces)
+        order = sorted(range(len(pieces)), key=lambda k: pieces[k][1].shape[0])
+        batch: list[int] = []
+        for k in order + [None]:
+            if batch and (k is None or (len(batch) + 1) * pieces[k][1].shape[0] > batch_frames):
+                for j, text in zip(batch, self.decode([pieces[j][1] for j in batch], config)):
+                    texts[j] = text
+                batch = []
+            if k is not None:
+                batch.append(k)
+        joined = [[] for _ in inputs]
+        for (i, _), text in zip(pieces, texts):
+            if text:
+                joined[i].append(text)
+        return [" ".join(t) for t in joined]
 
 
 __all__ = ["Hypothesis", "Recognizer", "check_config"]

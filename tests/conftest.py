@@ -92,3 +92,21 @@ def calibrate_tiny(model, seeds=(0, 1)):
     if hasattr(model, "quant_calibrated"):
         model.quant_calibrated.fill_(True)
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(dict_dir, tmp_path_factory):
+    """A tiny exported model (w8a8, no CTC head: the attention decoder only), for runtime API and CLI tests."""
+    from fairseq_quant.export.exporter import build_model_file, decode_only_spm
+    from fairseq_quant_runtime import fqm
+
+    torch.manual_seed(0)
+    task, model, _ = build_tiny(dict_dir, extra=["--quant-weight-bits", "8", "--quant-act-bits", "8"])
+    calibrate_tiny(model, seeds=(0,))
+    d = task.target_dictionary
+    special = {"eos": d.eos(), "pad": d.pad(), "unk": d.unk(), "bos": d.bos()}
+    spm = decode_only_spm(ROOT / "recipes/librispeech/reference/spm.model")
+    file, _ = build_model_file(model.eval(), list(d.symbols), spm, special, {}, {})
+    path = tmp_path_factory.mktemp("model") / "tiny.fqm"
+    fqm.write(path, file)
+    return path

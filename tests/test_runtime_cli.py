@@ -5,29 +5,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import ROOT, build_tiny, calibrate_tiny
+from conftest import ROOT
 from fairseq_quant_runtime.__main__ import main
 from fairseq_quant_runtime.decoding import DEFAULT_CTC_WEIGHT, DecodingConfig, DecodingError
 
 
 @pytest.fixture(scope="module")
-def model_file(dict_dir, tmp_path_factory):
-    """A tiny exported model without a CTC head (attention decoder only)."""
-    import torch
-
-    from fairseq_quant.export.exporter import build_model_file, decode_only_spm
-    from fairseq_quant_runtime import fqm
-
-    torch.manual_seed(0)
-    task, model, _ = build_tiny(dict_dir, extra=["--quant-weight-bits", "8", "--quant-act-bits", "8"])
-    calibrate_tiny(model, seeds=(0,))
-    d = task.target_dictionary
-    special = {"eos": d.eos(), "pad": d.pad(), "unk": d.unk(), "bos": d.bos()}
-    file, _ = build_model_file(model.eval(), list(d.symbols), decode_only_spm(ROOT / "recipes/librispeech/reference/spm.model"),
-                               special, {}, {})
-    path = tmp_path_factory.mktemp("model") / "tiny.fqm"
-    fqm.write(path, file)
-    return path
+def model_file(tiny_model_file):
+    return tiny_model_file
 
 
 @pytest.fixture(scope="module")
