@@ -2,9 +2,12 @@
 """Decoding speed, peak memory and file size: fairseq eager (fp32, torch dynamic int8) against the ONNX Runtime
 decoder (fp32, 8-, 4- and 2-bit exports), on the same utterances and batches, side by side in one run.
 
-Each row runs in its own process (peak memory = that process's maximum resident set), at 1 and 2 threads.
-End to end = audio read + features + encoder + beam search; the encoder and the decoder steps are also timed
-apart. Ratios are against fairseq fp32 eager and against the runtime at fp32, at the same thread count.
+Each row runs in its own process (peak memory = that process's maximum resident set), at 1 and 2 threads, in the
+full environment (torch and fairseq installed; the runtime imports neither). Both engines decode with the same
+DecodingConfig (joint CTC/attention beam search by default, as the runtime's CLI and scripts/evaluate.py) and
+the same batches. End to end = audio read + features + encoder + beam search; the encoder and the decoder steps
+are also timed apart. Ratios are against fairseq fp32 eager and against the runtime at fp32, at the same
+thread count.
 
     python benchmarks/decode_speed.py --workdir exp/default --subsets test-clean,test-other --out exp/default/speed
 """
@@ -20,6 +23,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from fairseq_quant_runtime.decoding import DecodingConfig  # noqa: E402  (plain Python: no torch)
+from fairseq_quant_runtime.wer import word_error_rate  # noqa: E402
 BUNDLE = ROOT / "recipes/librispeech/reference"
 # row -> (engine, checkpoint relative to the workdir or "reference", kernels)
 ROWS = {
@@ -58,9 +64,7 @@ def worker_fairseq(args, groups) -> dict:
 
     torch.set_num_threads(args.threads)
     import fairseq_quant  # noqa: F401
-    from fairseq.sequence_generator import SequenceGenerator
-
-    from fairseq_quant.evaluate import load_checkpoint
+    from fairseq_quant.evaluate import load_checkpoint, sequence_generator
     from recipes.librispeech.prepare_data import load_features
 
     model, task = load_checkpoint(args.checkpoint, args.data)
@@ -68,7 +72,7 @@ def worker_fairseq(args, groups) -> dict:
         from fairseq_quant.baselines import dynamic_int8
 
         model, _ = dynamic_int8(model)
-    gen = SequenceGenerator([model], task.target_dictionary, beam_size=args.beam, max_len_a=0.2, max_len_b=10)
+    gen = sequence_generator(model, task, DecodingConfig.from_args(args))
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(Path(args.data) / "spm.model"))
@@ -107,6 +111,7 @@ def worker_runtime(args, groups) -> dict:
     enc_kernel, dec_kernel = args.kernels.split(",")
     feature_workers = 1 if args.threads > 1 else 0
     rec = Recognizer(args.model_file, enc_kernel, dec_kernel, threads=args.threads - feature_workers)
+    config = DecodingConfig.from_args(args)
     times = {"features": 0.0, "encoder": 0.0, "search": 0.0}
     hyps = []
     stream = features_ahead([[p for _, p, _, _ in group] for group in groups], feature_workers)
@@ -116,30 +121,29 @@ def worker_runtime(args, groups) -> dict:
         t1 = time.perf_counter()
         rec.encode(feats)
         t2 = time.perf_counter()
-        out = rec.beam_search(feats, beam=args.beam)
+        texts = rec.decode(feats, config)
         t3 = time.perf_counter()
         times["features"] += t1 - t0  # with a feature worker: only the time spent waiting for it
         times["encoder"] += t2 - t1
         times["search"] += t3 - t2
-        hyps += [rec.text(h.tokens) for h in out]
+        hyps += texts
     times["decoder"] = times["search"] - times["encoder"]
     # end to end: features (or the wait for them) and the search, which runs the encoder again itself
     # (the separate encoder pass above only times it)
     times["total"] = times["features"] + times["search"]
-    return {"times": times, "hyps": hyps, "kernels": rec.kernels, "feature_workers": feature_workers}
+    return {"times": times, "hyps": hyps, "kernels": rec.kernels, "feature_workers": feature_workers,
+            "frameworks_loaded": sorted({k.split(".")[0] for k in sys.modules} & {"torch", "fairseq"})}
 
 
 def run_worker(args) -> int:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    if args.engine == "runtime":  # as on a device: torch and fairseq are not there (imports of them fail)
-        for name in ("torch", "torchaudio", "fairseq"):
-            sys.modules[name] = None
     groups = batches([Path(m) for m in args.manifests.split(",")], args.limit)
     result = worker_runtime(args, groups) if args.engine == "runtime" else worker_fairseq(args, groups)
     # the process's peak, plus its feature worker's (a child) where there is one: an upper bound of the total
     result["peak_rss_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                              + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
     result["refs"] = [ref for group in groups for _, _, ref, _ in group]
+    result["decoding"] = DecodingConfig.from_args(args).to_dict()
     result["audio_s"] = sum(ms for group in groups for _, _, _, ms in group) / 1000
     Path(args.result).write_text(json.dumps(result))
     return 0
@@ -158,10 +162,14 @@ def ensure_export(row: str, checkpoint: Path, data: Path, out_dir: Path) -> Path
 
 
 def wer(refs, hyps) -> float:
-    import jiwer
+    return word_error_rate(refs, hyps)["wer"]
 
-    out = jiwer.process_words(refs, hyps)
-    return 100.0 * (out.substitutions + out.deletions + out.insertions) / sum(len(r.split()) for r in refs)
+
+def decoding_flags(args) -> list[str]:
+    config = DecodingConfig.from_args(args)
+    flags = ["--beam", str(config.beam), "--max-len-a", str(config.max_len_a), "--max-len-b", str(config.max_len_b),
+             "--len-penalty", str(config.len_penalty)]
+    return flags + (["--ctc-weight", str(config.ctc_weight)] if config.ctc_weight is not None else [])
 
 
 def main(argv=None) -> int:
@@ -171,7 +179,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--limit", type=int, help="first N utterances only")
-    parser.add_argument("--beam", type=int, default=5)
+    DecodingConfig.add_arguments(parser)
     parser.add_argument("--out", help="default: WORKDIR/speed")
     parser.add_argument("--reuse", action="store_true",
                         help="keep the results of (row, threads) pairs already measured in --out")
@@ -215,7 +223,7 @@ def main(argv=None) -> int:
                 continue
             cmd = [sys.executable, __file__, "--worker", "--engine", engine, "--threads", str(threads),
                    "--data", str(data), "--manifests", manifests, "--result", str(result_path),
-                   "--beam", str(args.beam), "--checkpoint", str(checkpoint)]
+                   "--checkpoint", str(checkpoint), *decoding_flags(args)]
             if model_file:
                 cmd += ["--model-file", str(model_file), "--kernels", ",".join(kernels)]
             if args.limit:
@@ -244,7 +252,7 @@ def format_table(results: dict) -> str:
         rt = results.get(("runtime-fp32", threads))
         some = next(r for (_, t), r in results.items() if t == threads)
         lines += [f"\n**{threads} thread(s)**, {len(some['refs'])} utterances, {some['audio_s']:.0f} s of audio, "
-                  f"beam 5, batches of {BATCH}\n",
+                  f"beam {some['decoding']['beam']}, joint CTC/attention on both sides, batches of {BATCH}\n",
                   "| row | kernels (encoder / decoder) | file MB | WER % | RTF | end-to-end speed-up vs fairseq fp32 | vs runtime fp32 | "
                   "encoder s | decoder steps s | decoder speed-up vs runtime fp32 | encoder vs runtime fp32 | "
                   "peak RSS MB |",

@@ -30,15 +30,17 @@ def decode_runtime(recognizer, feats: dict, ids: list[str]) -> dict[str, str]:
     hyps = {}
     for i in range(0, len(order), BATCH):
         batch = order[i:i + BATCH]
-        hyps.update(zip(batch, recognizer.transcribe_features([feats[u] for u in batch], beam=5)))
+        hyps.update(zip(batch, recognizer.decode([feats[u] for u in batch], DecodingConfig())))
     return hyps
 
 
 def decode_fairseq(model, task, sp, feats: dict, ids: list[str]) -> dict[str, str]:
     import torch
-    from fairseq.sequence_generator import SequenceGenerator
 
-    generator = SequenceGenerator([model], task.target_dictionary, beam_size=5, max_len_a=0.2, max_len_b=10)
+    from fairseq_quant.evaluate import sequence_generator
+    from fairseq_quant_runtime.decoding import DecodingConfig
+
+    generator = sequence_generator(model, task, DecodingConfig())  # joint CTC/attention, as the runtime
     order = sorted(ids, key=lambda u: feats[u].shape[0])
     hyps = {}
     for i in range(0, len(order), BATCH):
@@ -158,7 +160,8 @@ def main(argv=None) -> int:
                            "identical": same, "utterances": len(manifest), "logit_diff": logits})
         print("\n".join(lines[-len(systems):]), flush=True)
     words = sum(len(refs[u].split()) for u in manifest)
-    table = "\n".join(lines) + f"\n\n{len(manifest)} utterances ({', '.join(subsets)}), {words} words, beam 5.\n"
+    table = "\n".join(lines) + f"\n\n{len(manifest)} utterances ({', '.join(subsets)}), {words} words, beam 5, joint CTC/attention "
+                                   "decoding (CTC weight 0.5) on both sides.\n"
     (out / "parity.md").write_text(table)
     (out / "parity.json").write_text(json.dumps(report, indent=2))
     print(table)

@@ -128,6 +128,15 @@ class JointCTCModel(EnsembleModel):
         return torch.from_numpy(scores).to(att), attn
 
 
+def sequence_generator(model, task, config: DecodingConfig) -> SequenceGenerator:
+    """fairseq's beam search for ``config``: joint CTC/attention scores when the model has a CTC head (and the
+    config's CTC weight is not 0), the attention decoder's alone otherwise; the runtime decodes the same way."""
+    weight = config.joint_weight(has_ctc_head(model))
+    scored = JointCTCModel(model, weight, pre_beam=pre_beam_size(config.beam)) if weight > 0 else [model]
+    return SequenceGenerator(scored, task.target_dictionary, beam_size=config.beam, max_len_a=config.max_len_a,
+                             max_len_b=config.max_len_b, len_penalty=config.len_penalty)
+
+
 def decode_subset(model, task, subset: str, sp, beam: int = _DEFAULT.beam, max_tokens: int = 60000,
                   max_len_b: int = _DEFAULT.max_len_b, progress: bool = True, device: str = "cpu",
                   max_len_a: float = _DEFAULT.max_len_a, samples=None, ctc_weight: float | None = None,
@@ -144,13 +153,10 @@ def decode_subset(model, task, subset: str, sp, beam: int = _DEFAULT.beam, max_t
     set, a model that has not learnt to stop does not decode every utterance to the absolute limit."""
     config = DecodingConfig(beam=beam, ctc_weight=ctc_weight, max_len_a=max_len_a, max_len_b=max_len_b,
                             len_penalty=len_penalty)
-    weight = config.joint_weight(has_ctc_head(model))
+    generator = sequence_generator(model, task, config)
     task.load_dataset(subset)
     dataset = task.dataset(subset)
     manifest = json.loads((Path(task.args.data) / f"{subset}.json").read_text())["utts"]
-    scored = JointCTCModel(model, weight, pre_beam=pre_beam_size(beam)) if weight > 0 else [model]
-    generator = SequenceGenerator(scored, task.target_dictionary, beam_size=beam, max_len_a=max_len_a,
-                                  max_len_b=max_len_b, len_penalty=len_penalty)
     itr = samples if samples is not None else task.get_batch_iterator(
         dataset=dataset, max_tokens=max_tokens, max_positions=(1e9, 1e9),
         ignore_invalid_inputs=False).next_epoch_itr(shuffle=False)
