@@ -95,7 +95,7 @@ class Recognizer:
         self.kernels = {}
         for graph, kernel in (("encoder", encoder_kernel), ("decoder", decoder_kernel)):
             candidates = {k: session(graph, k) for k in (KERNELS if kernel == "auto" else (kernel,))}
-            self.kernels[graph] = min(candidates, key=lambda k: self._time(graph, candidates[k][1])) \
+            self.kernels[graph] = min(candidates, key=lambda k: self._time(graph, k, candidates[k][1])) \
                 if len(candidates) > 1 else kernel
             proto, sess = candidates[self.kernels[graph]]
             setattr(self, f"{graph}_graph", proto)
@@ -104,8 +104,8 @@ class Recognizer:
         self.decoder_outputs = [o.name for o in self.decoder.get_outputs()]
         self.sp = spm.SentencePieceProcessor(model_proto=self.file.blobs["spm.model"])
 
-    def _time(self, graph: str, sess) -> float:
-        """Median seconds of a typical call (``auto`` kernels): the encoder on 2 x 4 s of audio, the decoder
+    def _time(self, graph: str, kernel: str, sess) -> float:
+        """Median seconds of a typical call of ``sess`` (``graph`` with ``kernel``; ``auto``): the encoder on 2 x 4 s of audio, the decoder
         step for 10 hypotheses (2 utterances, beam 5) over 100 encoder frames with 10 cached steps."""
         rng = np.random.default_rng(0)
         if graph == "encoder":

@@ -87,3 +87,23 @@ def test_recognizer_takes_samples_batches_and_long_inputs(tiny_model_file, tmp_p
     assert len(slices) == 3
     pieces = rec.transcribe_batch(slices, config, SegmentConfig(max_seconds=30))
     assert rec.transcribe_samples(long, RATE, config, cut) == " ".join(p for p in pieces if p)
+
+
+@pytest.mark.parametrize("faster", ["fp32", "nbits"])
+def test_auto_keeps_the_kernel_that_times_faster(tiny_model_file, monkeypatch, faster):
+    """``auto`` times both kernels of each graph at load and keeps the faster (the timer stubbed: which kernel is
+    faster on this CPU is a benchmark's question, not a test's)."""
+    from fairseq_quant_runtime.graphs import count_kernels
+
+    timed = []
+
+    def fake_time(self, graph, kernel, sess):
+        timed.append((graph, kernel))
+        return 1.0 if kernel == faster else 2.0
+
+    monkeypatch.setattr(Recognizer, "_time", fake_time)
+    rec = Recognizer(tiny_model_file, "auto", "auto")
+    assert rec.kernels == {"encoder": faster, "decoder": faster}
+    assert sorted(timed) == [("decoder", "fp32"), ("decoder", "nbits"), ("encoder", "fp32"), ("encoder", "nbits")]
+    for graph in ("encoder", "decoder"):
+        assert ("MatMulNBits" in count_kernels(getattr(rec, f"{graph}_graph"))) == (faster == "nbits")
