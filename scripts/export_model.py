@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     parser.add_argument("--onnx-dir", help="also write complete encoder.onnx and decoder.onnx here")
     parser.add_argument("--kernel", default="nbits", choices=("fp32", "nbits"),
                         help="weights of the --onnx-dir graphs: low-bit MatMulNBits or dequantized fp32")
+    parser.add_argument("--qdq-dir", help="also write standard QDQ ONNX graphs here (encoder.qdq.onnx, "
+                                          "decoder.qdq.onnx: QuantizeLinear/DequantizeLinear with the QAT scales, for "
+                                          "int8 engines such as TensorRT; 8-bit static activation grids only)")
     parser.add_argument("--json", help="write the size breakdown as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -47,6 +50,20 @@ def main(argv=None) -> int:
         print(f"export_model: {err}", file=sys.stderr)
         return 2
     print(format_sizes(sizes))
+    if args.qdq_dir:
+        from fairseq_quant.evaluate import load_checkpoint
+        from fairseq_quant.export.qdq import export_qdq
+
+        try:
+            qdq = export_qdq(load_checkpoint(args.checkpoint, args.data)[0], args.qdq_dir)
+        except ExportError as err:
+            print(f"export_model: --qdq-dir: {err}", file=sys.stderr)
+            return 2
+        for graph, info in qdq["graphs"].items():
+            print(f"QDQ {graph}: {info['path']} ({info['QuantizeLinear']} QuantizeLinear, {info['DequantizeLinear']} "
+                  f"DequantizeLinear)")
+        if qdq["float_sites"]:
+            print(f"QDQ: activation sites kept float (16-bit rules): {', '.join(qdq['float_sites'])}")
     if args.json:
         Path(args.json).write_text(json.dumps(sizes, indent=2) + "\n")
     return 0

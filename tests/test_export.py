@@ -4,6 +4,7 @@ import struct
 import zlib
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -391,3 +392,51 @@ def test_auto_kernels_keep_the_faster_of_fp32_and_low_bit(dict_dir):
     assert Recognizer(file).kernels["encoder"] == "fp32"  # the default encoder kernel (low bits lose there)
     with pytest.raises(ValueError, match="unknown kernel 'int3'"):
         Recognizer(file, "int3")
+
+
+def test_qdq_export_runs_every_quantized_matmul_on_int8_operands(dict_dir, tmp_path):
+    """Standard QDQ ONNX (the int8 engines' format): complete graphs that ONNX Runtime loads, every weight of a
+    MatMul/Conv/Gather behind an int8 DequantizeLinear and every MatMul activation behind a uint8 one, computing
+    what the exact-activation graphs compute (the same grids; QuantizeLinear rounds x * (1/scale), which can move a
+    value at a rounding boundary by one step)."""
+    import onnxruntime as ort
+
+    from fairseq_quant.export.exporter import ExportError
+    from fairseq_quant.export.qdq import export_qdq
+
+    task, model = calibrated(dict_dir, ["--quant-weight-bits", "4"])
+    summary = export_qdq(model, tmp_path)
+    assert summary["float_sites"] == []
+    encoder = onnx.load(tmp_path / "encoder.qdq.onnx")
+    producers = {out: node for node in encoder.graph.node for out in node.output}
+    matmuls = [n for n in encoder.graph.node if n.op_type in ("MatMul", "Conv")]
+    assert len(matmuls) >= 2 + 2 * 6 + 1
+
+
+    def source(operand):  # through layout-only ops (K^T of attention is a Transpose of the quantized K)
+        node = producers[operand]
+        return source(node.input[0]) if node.op_type in ("Transpose", "Reshape") else node
+
+    for node in matmuls:
+        for operand in node.input[:2]:
+            assert source(operand).op_type == "DequantizeLinear", (node.name, operand)
+    assert summary["graphs"]["encoder"]["DequantizeLinear"] >= 2 * len(matmuls) - 4
+    file, _, _ = export(task, model, exact_activations=True)
+    exact = Recognizer(file, "fp32", "fp32", activations="exact")
+    x, lengths, _ = fbank_batch(3)
+    feats = [x[i, : int(n)].numpy() for i, n in enumerate(lengths)]
+    padded = np.zeros((3, int(lengths.max()), 80), np.float32)
+    for i, f in enumerate(feats):
+        padded[i, : f.shape[0]] = f
+    sess = ort.InferenceSession(str(tmp_path / "encoder.qdq.onnx"), providers=["CPUExecutionProvider"])
+    qdq = sess.run(None, {"features": padded, "lengths": lengths.numpy().astype(np.int64)})
+    ref = exact.encode(feats)
+    names = [o.name for o in sess.get_outputs()]
+    for name, value in zip(names, qdq):
+        if name == "enc_bias":
+            np.testing.assert_array_equal(value, ref[name])
+        else:
+            finite = np.isfinite(ref[name])
+            assert np.abs(value[finite] - ref[name][finite]).mean() < 0.02 * np.abs(ref[name][finite]).mean()
+    with pytest.raises(ExportError, match=r"6-bit activations; QDQ export is for the 8-bit grids"):
+        export_qdq(calibrated(dict_dir, ["--quant-weight-bits", "8"], act_bits="6")[1], tmp_path / "six")
