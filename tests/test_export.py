@@ -247,12 +247,28 @@ def torch_graphs(model, grids=None):
     return layout, EncoderGraph(layout, table), DecoderStepGraph(layout, table)
 
 
+def graph_step_log_probs(model, grids, x, lengths, tokens):
+    """The exportable graphs' (float64) incremental decoding of ``tokens``: log-probs at every step [B, T, V]."""
+    from fairseq_quant.export.graphs import initial_decoder_state
+
+    layout, encoder, decoder = torch_graphs(model, grids)
+    with torch.no_grad():
+        enc_bias, *cross = encoder(x, lengths)
+        state = initial_decoder_state(layout, x.size(0), 0, dtype=torch.float64)
+        convs = [state[k] for k in state if k.startswith("conv")]
+        selfs = [state[k] for k in state if k.startswith("self")]
+        steps = []
+        for t in range(tokens.size(1)):
+            lp, *rest = decoder(tokens[:, t], enc_bias, *cross, *convs, *selfs)
+            convs, selfs = rest[: len(convs)], rest[len(convs):]
+            steps.append(lp)
+    return torch.stack(steps, dim=1)
+
+
 @pytest.mark.parametrize("bits", [2, 8])
 def test_exact_activation_graphs_apply_every_training_quantizer(dict_dir, bits):
     """In float64 (no rounding-boundary flips), the graphs with the model's activation grids compute what the
     fake-quantized fairseq model computes, quantizers included; without the grids they do not."""
-    from fairseq_quant.export.graphs import initial_decoder_state
-
     task, model = calibrated(dict_dir, ["--quant-weight-bits", str(bits)])
     model.double()
     x, lengths, _ = fbank_batch(3)
@@ -262,20 +278,7 @@ def test_exact_activation_graphs_apply_every_training_quantizer(dict_dir, bits):
     tokens = torch.randint(4, 40, (3, 5), generator=torch.Generator().manual_seed(3))
     tokens[:, 0] = task.target_dictionary.eos()
     expected = fairseq_step_log_probs(model, x, lengths, tokens)
-    results = {}
-    for exact in (True, False):
-        layout, encoder, decoder = torch_graphs(model, None if exact else {})
-        with torch.no_grad():
-            enc_bias, *cross = encoder(x, lengths)
-            state = initial_decoder_state(layout, 3, 0, dtype=torch.float64)
-            convs = [state[k] for k in state if k.startswith("conv")]
-            selfs = [state[k] for k in state if k.startswith("self")]
-            steps = []
-            for t in range(tokens.size(1)):
-                lp, *rest = decoder(tokens[:, t], enc_bias, *cross, *convs, *selfs)
-                convs, selfs = rest[: len(convs)], rest[len(convs):]
-                steps.append(lp)
-        results[exact] = torch.stack(steps, dim=1)
+    results = {exact: graph_step_log_probs(model, None if exact else {}, x, lengths, tokens) for exact in (True, False)}
     torch.testing.assert_close(results[True], expected, atol=1e-9, rtol=0)
     assert (results[False] - expected).abs().max() > 1e-3
 
@@ -300,8 +303,6 @@ def test_remedied_models_export_graphs_that_compute_the_fake_quantized_model(dic
     their grids, and the graphs with them compute what fairseq's fake-quantized model computes (float64, so no
     rounding-boundary flips), which the graphs without them do not."""
     import yaml
-
-    from fairseq_quant.export.graphs import initial_decoder_state
 
     path = tmp_path / f"{remedy}.yaml"
     path.write_text(yaml.safe_dump(REMEDIES[remedy]))
@@ -337,20 +338,8 @@ def test_remedied_models_export_graphs_that_compute_the_fake_quantized_model(dic
     model.double()
     x = x.double()
     expected = fairseq_step_log_probs(model, x, lengths, tokens)
-    results = {}
-    for exact in (True, False):
-        layout, encoder, decoder = torch_graphs(model, None if exact else {})  # grids of the float64 model
-        with torch.no_grad():
-            enc_bias, *cross = encoder(x, lengths)
-            state = initial_decoder_state(layout, 3, 0, dtype=torch.float64)
-            convs = [state[k] for k in state if k.startswith("conv")]
-            selfs = [state[k] for k in state if k.startswith("self")]
-            steps = []
-            for t in range(tokens.size(1)):
-                lp, *rest = decoder(tokens[:, t], enc_bias, *cross, *convs, *selfs)
-                convs, selfs = rest[: len(convs)], rest[len(convs):]
-                steps.append(lp)
-        results[exact] = torch.stack(steps, dim=1)
+    results = {exact: graph_step_log_probs(model, None if exact else {}, x, lengths, tokens)  # float64 grids
+               for exact in (True, False)}
     torch.testing.assert_close(results[True], expected, atol=1e-9, rtol=0)
     assert (results[False] - expected).abs().max() > 1e-3
 
