@@ -20,7 +20,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipes.librispeech.run import SIZES, calibrated_checkpoint, evaluate_model, parallel, results_table  # noqa: E402
+from recipes.librispeech.report import results_table  # noqa: E402
+from recipes.librispeech.rows import SIZES  # noqa: E402
+from recipes.librispeech.run import calibrated_checkpoint, evaluate_model  # noqa: E402
+from recipes.librispeech.stages import parallel  # noqa: E402
 
 OUTLIER_SITE = "encoder.transformer_layers.5"
 SETTINGS = {"w8a8": (8, 8), "w8a6": (8, 6), "w8a4": (8, 4), "w4a8": (4, 8), "w4a6": (4, 6)}

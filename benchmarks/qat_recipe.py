@@ -17,8 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipes.librispeech.run import (  # noqa: E402
-    SIZES, calibrated_checkpoint, evaluate_model, parallel, results_table, strategy_path, train_qat)
+from recipes.librispeech.report import results_table  # noqa: E402
+from recipes.librispeech.rows import SIZES, strategy_path  # noqa: E402
+from recipes.librispeech.run import calibrated_checkpoint, evaluate_model, train_qat  # noqa: E402
+from recipes.librispeech.stages import parallel  # noqa: E402
 
 # name -> (strategy override or None, RecipeConfig changes)
 VARIANTS = {

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from recipes.librispeech.run import done_marker, mark_done, run_logged, train_env
+from recipes.librispeech.stages import done_marker, mark_done, run_logged, train_env
 
 REPO = Path(__file__).resolve().parents[2]
 ARCH = "vggtransformer_ref_ctc"  # with its CTC head: trained by the CTC loss, used by joint decoding

@@ -1,0 +1,103 @@
+"""The results: each row's WER per subset, the table with speaker-level intervals (pooled WER and the paired
+relative change against fp32 and the QAT control), and the WER-against-size plot."""
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recipes.librispeech.rows import CONTROL_ROW, EVAL_SUBSETS, ROWS
+
+
+@dataclass
+class ModelResult:
+    name: str
+    checkpoint: str
+    avg_weight_bits: float
+    model_mb: float
+    wer: dict = field(default_factory=dict)  # subset -> WER %
+    words: dict = field(default_factory=dict)  # subset -> reference words
+    errors: dict = field(default_factory=dict)  # subset -> S + D + I
+    eval_dir: str = ""
+    seconds: float = 0.0  # making the model (QAT) and evaluating it
+
+
+def pooled_wer(result: ModelResult, subsets) -> float:
+    words = sum(result.words[s] for s in subsets)
+    return 100.0 * sum(result.errors[s] for s in subsets) / words
+
+
+def table_subsets(subsets) -> list[str]:
+    """The subsets pooled into the table's summary column: the test sets, or all if there are none."""
+    tests = [s for s in subsets if s.startswith("test")]
+    return tests or list(subsets)
+
+
+def results_table(results: list[ModelResult], subsets=EVAL_SUBSETS) -> str:
+    """Markdown: model, bits, MB, WER per subset, pooled WER with its 95% bootstrap interval, and the
+    relative change against fp32 (the first row) with its 95% paired bootstrap interval."""
+    from fairseq_quant.stats import paired_relative_change, read_utterances, speaker_of, wer_interval
+
+    pooled = table_subsets(subsets)
+    utts = {r.name: [read_utterances(Path(r.eval_dir) / f"{s}.utt.tsv") for s in pooled] for r in results}
+    base = results[0]
+    # the QAT schedule with nothing quantized: QAT rows are also compared with it (same training, same data)
+    control = next((r for r in results if r.name == CONTROL_ROW), None)
+    label = "+".join(pooled)
+    head = ("| model | avg weight bits | model MB | " + " | ".join(subsets)
+            + f" | WER {label} [95% CI] | rel. change vs fp32 [95% CI] |"
+            + (f" vs {CONTROL_ROW} (same training) [95% CI] |" if control else ""))
+    lines = [head, "|---|---:|---:|" + "---:|" * len(subsets) + "---:|---:|" + ("---:|" if control else "")]
+
+    def change(ref, r):
+        c = paired_relative_change(utts[ref.name], utts[r.name])
+        return c.format(signed=True) + ("" if c.excludes_zero else " (n.s.)")
+
+    for r in results:
+        wer = wer_interval(utts[r.name]).format(digits=2)
+        rel = "-" if r is base else change(base, r)
+        line = (f"| {r.name} | {r.avg_weight_bits:.2f} | {r.model_mb:.3f} | "
+                + " | ".join(f"{r.wer[s]:.2f}" for s in subsets) + f" | {wer} | {rel} |")
+        if control:
+            is_qat = r.name in ROWS and ROWS[r.name].kind in ("qat", "search_qat") and r is not control
+            line += f" {change(control, r) if is_qat else '-'} |"
+        lines.append(line)
+    words = ", ".join(f"{s} {base.words[s]}" for s in subsets)
+    speakers = ", ".join(f"{s} {len({speaker_of(u.utt_id) for u in g})}" for s, g in zip(pooled, utts[base.name]))
+    lines += ["", f"Reference words: {words}. Speakers: {speakers}. Intervals: 95%, bootstrap resampling speakers "
+                  f"within each subset (cluster bootstrap, 1000 resamples, seed 0, paired for the relative change; "
+                  f"n.s. = the interval contains 0)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(results: list[ModelResult], subsets, path: Path) -> Path:
+    """PNG of pooled test WER (with 95% intervals) against model size, one labelled point per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fairseq_quant.stats import read_utterances, wer_interval
+
+    pooled = table_subsets(subsets)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = {"fp32": "black", "ptq": "tab:red", "ptq_calibrated": "tab:brown", "dynamic_int8": "tab:orange", "qat": "tab:blue",
+              "search_qat": "tab:purple", "runtime": "tab:green"}
+    for r in results:
+        kind = ROWS[r.name].kind if r.name in ROWS else "qat"
+        ci = wer_interval([read_utterances(Path(r.eval_dir) / f"{s}.utt.tsv") for s in pooled])
+        ax.errorbar(r.model_mb, ci.value, yerr=[[ci.value - ci.lo], [ci.hi - ci.value]], fmt="o",
+                    color=colors[kind], capsize=3)
+        ax.annotate(r.name, (r.model_mb, ci.value), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("model size, MB (packed weights + scales; log scale)")
+    ax.set_ylabel(f"WER % ({'+'.join(pooled)}), 95% CI")
+    ax.set_title("WER against size: fp32 (black), post-training weights (red) and calibrated weights + activations "
+                 "(brown), dynamic int8 (orange), QAT (blue), "
+                 "QAT of the searched strategy (purple), exported + ONNX Runtime (green)",
+                 fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
