@@ -8,7 +8,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["fairseq_quant", "fairseq_quant.*", "fairseq_quant_runtime", "recipes",
                                     "recipes.*"]),
-    package_data={"recipes.librispeech": ["strategies/*.yaml", "reference/*"]},
+    package_data={"recipes.librispeech": ["strategies/*.yaml", "reference/*", "lexicon.yaml"]},
     # the base install is what every part needs; `train` is the fairseq plugin (torch, 4 GB, package fairseq_quant:
     # training, calibration, evaluation, export, search), `runtime` the on-device decoder (package
     # fairseq_quant_runtime, no torch): a device installs `fairseq_quant[runtime]` only

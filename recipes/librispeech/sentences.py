@@ -9,282 +9,73 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
+import yaml
 
 MIN_WORDS = 4
 MAX_WORDS = 16
 
 # --------------------------------------------------------------------------------------------
-# Word lists
+# Word lists: data, in lexicon.yaml (order matters: the generator draws by index)
 # --------------------------------------------------------------------------------------------
-MALE_NAMES = """john james robert michael william david richard joseph thomas charles daniel matthew
-anthony mark paul steven andrew kenneth kevin brian george edward ronald timothy jason jeffrey ryan
-jacob gary nicholas eric jonathan stephen larry justin scott benjamin samuel frank gregory raymond
-alexander patrick jack dennis jerry tyler aaron henry peter arthur walter harold albert oliver harry
-philip martin simon victor hugh ralph francis louis""".split()
-FEMALE_NAMES = """mary patricia jennifer linda elizabeth barbara susan jessica sarah karen nancy lisa
-margaret betty sandra ashley dorothy emily donna michelle carol amanda melissa deborah stephanie
-rebecca laura sharon cynthia kathleen amy shirley angela helen anna brenda pamela nicole emma
-samantha katherine christine rachel catherine janet ruth maria heather diane virginia julie joyce
-victoria olivia kelly christina lauren joan evelyn judith alice grace rose clara lucy""".split()
-SURNAMES = """smith johnson williams jones miller davis wilson anderson taylor moore jackson thompson
-harris clark lewis robinson walker young allen wright scott baker adams nelson hill campbell mitchell
-roberts carter phillips evans turner parker collins edwards stewart morris murphy rogers morgan cooper
-peterson reed bailey howard ward richardson watson brooks bennett hughes sanders fisher""".split()
-TITLES = "mister doctor captain professor miss uncle aunt father mother".split()
-PLACE_NAMES = """london paris rome berlin madrid vienna dublin boston chicago denver seattle toronto
-sydney tokyo cairo athens lisbon moscow texas florida california canada france spain italy england
-scotland ireland china india egypt mexico brazil germany japan africa europe america""".split()
-DAYS = "monday tuesday wednesday thursday friday saturday sunday".split()
-MONTHS = """january february march april may june july august september october november
-december""".split()
-SEASONS = "spring summer autumn winter".split()
+LEXICON_FILE = Path(__file__).with_name("lexicon.yaml")
 
-# Countable nouns by class (singular); plurals follow the rules in `plural`.
-COUNT_NOUNS = {
-    "person": """man woman child boy girl friend neighbor teacher doctor farmer driver soldier
-        sailor baker student worker nurse king queen prince princess father mother brother sister
-        uncle aunt cousin son daughter husband wife grandmother grandfather baby captain officer
-        stranger guest visitor traveler merchant artist writer singer player pilot lawyer judge
-        priest servant guard hunter fisherman carpenter painter musician engineer scientist
-        professor clerk manager owner customer passenger shepherd tailor policeman gentleman lady
-        thief hero knight queen maid cook waiter poet""".split(),
-    "animal": """dog cat horse cow sheep pig goat chicken duck goose bird eagle owl crow rabbit mouse
-        rat fox wolf bear deer lion tiger elephant monkey snake frog fish whale dolphin bee
-        butterfly spider donkey camel squirrel turtle parrot pigeon swan lamb calf puppy kitten
-        bull ox hen pony""".split(),
-    "food": """apple orange banana pear peach plum grape lemon cherry strawberry potato tomato carrot
-        onion cabbage bean egg cake pie cookie biscuit sandwich sausage salad pizza pancake muffin
-        melon nut loaf cucumber pumpkin""".split(),
-    "thing": """book letter box bag bottle cup glass plate bowl spoon knife fork chair table bed lamp
-        clock window door key ring watch coin map picture photograph card pen pencil brush basket
-        blanket pillow candle mirror bucket rope ladder hammer nail shovel umbrella hat coat shirt
-        dress shoe boot sock glove scarf jacket button camera radio telephone computer newspaper
-        magazine ticket envelope package parcel present gift toy ball kite doll drum guitar piano
-        violin bicycle car truck bus wagon cart engine wheel tent flag sword shield bell stone
-        stick feather leaf flower seed shell umbrella purse wallet notebook jar barrel sack
-        suitcase pot kettle towel necklace""".split(),
-    "place": """house school church kitchen garden room hall library hospital market shop store
-        station office bank farm field forest river lake mountain hill valley village town city
-        street road bridge harbor beach island castle palace tower museum theater restaurant hotel
-        park yard barn cottage cabin cave desert meadow pond shore coast kingdom prison factory
-        camp court bakery stable cellar attic chapel tavern inn orchard""".split(),
-    "idea": """idea story question answer plan problem secret promise dream lesson message reason
-        mistake truth song poem joke game word name rule law choice decision chance speech
-        language trip journey adventure meeting party holiday birthday wedding dinner breakfast
-        lunch supper concert letter report lecture prayer riddle puzzle legend""".split(),
-}
-MASS_NOUNS = {
-    "food": """bread cheese butter soup rice meat beef coffee tea milk juice water wine honey
-        sugar salt pepper cream jam fruit chocolate corn flour""".split(),
-    "thing": "furniture money paper wood gold silver cloth wool glass".split(),
-    "idea": "news advice music history science work homework".split(),
-}
-NATURE_NOUNS = """sun moon sky wind rain snow storm fog thunder sea ocean grass air ice""".split()
 
-IRREGULAR_PLURALS = {
-    "man": "men", "woman": "women", "child": "children", "mouse": "mice", "goose": "geese",
-    "sheep": "sheep", "deer": "deer", "fish": "fish", "ox": "oxen", "fisherman": "fishermen",
-    "policeman": "policemen", "gentleman": "gentlemen", "knife": "knives", "leaf": "leaves",
-    "wolf": "wolves", "scarf": "scarves", "calf": "calves", "loaf": "loaves", "thief": "thieves",
-    "wife": "wives", "potato": "potatoes", "tomato": "tomatoes", "hero": "heroes",
-}
+def _load_lexicon(path: Path = LEXICON_FILE) -> dict:
+    data = yaml.safe_load(path.read_text())
+    for key in ("doubling", "a_before_vowel", "an_before_consonant"):  # membership only
+        data[key] = set(data[key])
+    for key in ("irregular_verbs",):  # (past, participle)
+        data[key] = {word: tuple(forms) for word, forms in data[key].items()}
+    return data
 
-# Verbs that form their past tense and participle irregularly: base -> (past, participle).
-IRREGULAR_VERBS = {
-    "eat": ("ate", "eaten"), "buy": ("bought", "bought"), "sell": ("sold", "sold"),
-    "cut": ("cut", "cut"), "bring": ("brought", "brought"), "find": ("found", "found"),
-    "lose": ("lost", "lost"), "hold": ("held", "held"), "break": ("broke", "broken"),
-    "make": ("made", "made"), "lend": ("lent", "lent"), "keep": ("kept", "kept"),
-    "hide": ("hid", "hidden"), "throw": ("threw", "thrown"), "catch": ("caught", "caught"),
-    "take": ("took", "taken"), "give": ("gave", "given"), "send": ("sent", "sent"),
-    "show": ("showed", "shown"), "steal": ("stole", "stolen"), "forget": ("forgot", "forgotten"),
-    "leave": ("left", "left"), "hang": ("hung", "hung"), "meet": ("met", "met"),
-    "see": ("saw", "seen"), "teach": ("taught", "taught"), "tell": ("told", "told"),
-    "pay": ("paid", "paid"), "hear": ("heard", "heard"), "wake": ("woke", "woken"),
-    "forgive": ("forgave", "forgiven"), "feed": ("fed", "fed"), "ride": ("rode", "ridden"),
-    "build": ("built", "built"), "understand": ("understood", "understood"),
-    "read": ("read", "read"), "write": ("wrote", "written"), "begin": ("began", "begun"),
-    "run": ("ran", "run"), "sleep": ("slept", "slept"), "sing": ("sang", "sung"),
-    "swim": ("swam", "swum"), "fly": ("flew", "flown"), "sit": ("sat", "sat"),
-    "stand": ("stood", "stood"), "speak": ("spoke", "spoken"), "fall": ("fell", "fallen"),
-    "shake": ("shook", "shaken"), "drink": ("drank", "drunk"), "draw": ("drew", "drawn"),
-    "win": ("won", "won"), "choose": ("chose", "chosen"), "sweep": ("swept", "swept"),
-    "wear": ("wore", "worn"), "bite": ("bit", "bitten"), "dig": ("dug", "dug"),
-    "grow": ("grew", "grown"), "know": ("knew", "known"), "think": ("thought", "thought"),
-    "feel": ("felt", "felt"), "put": ("put", "put"), "shut": ("shut", "shut"),
-    "spend": ("spent", "spent"), "lead": ("led", "led"), "freeze": ("froze", "frozen"),
-    "hit": ("hit", "hit"), "seek": ("sought", "sought"), "fight": ("fought", "fought"),
-    "light": ("lit", "lit"), "say": ("said", "said"), "go": ("went", "gone"),
-    "come": ("came", "come"), "get": ("got", "gotten"), "do": ("did", "done"),
-    "have": ("had", "had"), "drive": ("drove", "driven"), "wash": ("washed", "washed"),
-    "sweep up": ("swept up", "swept up"), "forbid": ("forbade", "forbidden"),
-    "lie": ("lay", "lain"), "weep": ("wept", "wept"), "creep": ("crept", "crept"),
-    "kneel": ("knelt", "knelt"), "shine": ("shone", "shone"), "ring": ("rang", "rung"),
-    "blow": ("blew", "blown"), "tear": ("tore", "torn"), "swing": ("swung", "swung"),
-}
-# Regular or irregular verbs that double their final consonant before -ed / -ing.
-DOUBLING = set("""stop plan drop chop shop hug rob beg nod skip clap grab jog pat rub slip trip
-    ship tap swim run sit begin forget get put cut hit shut dig win step admit prefer wrap
-    knit stir""".split())
 
-# Transitive verbs by the class of their object; phrasal particles follow the verb.
-TRANSITIVE = {
-    "food": [
-        "eat", "cook", "buy", "sell", "bake", "taste", "cut", "share", "bring", "carry", "order",
-        "serve", "want", "like", "prefer", "find", "wash", "drop", "peel", "slice", "boil",
-        "steal", "hide", "offer", "smell", "pick up", "look for", "save", "fry", "chop", "roast",
-        "weigh", "deliver", "pack", "grow"],
-    "thing": [
-        "buy", "sell", "find", "lose", "carry", "bring", "hold", "open", "close", "break", "fix",
-        "clean", "wash", "paint", "build", "make", "borrow", "lend", "keep", "hide", "drop",
-        "throw", "catch", "move", "push", "pull", "drag", "lift", "take", "send", "show", "use",
-        "need", "want", "steal", "forget", "leave", "check", "count", "collect", "fill", "empty",
-        "fold", "hang", "wrap", "mend", "polish", "repair", "pick up", "look at", "look for",
-        "search for", "put down", "examine", "notice", "admire", "describe", "return", "deliver",
-        "pack", "sweep", "drive", "ride", "shake", "touch", "guard", "hang up", "throw away",
-        "give away", "hand over", "point at", "tear", "ring", "swing", "weigh", "draw"],
-    "person": [
-        "meet", "help", "visit", "call", "see", "watch", "follow", "ask", "thank", "invite",
-        "greet", "marry", "teach", "remember", "forget", "love", "like", "hate", "trust",
-        "believe", "miss", "find", "warn", "tell", "pay", "answer", "join", "admire", "rescue",
-        "chase", "hear", "wake", "introduce", "kiss", "hug", "blame", "forgive", "wait for",
-        "look for", "talk to", "listen to", "laugh at", "smile at", "shout at", "write to",
-        "care for", "think about", "worry about", "agree with", "argue with", "dance with",
-        "play with", "travel with", "lead", "seek", "fight", "protect", "praise", "obey",
-        "comfort", "surprise", "frighten", "amuse", "disturb", "encourage", "recognize",
-        "understand", "punish", "carry", "lose", "hire", "ignore", "defend", "beg", "rob",
-        "nod at", "wave to", "point at", "bow to", "kneel beside", "weep for", "pray for"],
-    "animal": [
-        "feed", "chase", "catch", "watch", "see", "hear", "follow", "find", "lose", "wash",
-        "train", "ride", "keep", "hunt", "frighten", "sell", "buy", "carry", "love", "hate",
-        "look for", "search for", "call", "count", "draw", "photograph", "rescue", "protect",
-        "save", "notice", "tie up", "lead", "pat", "brush", "milk", "shoot", "trap", "tame",
-        "release", "observe"],
-    "place": [
-        "visit", "leave", "reach", "clean", "build", "paint", "find", "enter", "explore",
-        "cross", "search", "pass", "approach", "guard", "sweep", "describe", "remember",
-        "forget", "love", "hate", "prefer", "show", "sell", "buy", "own", "rent", "repair",
-        "decorate", "destroy", "defend", "attack", "photograph", "draw", "discover", "choose",
-        "walk through", "run through", "look at", "look for", "return to", "arrive at",
-        "hurry to", "drive to", "travel to", "walk to", "run to", "escape from", "move to",
-        "dream about", "write about", "sing about", "think about", "lead", "watch", "seek",
-        "light", "shut"],
-    "idea": [
-        "explain", "understand", "remember", "forget", "discuss", "describe", "consider",
-        "accept", "refuse", "hear", "tell", "read", "write", "learn", "teach", "share", "change",
-        "finish", "begin", "start", "plan", "follow", "answer", "ask", "solve", "keep", "break",
-        "make", "love", "enjoy", "hate", "like", "prefer", "repeat", "ignore", "believe",
-        "doubt", "imagine", "mention", "invent", "announce", "suggest", "choose", "notice",
-        "think about", "talk about", "laugh at", "wonder about", "argue about", "agree with",
-        "write down", "work on", "listen to", "dream about", "sing", "reveal", "whisper",
-        "record", "publish", "copy", "translate", "print", "memorize", "practice", "review",
-        "correct", "avoid", "postpone", "celebrate", "attend", "miss", "organize", "prepare"],
-}
-
-INTRANSITIVE = [
-    "walk", "run", "sleep", "laugh", "smile", "cry", "sing", "dance", "jump", "swim", "sit",
-    "stand", "wait", "arrive", "leave", "return", "travel", "work", "play", "rest", "listen",
-    "speak", "shout", "whisper", "fall", "climb", "hurry", "wander", "breathe", "cough", "knock",
-    "pray", "study", "live", "stay", "agree", "complain", "dream", "hide", "shake", "tremble",
-    "sigh", "yawn", "kneel", "weep", "shiver", "blush", "nod", "wave", "bow", "paint", "cook",
-    "read", "write", "draw", "drive", "ride", "fight", "win", "lose", "grow", "think", "wake up",
-    "sit down", "stand up", "look up", "look around", "go home", "go out", "come back",
-    "get up", "calm down", "slow down", "hurry home", "set off", "give up", "fall asleep",
-    "step forward", "lie down", "creep away", "stop", "listen carefully", "begin"]
-ANIMAL_INTRANSITIVE = [
-    "run", "sleep", "jump", "swim", "sit", "wait", "hide", "rest", "play", "climb", "eat",
-    "drink", "wander", "shake", "shiver", "creep away", "lie down", "fall asleep", "grow",
-    "escape", "return", "stop"]
-# Animal subjects only take these transitive verbs (object class -> verbs).
-ANIMAL_TRANSITIVE = {
-    "food": ["eat", "find", "smell", "steal", "drop", "hide", "look for"],
-    "person": ["follow", "chase", "watch", "bite", "frighten", "wake", "find", "ignore",
-               "wait for", "trust", "obey"],
-    "animal": ["chase", "follow", "watch", "frighten", "find", "catch", "ignore", "fight"],
-    "thing": ["find", "carry", "drop", "hide", "break", "steal", "chew", "pull", "bite"],
-    "place": ["leave", "reach", "enter", "explore", "cross", "guard", "return to", "escape from"],
-}
-SAY_VERBS = ["say", "think", "know", "believe", "hope", "feel", "remember", "explain",
-             "promise", "admit", "suspect", "notice", "dream", "understand", "hear", "learn"]
-TO_VERBS = ["want", "try", "decide", "hope", "plan", "promise", "refuse", "forget", "need",
-            "begin", "agree", "offer", "like", "prefer", "wish", "expect", "intend", "fail",
-            "pretend", "manage", "learn", "choose", "hesitate", "attempt"]
-GIVE_VERBS = ["give", "send", "show", "hand", "lend", "bring", "offer", "sell", "throw", "pass",
-              "mail", "owe", "promise", "read", "teach", "buy", "make", "cook", "write"]
-
-ADJECTIVES = {
-    "general": """big small large little old new young long short tall wide narrow heavy light
-        dark bright clean dirty dry wet warm cold hot cool soft hard smooth rough quiet loud
-        empty full strange beautiful pretty ugly lovely fine good bad great poor rich cheap
-        expensive simple plain famous ordinary wonderful terrible perfect curious peculiar
-        remarkable splendid pleasant dreadful""".split(),
-    "color": "red blue green yellow white black brown gray orange purple pink golden silver".split(),
-    "person": """kind clever tall brave tired hungry happy sad angry honest friendly lonely polite
-        rude quiet shy proud wise foolish gentle busy poor rich strong weak sick healthy cheerful
-        careful careless anxious calm nervous patient jealous generous stubborn grateful
-        frightened worried excited handsome elderly thoughtful cruel wicked noble humble
-        serious funny lazy""".split(),
-    "animal": """wild hungry tame fat thin lazy clever friendly fierce playful noisy spotted
-        striped gentle dangerous frightened sleepy tiny huge""".split(),
-    "food": """fresh ripe sweet sour bitter delicious tasty spicy salty juicy stale rotten crisp
-        warm cold hot frozen raw roasted boiled""".split(),
-    "thing": """broken heavy light expensive cheap wooden shiny dusty useful strange tiny huge
-        beautiful precious valuable ancient modern enormous leather woolen fragile rusty
-        useless""".split(),
-    "place": """quiet busy empty crowded dark small large beautiful famous ancient distant
-        lonely peaceful noisy warm cold narrow muddy sunny shady gloomy cozy abandoned
-        magnificent""".split(),
-    "idea": """good bad simple strange important interesting difficult easy clever serious sad
-        funny long short secret wonderful terrible surprising silly brilliant foolish strict
-        clear curious mysterious""".split(),
-}
-DEGREE = ["very", "rather", "quite", "too", "so", "extremely", "really", "a little", "terribly",
-          "perfectly", "unusually", "fairly"]
-MANNER_ADVERBS = """quickly slowly quietly loudly carefully gently suddenly happily sadly angrily
-    patiently eagerly softly silently politely proudly nervously calmly bravely easily finally
-    immediately secretly proudly carelessly gladly warmly kindly rudely boldly anxiously
-    cheerfully willingly reluctantly honestly foolishly wisely hastily steadily firmly
-    together alone again""".split()
-FREQUENCY = ["always", "never", "often", "sometimes", "usually", "rarely", "seldom", "often"]
-TIME_PHRASES = [
-    "yesterday", "today", "tomorrow", "tonight", "later", "soon", "early", "last night",
-    "last week", "last year", "last summer", "next week", "next month", "this morning",
-    "this evening", "every day", "every morning", "every evening", "in the morning",
-    "in the afternoon", "in the evening", "at night", "at noon", "at midnight", "at dawn",
-    "after dinner", "before breakfast", "after school", "after the war", "long ago",
-    "an hour later", "a moment later", "the next day", "the day before", "once again",
-    "at last", "at once", "for a while", "all day", "all night", "every sunday"]
-PLACE_PREPOSITIONS = ["in", "near", "behind", "outside", "beside", "at", "across", "toward",
-                      "by", "inside", "around", "past", "along", "beyond", "opposite"]
-MOTION_PREPOSITIONS = ["to", "toward", "into", "out of", "across", "through", "around",
-                       "past", "along", "from", "up", "down"]
-SURFACES = ["table", "shelf", "desk", "floor", "chair", "bed", "bench", "roof", "step",
-            "counter", "windowsill", "wall", "ground", "grass"]
-CONTAINERS = ["box", "bag", "drawer", "basket", "cupboard", "pocket", "chest", "barrel", "sack",
-              "jar", "trunk", "corner", "closet"]
-CONJUNCTIONS = ["and", "but", "because", "so", "while", "although", "when", "before", "after",
-                "until", "since", "as soon as", "as", "and then"]
-WH_WORDS = ["where", "when", "why", "how"]
-MODALS = ["could", "should", "might", "must", "would", "can", "will", "may"]
-DETERMINERS_SG = ["the", "the", "the", "a", "this", "that", "every", "each", "one", "another"]
-DETERMINERS_PL = ["the", "the", "some", "these", "those", "many", "several", "a few", "all the",
-                  "both", "no", "most of the", "two of the"]
-POSSESSIVES = ["my", "your", "his", "her", "our", "their"]
-NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
-                "fourteen fifteen sixteen seventeen eighteen nineteen").split()
-TENS_WORDS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
-ORDINALS = """first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth
-    thirteenth fourteenth fifteenth sixteenth seventeenth eighteenth nineteenth twentieth""".split()
-UNITS = ["miles", "pounds", "dollars", "days", "weeks", "years", "hours", "minutes", "feet",
-         "yards", "acres", "shillings", "steps", "pages", "letters", "horses", "sheep"]
-WEATHER = ["raining", "snowing", "freezing", "blowing hard", "getting dark", "getting late",
-           "very hot", "very cold", "warm and sunny", "cloudy", "foggy", "windy", "quiet"]
-
-# Articles: words starting with a vowel letter that take "a", and consonant ones taking "an".
-A_BEFORE_VOWEL = {"useful", "useless", "unusually", "one", "university", "european", "unique"}
-AN_BEFORE_CONSONANT = {"hour", "honest", "heir", "honor"}
+_LEXICON = _load_lexicon()
+MALE_NAMES = _LEXICON["male_names"]
+FEMALE_NAMES = _LEXICON["female_names"]
+SURNAMES = _LEXICON["surnames"]
+TITLES = _LEXICON["titles"]
+PLACE_NAMES = _LEXICON["place_names"]
+DAYS = _LEXICON["days"]
+MONTHS = _LEXICON["months"]
+SEASONS = _LEXICON["seasons"]
+COUNT_NOUNS = _LEXICON["count_nouns"]
+MASS_NOUNS = _LEXICON["mass_nouns"]
+NATURE_NOUNS = _LEXICON["nature_nouns"]
+IRREGULAR_PLURALS = _LEXICON["irregular_plurals"]
+IRREGULAR_VERBS = _LEXICON["irregular_verbs"]
+DOUBLING = _LEXICON["doubling"]
+TRANSITIVE = _LEXICON["transitive"]
+INTRANSITIVE = _LEXICON["intransitive"]
+ANIMAL_INTRANSITIVE = _LEXICON["animal_intransitive"]
+ANIMAL_TRANSITIVE = _LEXICON["animal_transitive"]
+SAY_VERBS = _LEXICON["say_verbs"]
+TO_VERBS = _LEXICON["to_verbs"]
+GIVE_VERBS = _LEXICON["give_verbs"]
+ADJECTIVES = _LEXICON["adjectives"]
+DEGREE = _LEXICON["degree"]
+MANNER_ADVERBS = _LEXICON["manner_adverbs"]
+FREQUENCY = _LEXICON["frequency"]
+TIME_PHRASES = _LEXICON["time_phrases"]
+PLACE_PREPOSITIONS = _LEXICON["place_prepositions"]
+MOTION_PREPOSITIONS = _LEXICON["motion_prepositions"]
+SURFACES = _LEXICON["surfaces"]
+CONTAINERS = _LEXICON["containers"]
+CONJUNCTIONS = _LEXICON["conjunctions"]
+WH_WORDS = _LEXICON["wh_words"]
+MODALS = _LEXICON["modals"]
+DETERMINERS_SG = _LEXICON["determiners_sg"]
+DETERMINERS_PL = _LEXICON["determiners_pl"]
+POSSESSIVES = _LEXICON["possessives"]
+NUMBER_WORDS = _LEXICON["number_words"]
+TENS_WORDS = _LEXICON["tens_words"]
+ORDINALS = _LEXICON["ordinals"]
+UNITS = _LEXICON["units"]
+WEATHER = _LEXICON["weather"]
+A_BEFORE_VOWEL = _LEXICON["a_before_vowel"]
+AN_BEFORE_CONSONANT = _LEXICON["an_before_consonant"]
 
 FEMALE_SUBJECTS = set(FEMALE_NAMES) | {"woman", "girl", "mother", "sister", "aunt", "daughter",
                                        "wife", "grandmother", "queen", "princess", "lady", "maid",
