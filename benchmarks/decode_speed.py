@@ -37,6 +37,7 @@ ROWS = {
     "runtime-w4a8": ("runtime", "qat/qat-w4a8/checkpoint_best.pt", ("fp32", "auto")),
     "runtime-mixed2a8": ("runtime", "qat/qat-mixed2a8/checkpoint_best.pt", ("fp32", "auto")),
     "runtime-w2a8": ("runtime", "qat/qat-w2a8/checkpoint_best.pt", ("fp32", "auto")),
+    "runtime-searched": ("runtime", "qat/qat-searched/checkpoint_best.pt", ("fp32", "auto")),
     # the low-bit kernels forced: MatMulNBits in the decoder steps, and in the encoder too
     "runtime-w2a8-nbits-decoder": ("runtime", "qat/qat-w2a8/checkpoint_best.pt", ("fp32", "nbits")),
     "runtime-w2a8-nbits-all": ("runtime", "qat/qat-w2a8/checkpoint_best.pt", ("nbits", "nbits")),
