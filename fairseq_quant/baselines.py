@@ -21,6 +21,8 @@ import torch
 import yaml
 from torch import nn
 
+from fairseq_quant_runtime.files import atomic_output
+
 from .compat import load_torch_file
 from .quant import Strategy
 from .quant.errors import FairseqQuantError
@@ -70,9 +72,8 @@ def ptq_checkpoint(fp32_checkpoint: str | os.PathLike, out: str | os.PathLike, s
     state.setdefault("extra_state", {})["post_training_quantization"] = str(strategy)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, out)
+    with atomic_output(out) as tmp:
+        torch.save(state, tmp)
     return out
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from pathlib import Path
 
 import torch
+
+from fairseq_quant_runtime.files import atomic_output
 
 from .quant import Strategy
 from .quant.calibrate import calibrate, is_calibrated
@@ -137,12 +138,8 @@ def calibrate_checkpoint(checkpoint, data, strategy: Strategy, out, batches: int
         "batch_size": batch_size, "seed": seed, "reinitialised_modules": len(changed),
         "kept_modules": len(model.quant_specs) - len(changed)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
+    with atomic_output(out) as tmp:
         torch.save(new_state, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     summary = dict(new_state["extra_state"]["calibration"], out=str(out),
                    activation_quantizers=len(reinit))
     logger.info("calibrated %s -> %s: %d activation quantizers on %d batches of %s (%d modules kept)",

@@ -45,6 +45,26 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["wer.json"]
 
 
+def test_atomic_writes_get_the_permissions_open_would_give(tmp_path):
+    """Not mkstemp's 0600: a results file or model file is readable as any other file the user writes."""
+    import os
+
+    from fairseq_quant_runtime.files import atomic_output
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "wer.json", "{}\n")
+        with atomic_output(tmp_path / "model.fqm") as tmp:
+            tmp.write_bytes(b"x")
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(mask)
+    for name in ("wer.json", "model.fqm"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.fqm", "plain.txt", "wer.json"]
+
+
 def test_markdown_table():
     table = format_table([SubsetResult("test-clean", 2, 10, 1, 0, 1, 20.0, 1.5)])
     assert table == ("| subset | utterances | words | sub | del | ins | WER % |\n|---|---:|---:|---:|---:|---:|---:|\n"

@@ -27,6 +27,8 @@ import torch
 import torchaudio.compliance.kaldi as kaldi
 from tqdm import tqdm
 
+from fairseq_quant_runtime.files import atomic_write
+
 SAMPLE_RATE = 16000
 NUM_MEL_BINS = 80
 FRAME_LENGTH_MS = 25.0
@@ -265,9 +267,7 @@ def write_if_changed(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a temporary file and os.replace, unless identical already."""
     if path.exists() and path.read_bytes() == data:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)
 
 
 def train_sentencepiece(texts: list[str], out_dir: Path, vocab_size: int) -> tuple[Path, int]:

@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fairseq_quant_runtime.files import atomic_output
+
 BUNDLE_VERSION = 1
 BUNDLE_FILES = ("model.pt", "spm.model", "dict.txt")
 DEFAULT_BUNDLE = Path(__file__).parent / "reference"
@@ -88,9 +90,8 @@ def average_checkpoints(save_dir: Path, count: int, out: Path) -> Path:
     merged.pop("criterion", None)
     merged.setdefault("extra_state", {})["averaged_checkpoints"] = [p.name for p in paths]
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(merged, tmp)
-    os.replace(tmp, out)
+    with atomic_output(out) as tmp:
+        torch.save(merged, tmp)
     return out
 
 

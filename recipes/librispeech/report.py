@@ -1,9 +1,9 @@
 """The results: each row's WER per subset, the table with speaker-level intervals (pooled WER and the paired
 relative change against fp32 and the QAT control), and the WER-against-size plot."""
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fairseq_quant_runtime.files import atomic_output
 from recipes.librispeech.rows import CONTROL_ROW, EVAL_SUBSETS, ROWS
 
 
@@ -96,8 +96,7 @@ def plot_results(results: list[ModelResult], subsets, path: Path) -> Path:
                  fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -21,6 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from fairseq_quant_runtime.files import atomic_output
 from recipes.librispeech.report import ModelResult, plot_results, pooled_wer, results_table
 from recipes.librispeech.rows import (
     EVAL_SUBSETS, ROWS, RecipeConfig, Row, SELECTED, SIZES, STRATEGY_DIR, calibrate_command, dev_subsets,
@@ -91,9 +92,8 @@ def select_on_dev(name: str, start: Path, trained: Path, out: Path, data: Path, 
     tuned = evaluate_model(f"{name} trained", trained, data, out / "select", dev_cfg)
     wers = {"start": pooled_wer(base, dev), "trained": pooled_wer(tuned, dev)}
     pick = "trained" if wers["trained"] <= wers["start"] else "start"
-    tmp = out / f".{SELECTED}.tmp"
-    shutil.copyfile(trained if pick == "trained" else start, tmp)
-    os.replace(tmp, chosen)
+    with atomic_output(chosen) as tmp:
+        shutil.copyfile(trained if pick == "trained" else start, tmp)
     record.write_text(json.dumps({"chosen": pick, "dev_subsets": list(dev), "dev_wer": wers, "start": str(start),
                                   "trained": str(trained)}, indent=2) + "\n")
     logger.info("select %s: dev WER start %.2f, trained %.2f -> %s", name, wers["start"], wers["trained"], pick)

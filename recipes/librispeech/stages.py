@@ -8,6 +8,8 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from fairseq_quant_runtime.files import atomic_write
+
 LOG_LINE = re.compile(r"\| (train_inner|valid on|train \||.*valid on|.*: WER )|^\[search\] ")
 
 logger = logging.getLogger("recipe")
@@ -18,9 +20,7 @@ def done_marker(path: Path) -> Path:
 
 
 def mark_done(path: Path, info: dict) -> None:
-    tmp = path / ".done.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, done_marker(path))
+    atomic_write(done_marker(path), json.dumps(info, indent=2) + "\n")
 
 
 def run_logged(cmd: list[str], log_path: Path, env=None, tag: str = "") -> None:

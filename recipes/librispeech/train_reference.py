@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from fairseq_quant_runtime.files import atomic_output, atomic_write
 from recipes.librispeech.stages import done_marker, mark_done, run_logged, train_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,9 +90,8 @@ def start_checkpoint(init_dir: Path) -> Path:
         state.setdefault("criterion", {})
         # fairseq's --stop-time-hours counts the checkpoint's previous training time: --hours is this training's
         state.setdefault("extra_state", {})["previous_training_time"] = 0.0
-        tmp = start.with_name(start.name + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(start)
+        with atomic_output(start) as tmp:
+            torch.save(state, tmp)
     return start
 
 
@@ -171,9 +171,7 @@ def main(argv=None) -> int:
             # checkpoint_last.pt, its time limit counts across resumes, and every run's command is recorded
             if runs[-1] != cmd:
                 runs.append(cmd)
-            tmp = started.with_name(started.name + ".tmp")
-            tmp.write_text(json.dumps(record) + "\n")
-            tmp.replace(started)
+            atomic_write(started, json.dumps(record) + "\n")
             done_marker(save_dir).unlink(missing_ok=True)
             start = time.perf_counter()
             run_logged(cmd, save_dir / "train.log", train_env(args.threads))
