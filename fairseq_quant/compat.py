@@ -16,6 +16,8 @@ Each fix is small and named for the upstream breakage it repairs (see PLATFORM.m
   model's training step on 2 CPU cores); we keep them in memory after the first epoch, up to
   ``FAIRSEQ_QUANT_FEATURE_CACHE_MB`` (default 4096; 0 disables);
 - fairseq's ``all_gather_list`` allocates CUDA buffers, so data-parallel training on CPU (gloo) fails;
+- fairseq broadcasts a loaded checkpoint to the other data-parallel ranks as a pickle that torch >= 2.6 loads
+  weights only; they allow the same checkpoint classes as rank 0;
 - fairseq re-raises any error from loading a checkpoint's model state as a bare ``Exception``; our
   one-line user errors are found behind it, and quant checkpoints carry their file name to the model;
 - torch.load never checks a checkpoint's CRCs: a bit-flipped file loads garbage, a truncated one fails deep
@@ -270,6 +272,27 @@ def annotate_loaded_checkpoints() -> None:
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
 
 
+def broadcast_states_safely() -> None:
+    """Data parallel: rank 0 loads a checkpoint (weights only, :func:`checkpoint_globals`) and fairseq broadcasts
+    it by pickling it and ``torch.load``-ing the bytes on the other ranks, weights only since torch 2.6; the
+    state holds the same argument and config classes, so the other ranks allow exactly those too."""
+    from fairseq.distributed import utils as distributed_utils
+
+    original = distributed_utils._broadcast_object_slow
+    if getattr(original, "_fairseq_quant", False):
+        return
+
+    # fairseq sends the tensors apart and pickles a placeholder in their place
+    allowed = checkpoint_globals() + [distributed_utils._TensorPlaceholder]
+
+    def _broadcast_object_slow(*args, **kwargs):
+        with torch.serialization.safe_globals(allowed):
+            return original(*args, **kwargs)
+
+    _broadcast_object_slow._fairseq_quant = True
+    distributed_utils._broadcast_object_slow = _broadcast_object_slow
+
+
 def gather_lists_on_cpu() -> None:
     """fairseq's ``all_gather_list`` (syncing logging outputs across data-parallel workers) allocates CUDA
     buffers; without CUDA (gloo workers on CPU) gather the objects with torch.distributed instead."""
@@ -303,4 +326,5 @@ def apply() -> None:
     sort_asr_batches_by_length()
     cache_asr_features()
     annotate_loaded_checkpoints()
+    broadcast_states_safely()
     gather_lists_on_cpu()
