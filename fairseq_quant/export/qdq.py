@@ -65,13 +65,16 @@ class QDQTable(WeightTable):
         return torch.fake_quantize_per_tensor_affine(x, float(p["scale"]), 0, -128, 127)
 
 
-def weight_scales(weights) -> dict[str, torch.Tensor]:
-    """Per-output-channel scales of every quantized weight, checked to fit a symmetric int8 grid."""
-    scales = {}
+def qdq_weights(weights) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The effective (fake-quantized) weights, and the per-output-channel scales of every quantized one, checked
+    to fit a symmetric int8 grid; each weight is quantized once."""
+    effective, scales = {}, {}
     for w in weights:
         if w.quantizer is None:
+            effective[w.name] = w.layout.float().reshape(w.shape)
             continue
-        tensor, _ = quantize_exactly(w)
+        tensor, fake = quantize_exactly(w)
+        effective[w.name] = fake.reshape(w.shape)
         if tensor.offset is not None:
             raise ExportError(f"{w.name}: asymmetric weight grid (method {w.quantizer.method}); QDQ export needs "
                               "symmetric weights (lsq, symmetric)")
@@ -84,7 +87,7 @@ def weight_scales(weights) -> dict[str, torch.Tensor]:
             raise ExportError(f"{w.name}: {tensor.groups} weight groups for {channels} output channels; QDQ export "
                               "needs one scale per tensor or per output channel")
         scales[w.name] = scale
-    return scales
+    return effective, scales
 
 
 def export_qdq(model: nn.Module, out_dir) -> dict:
@@ -93,12 +96,10 @@ def export_qdq(model: nn.Module, out_dir) -> dict:
     model = model.eval()
     layout = Layout.from_model(model)
     weights = collect_weights(model, layout)
-    scales = weight_scales(weights)
+    effective, scales = qdq_weights(weights)
     grids = activation_grids(model)
     if not scales and not grids:
         raise ExportError("the model has no quantized weight or activation: nothing to write as QDQ")
-    effective = {w.name: (quantize_exactly(w)[1] if w.quantizer is not None else w.layout.float()).reshape(w.shape)
-                 for w in weights}
     table = QDQTable(effective, collect_floats(model, layout, weights), {w.name for w in weights if w.transposed},
                      grids, scales)
     graphs = dict(zip(("encoder", "decoder"), build_graphs(layout, table)))
@@ -114,4 +115,4 @@ def export_qdq(model: nn.Module, out_dir) -> dict:
     return summary
 
 
-__all__ = ["QDQTable", "export_qdq", "weight_scales"]
+__all__ = ["QDQTable", "export_qdq", "qdq_weights"]
