@@ -1,5 +1,6 @@
 # Two commands a user needs: `make demo` (the main job) and `make test`. Both build the environment
-# first (Debian packages espeak-ng, sox, flac; a venv in .venv with pinned torch/fairseq).
+# first (Debian packages espeak-ng, flite, festival with three voices, sox, flac; a venv in .venv with pinned
+# torch/fairseq).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed

@@ -2,9 +2,10 @@
 # Create the project environment on a fresh Debian machine: system packages, then a venv.
 set -euo pipefail
 VENV=${1:-.venv}
+# the corpus synthesizers (espeak-ng, flite, festival and its three English voices), sox and flac
 need_apt=()
-for bin in espeak-ng sox flac; do
-  command -v "$bin" >/dev/null 2>&1 || need_apt+=("$bin")
+for pkg in espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox flac; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then

@@ -92,7 +92,8 @@ def test_a_finished_training_continues_when_asked_for_more_and_the_bundle_record
     ref = tmp_path / "ref"
     ref.mkdir()
     shutil.copytree(work / "data", ref / "data")
-    common = ["--workdir", str(ref), "--threads", "1", "--batch-size", "8", "--warmup", "2", "--average", "0"]
+    common = ["--workdir", str(ref), "--corpus", "reference", "--threads", "1", "--batch-size", "8", "--warmup", "2",
+              "--average", "0"]
     for updates in (2, 4, 4):
         assert train_reference(common + ["--stages", "train", "--max-update", str(updates)]) == 0
     record = json.loads((ref / "train" / "command.json").read_text())
@@ -113,8 +114,8 @@ def test_a_finished_training_continues_when_asked_for_more_and_the_bundle_record
     cont = tmp_path / "cont"
     cont.mkdir()
     shutil.copytree(work / "data", cont / "data")
-    more = ["--workdir", str(cont), "--threads", "1", "--batch-size", "8", "--warmup", "1", "--average", "0",
-            "--init-from", str(bundle), "--schedule", "linear", "--max-update", "2"]
+    more = ["--workdir", str(cont), "--corpus", "reference", "--threads", "1", "--batch-size", "8", "--warmup", "1",
+            "--average", "0", "--init-from", str(bundle), "--schedule", "linear", "--max-update", "2"]
     with pytest.raises(SystemExit, match="continue on the same corpus"):
         train_reference(more + ["--stages", "train", "--seed", "1"])
     assert train_reference(more + ["--stages", "train,average,eval,bundle", "--bundle", str(tmp_path / "bundle2")]) == 0

@@ -23,11 +23,11 @@ from recipes.librispeech import prepare_data
 ROOT = Path(__file__).resolve().parents[1]
 
 SPEECH = [  # (text, voice): corpus voices of both sexes, accents, a rough one, and a one-word utterance
-    ("the quick brown fox jumps over the lazy dog near the river bank", gc.Voice("en-us", "m3", 50, 160, 0)),
-    ("where should that wild frog sit", gc.Voice("en-gb", "f2", 70, 140, 2)),
-    ("a small boat drifted slowly past the old stone bridge at dawn", gc.Voice("en", "klatt", 30, 180, 1)),
-    ("seven", gc.Voice("en-us", "Annie", 40, 150, 0)),
-    ("please call stella and ask her to bring these things with her", gc.Voice("en-sc", "croak", 20, 200, 4)),
+    ("the quick brown fox jumps over the lazy dog near the river bank", gc.EspeakVoice("en-us", "m3", 50, 160, 0)),
+    ("where should that wild frog sit", gc.EspeakVoice("en-gb", "f2", 70, 140, 2)),
+    ("a small boat drifted slowly past the old stone bridge at dawn", gc.EspeakVoice("en", "klatt", 30, 180, 1)),
+    ("seven", gc.EspeakVoice("en-us", "Annie", 40, 150, 0)),
+    ("please call stella and ask her to bring these things with her", gc.EspeakVoice("en-sc", "croak", 20, 200, 4)),
 ]
 MEL_BINS_BELOW_3200_HZ = 53  # mel bins whose upper edge lies below 3.2 kHz (torchaudio's 8 kHz keeps them)
 MEL_BINS_BELOW_7000_HZ = 76  # below 7 kHz: untouched by the resamplers' anti-aliasing filters

@@ -1,9 +1,14 @@
-"""Generate a synthetic speech corpus in the exact LibriSpeech layout with espeak-ng.
+"""Generate a synthetic speech corpus in the exact LibriSpeech layout with several synthesizers.
 
-Each "speaker" is an espeak-ng voice configuration (base accent + variant + pitch + speed +
-word gap); sentences come from the grammar in `sentences.py`. Audio is synthesised by
-espeak-ng, resampled to 16 kHz, given a random gain and (for *-other, or mildly for *-clean)
-noise, and written as 16-bit mono FLAC. Everything is derived from one seed.
+Each "speaker" is a `Voice`: an espeak-ng formant voice configuration (accent + variant + pitch + speed + word
+gap) or, in the multi-synthesizer corpora (`synth_mix`), a flite or festival voice built from recordings of a
+real speaker (F0 target + duration stretch + speed perturbation). Sentences come from the grammar in
+`sentences.py`. Audio is synthesised, resampled to 16 kHz, given a random gain and (for *-other, or mildly for
+*-clean) noise, and written as 16-bit mono FLAC. Everything is derived from one seed. SPEAKERS.TXT names each
+speaker's voice; VOICES.json records its back-end, family and configuration.
+
+With `synth_mix` the corpus has a sixth subset, `test-unseen-synth`, spoken only by flite's clustergen voices
+(HELD_OUT_FAMILY), which no training speaker uses.
 
     python -m recipes.librispeech.generate_corpus --out DIR --seed 0 --size quick
 """
@@ -17,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +36,7 @@ from recipes.librispeech.sentences import MAX_WORDS, sentences
 
 # 2: every utterance has a noise floor (no digital silence); 3: lexicon, max_words, train_other, synth_train
 FORMAT_VERSION = 3
+MULTISYNTH_FORMAT_VERSION = 4  # 4: several synthesizers (synth_mix) and test-unseen-synth
 SAMPLE_RATE = 16000
 MARKER = ".complete"
 
@@ -43,6 +50,10 @@ SIZES = {
     "default": dict(num_train=8000, num_dev=200, num_test=200),
     # the corpus of the shipped reference model (recipes/librispeech/reference)
     "reference": dict(num_train=12000, num_dev=300, num_test=500, lexicon=4, max_words=9, train_other=0.3),
+    # the reference corpus spoken by several synthesizers: 40% of the training and dev/test-clean/other speakers
+    # are flite and festival voices (TRAINED_FAMILIES), the rest espeak-ng; plus `test-unseen-synth`
+    "multisynth": dict(num_train=12000, num_dev=300, num_test=500, lexicon=4, max_words=9, train_other=0.3,
+                       synth_mix=0.4),
 }
 TRAIN_SUBSET = "train-clean-100"
 EVAL_SUBSETS = ("dev-clean", "dev-other", "test-clean", "test-other")
@@ -83,15 +94,43 @@ GAIN_DB = (-10.0, 0.0)  # peak level relative to 0.9 full scale
 PAD_SECONDS = (0.05, 0.3)  # extra silence before and after the speech
 
 
-@dataclass(frozen=True)
 class Voice:
-    """An espeak-ng voice configuration: this is what a speaker is."""
+    """What a speaker is: one synthesizer back-end with one voice configuration.
+
+    Subclasses are frozen dataclasses (hashable, picklable for worker processes) that say which back-end and
+    voice family they belong to and synthesise text to a WAV file."""
+
+    backend: str = ""
+    family: str = ""
+
+    def synthesise(self, text: str, wav_path: Path) -> tuple[np.ndarray, int]:
+        """Synthesise `text` into wav_path; returns (float mono samples, sample rate)."""
+        raise NotImplementedError
+
+    def name(self) -> str:
+        """A readable unique name, used in SPEAKERS.TXT."""
+        raise NotImplementedError
+
+    @property
+    def female(self) -> bool:
+        raise NotImplementedError
+
+    def record(self) -> dict:
+        """The voice as a JSON object (VOICES.json)."""
+        return {"backend": self.backend, "family": self.family, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class EspeakVoice(Voice):
+    """An espeak-ng formant voice: base accent + variant + pitch (0-99) + speed (words per minute) + word gap."""
 
     base: str
     variant: str
     pitch: int
     speed: int
     gap: int
+    backend = "espeak-ng"
+    family = "espeak-ng"
 
     def espeak_args(self) -> list[str]:
         """Command-line options selecting this voice."""
@@ -99,8 +138,116 @@ class Voice:
                 str(self.speed), "-g", str(self.gap)]
 
     def name(self) -> str:
-        """A readable unique name, used in SPEAKERS.TXT."""
         return f"{self.base}+{self.variant} p{self.pitch} s{self.speed} g{self.gap}"
+
+    @property
+    def female(self) -> bool:
+        return self.variant in FEMALE_VARIANTS
+
+    def synthesise(self, text: str, wav_path: Path) -> tuple[np.ndarray, int]:
+        return _run_synth(["espeak-ng", *self.espeak_args(), "-w", str(wav_path), text.lower()], None, wav_path,
+                          self, text)
+
+
+@dataclass(frozen=True)
+class RecordedVoice(Voice):
+    """A flite or festival voice built from recordings of one real speaker (diphone, clustergen or HTS), varied
+    by a mean F0 target in Hz (0: the voice's own; not every voice takes one), a duration stretch, and a speed
+    perturbation applied to the audio afterwards (resampling as if recorded at `speed` times its rate: tempo and
+    pitch change together, like Kaldi's speed perturbation)."""
+
+    voice: str
+    f0: int
+    stretch: float
+    speed: float
+
+    def name(self) -> str:
+        return f"{self.backend}:{self.voice} f0={self.f0 or 'own'} stretch={self.stretch:.2f} speed={self.speed:.2f}"
+
+    @property
+    def female(self) -> bool:
+        return self.voice in RECORDED_FEMALE
+
+    def command(self, text: str, wav_path: Path) -> tuple[list[str], str | None]:
+        """The synthesizer's command line and its standard input."""
+        raise NotImplementedError
+
+    def synthesise(self, text: str, wav_path: Path) -> tuple[np.ndarray, int]:
+        audio, rate = _run_synth(*self.command(text.lower(), wav_path), wav_path, self, text)
+        return audio, int(round(rate * self.speed))
+
+
+@dataclass(frozen=True)
+class FliteVoice(RecordedVoice):
+    """flite: diphone voices kal (8 kHz) and kal16, clustergen statistical parametric voices awb, rms, slt (CMU
+    ARCTIC speakers). F0 targets work on all of them except rms."""
+
+    backend = "flite"
+
+    @property
+    def family(self) -> str:
+        return "flite-diphone" if self.voice in ("kal", "kal16") else "flite-clustergen"
+
+    def command(self, text: str, wav_path: Path) -> tuple[list[str], str | None]:
+        pitch = ["--setf", f"int_f0_target_mean={self.f0}"] if self.f0 else []
+        return ["flite", "-voice", self.voice, "--setf", f"duration_stretch={self.stretch:.2f}", *pitch,
+                "-t", text, "-o", str(wav_path)], None
+
+
+@dataclass(frozen=True)
+class FestivalVoice(RecordedVoice):
+    """festival: diphone voices kal_diphone and ked_diphone (F0 target through int_lr_params, Duration_Stretch),
+    and the HTS voice cmu_us_slt_arctic_hts (which ignores both: its stretch is the HTS engine's speech rate,
+    1 / stretch, and it takes no F0 target)."""
+
+    backend = "festival"
+
+    @property
+    def family(self) -> str:
+        return "festival-hts" if self.voice.endswith("_hts") else "festival-diphone"
+
+    def command(self, text: str, wav_path: Path) -> tuple[list[str], str | None]:
+        evals = ["-eval", f"(voice_{self.voice})", "-eval", f"(Parameter.set 'Duration_Stretch {self.stretch:.2f})"]
+        if self.voice.endswith("_hts"):
+            evals += ["-eval", f"(set! hts_engine_params (append hts_engine_params '((\"-r\" {1 / self.stretch:.3f}))))"]
+        if self.f0:
+            evals += ["-eval", f"(set! int_lr_params '((target_f0_mean {self.f0}) (target_f0_std {self.f0 // 8}) "
+                               "(model_f0_mean 170) (model_f0_std 34)))"]
+        return ["text2wave", *evals, "-o", str(wav_path)], text + "\n"
+
+
+def _run_synth(cmd: list[str], stdin: str | None, wav_path: Path, voice: Voice, text: str) -> tuple[np.ndarray, int]:
+    """Run a synthesizer command that writes wav_path; read it back as float mono samples."""
+    try:
+        result = subprocess.run(cmd, input=stdin, capture_output=True, text=True)
+    except FileNotFoundError as e:
+        raise RuntimeError(f"{voice.backend} is not installed ({cmd[0]} not found): run scripts/setup_env.sh") from e
+    if result.returncode != 0 or not wav_path.exists():
+        raise RuntimeError(f"{voice.backend} failed for voice {voice.name()!r} on {text!r}: {result.stderr.strip()}")
+    audio, rate = sf.read(wav_path, dtype="float32")
+    if audio.ndim != 1 or audio.size == 0:
+        raise RuntimeError(f"{voice.backend} produced no mono audio for {text!r} ({wav_path})")
+    return audio, rate
+
+
+# The recorded voices, by family. Training hears espeak-ng and the TRAINED_FAMILIES; `test-unseen-synth` is spoken
+# by HELD_OUT_FAMILY only: flite's clustergen voices, a synthesis method (statistical parametric) and two
+# speakers (awb, rms) that training never hears. Its third voice, slt, is a speaker training hears through
+# festival's HTS voice (a different method built from the same recordings).
+RECORDED_VOICES = {
+    "flite-diphone": (FliteVoice, ("kal", "kal16")),
+    "festival-diphone": (FestivalVoice, ("kal_diphone", "ked_diphone")),
+    "festival-hts": (FestivalVoice, ("cmu_us_slt_arctic_hts",)),
+    "flite-clustergen": (FliteVoice, ("awb", "rms", "slt")),
+}
+TRAINED_FAMILIES = ("flite-diphone", "festival-diphone", "festival-hts")
+HELD_OUT_FAMILY = "flite-clustergen"
+UNSEEN_SYNTH_SUBSET = "test-unseen-synth"
+RECORDED_FEMALE = {"slt", "cmu_us_slt_arctic_hts"}
+NO_F0_TARGET = {"rms", "cmu_us_slt_arctic_hts"}
+# F0 target (Hz) ranges for male and female voices; duration stretch; speed perturbation
+RECORDED_CLEAN = {"f0_male": (85, 150), "f0_female": (150, 240), "stretch": (0.9, 1.2), "speed": (0.92, 1.08)}
+RECORDED_OTHER = {"f0_male": (70, 180), "f0_female": (130, 280), "stretch": (0.8, 1.35), "speed": (0.88, 1.12)}
 
 
 @dataclass
@@ -129,25 +276,55 @@ class Utterance:
 # --------------------------------------------------------------------------------------------
 # Planning: speakers, chapters, texts (all in the main process, from the seed)
 # --------------------------------------------------------------------------------------------
-def speaker_counts(num_train: int, num_dev: int, num_test: int) -> dict[str, int]:
+def corpus_eval_subsets(params: dict) -> tuple[str, ...]:
+    """The evaluation subsets of a corpus: with several synthesizers (`synth_mix`) also `test-unseen-synth`."""
+    return EVAL_SUBSETS + ((UNSEEN_SYNTH_SUBSET,) if params.get("synth_mix") else ())
+
+
+def speaker_counts(num_train: int, num_dev: int, num_test: int,
+                   eval_subsets: tuple[str, ...] = EVAL_SUBSETS) -> dict[str, int]:
     """Number of speakers in each subset."""
     counts = {TRAIN_SUBSET: max(MIN_TRAIN_SPEAKERS, num_train // TRAIN_UTTS_PER_SPEAKER)}
-    for subset in EVAL_SUBSETS:
+    for subset in eval_subsets:
         n = num_dev if subset.startswith("dev") else num_test
         counts[subset] = min(MAX_EVAL_SPEAKERS, max(MIN_EVAL_SPEAKERS, n // EVAL_UTTS_PER_SPEAKER))
     return counts
 
 
-def subset_sizes(num_train: int, num_dev: int, num_test: int) -> dict[str, int]:
+def subset_sizes(num_train: int, num_dev: int, num_test: int,
+                 eval_subsets: tuple[str, ...] = EVAL_SUBSETS) -> dict[str, int]:
     """Number of utterances in each subset."""
     return {s: num_train if s == TRAIN_SUBSET else num_dev if s.startswith("dev") else num_test
-            for s in SUBSETS}
+            for s in (TRAIN_SUBSET, *eval_subsets)}
 
 
-def _draw_voice(rng: np.random.Generator, base: str, variant: str, other: bool) -> Voice:
-    """A voice with pitch/speed/gap drawn from the clean or the other ranges."""
+def _draw_voice(rng: np.random.Generator, base: str, variant: str, other: bool) -> EspeakVoice:
+    """An espeak-ng voice with pitch/speed/gap drawn from the clean or the other ranges."""
     ranges = OTHER_VOICE if other else CLEAN_VOICE
-    return Voice(base, variant, *(int(rng.integers(*ranges[k])) for k in ("pitch", "speed", "gap")))
+    return EspeakVoice(base, variant, *(int(rng.integers(*ranges[k])) for k in ("pitch", "speed", "gap")))
+
+
+def draw_recorded_voice(rng: np.random.Generator, family: str, index: int, other: bool,
+                        taken: set[Voice]) -> RecordedVoice:
+    """The family's voice number `index` (cycling) with an F0 target, stretch and speed drawn from the clean or the
+    other ranges, different from every voice configuration in `taken` (which it joins)."""
+    cls, names = RECORDED_VOICES[family]
+    voice = names[index % len(names)]
+    for _ in range(1000):
+        drawn = _draw_recorded(rng, cls, voice, other)
+        if drawn not in taken:
+            taken.add(drawn)
+            return drawn
+    raise ValueError(f"no new configuration of voice {voice} left after 1000 draws: too many speakers of it")
+
+
+def _draw_recorded(rng: np.random.Generator, cls: type, voice: str, other: bool) -> RecordedVoice:
+    ranges = RECORDED_OTHER if other else RECORDED_CLEAN
+    f0_range = ranges["f0_female" if voice in RECORDED_FEMALE else "f0_male"]
+    f0 = int(rng.integers(*f0_range))  # drawn for every voice, so the stream does not depend on the voice
+    stretch = round(float(rng.uniform(*ranges["stretch"])), 2)
+    speed = round(float(rng.uniform(*ranges["speed"])), 2)
+    return cls(voice, 0 if voice in NO_F0_TARGET else f0, stretch, speed)
 
 
 def train_other_count(num_speakers: int, train_other: float) -> int:
@@ -168,7 +345,7 @@ def plan_voices(rng: np.random.Generator, counts: dict[str, int],
     rough = [(b, v) for b in BASE_VOICES for v in OTHER_ONLY_VARIANTS]
     rough = [rough[i] for i in rng.permutation(len(rough))]
     voices: dict[str, list[Voice]] = {}
-    for subset in EVAL_SUBSETS:
+    for subset in EVAL_SUBSETS:  # test-unseen-synth has no espeak-ng voice (mix_recorded_voices)
         other = subset.endswith("other")
         voices[subset] = []
         for _ in range(counts[subset]):
@@ -189,15 +366,40 @@ def plan_voices(rng: np.random.Generator, counts: dict[str, int],
     return voices
 
 
+def mix_recorded_voices(rng: np.random.Generator, voices: dict[str, list[Voice]], mix: float,
+                        train_other: float, unseen_count: int) -> dict[str, list[Voice]]:
+    """Replace the fraction `mix` of every subset's espeak-ng voices (positions drawn at random) by flite and
+    festival voices of the TRAINED_FAMILIES in turn, each with its own drawn configuration (the *-other ranges
+    for *-other speakers), and add the HELD_OUT_FAMILY voices of `test-unseen-synth` (clean conditions). No
+    configuration repeats anywhere in the corpus; the base recorded voices (kal, ked, slt) are shared by
+    training and the dev/test subsets, as espeak-ng's accents are."""
+    taken: set[Voice] = set()
+    mixed: dict[str, list[Voice]] = {}
+    for subset in SUBSETS:
+        subset_voices = list(voices[subset])
+        n = len(subset_voices)
+        n_other = (train_other_count(n, train_other) if subset == TRAIN_SUBSET
+                   else n if subset.endswith("other") else 0)
+        positions = sorted(rng.choice(n, int(round(n * mix)), replace=False).tolist())
+        for j, pos in enumerate(positions):
+            family = TRAINED_FAMILIES[j % len(TRAINED_FAMILIES)]
+            subset_voices[pos] = draw_recorded_voice(rng, family, j // len(TRAINED_FAMILIES), pos < n_other, taken)
+        mixed[subset] = subset_voices
+    mixed[UNSEEN_SYNTH_SUBSET] = [draw_recorded_voice(rng, HELD_OUT_FAMILY, k, False, taken)
+                                  for k in range(unseen_count)]
+    return mixed
+
+
 def plan_speakers(rng: np.random.Generator, sizes: dict[str, int],
-                  voices: dict[str, list[Voice]], train_other: float = 0.0) -> list[Speaker]:
+                  voices: dict[str, list[Voice]], train_other: float = 0.0,
+                  subsets: tuple[str, ...] = SUBSETS) -> list[Speaker]:
     """Speakers with unique integer speaker and chapter IDs, 1-3 chapters each."""
     total = sum(len(v) for v in voices.values())
     speaker_ids = rng.choice(np.arange(10, 10000), size=total, replace=False)
     chapter_ids = iter(rng.choice(np.arange(100, 300000), size=total * MAX_CHAPTERS_PER_SPEAKER,
                                   replace=False).tolist())
     speakers, k = [], 0
-    for subset in SUBSETS:
+    for subset in subsets:
         per_speaker = _split_evenly(sizes[subset], len(voices[subset]))
         n_other = (train_other_count(len(voices[subset]), train_other) if subset == TRAIN_SUBSET
                    else len(voices[subset]) if subset.endswith("other") else 0)
@@ -216,14 +418,15 @@ def _split_evenly(total: int, parts: int) -> list[int]:
 
 
 def plan_utterances(seed: int, sizes: dict[str, int], speakers: list[Speaker],
-                    root: Path, lexicon: int | None = None, max_words: int = MAX_WORDS) -> list[Utterance]:
+                    root: Path, lexicon: int | None = None, max_words: int = MAX_WORDS,
+                    subsets: tuple[str, ...] = SUBSETS) -> list[Utterance]:
     """All utterances with IDs, texts, voices and per-utterance seeds.
 
     Texts are distinct across the whole corpus, so dev/test sentences never repeat training ones.
     """
     seen: set[str] = set()
     utterances = []
-    for s_index, subset in enumerate(SUBSETS):
+    for s_index, subset in enumerate(subsets):
         texts = sentences(np.random.default_rng([seed, 1, s_index]), sizes[subset], seen,
                           lexicon=lexicon, max_words=max_words)
         subset_speakers = [sp for sp in speakers if sp.subset == subset]
@@ -247,19 +450,6 @@ def plan_utterances(seed: int, sizes: dict[str, int], speakers: list[Speaker],
 def _init_worker() -> None:
     """One torch thread per worker process."""
     torch.set_num_threads(1)
-
-
-def espeak(text: str, voice: Voice, wav_path: Path) -> tuple[np.ndarray, int]:
-    """Synthesise `text` with espeak-ng into wav_path; returns (float samples, sample rate)."""
-    cmd = ["espeak-ng", *voice.espeak_args(), "-w", str(wav_path), text.lower()]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0 or not wav_path.exists():
-        raise RuntimeError(f"espeak-ng failed for voice {voice.name()!r} on {text!r}: "
-                           f"{result.stderr.strip()}")
-    audio, rate = sf.read(wav_path, dtype="float32")
-    if audio.ndim != 1 or audio.size == 0:
-        raise RuntimeError(f"espeak-ng produced no mono audio for {text!r} ({wav_path})")
-    return audio, rate
 
 
 def resample(audio: np.ndarray, rate: int) -> np.ndarray:
@@ -305,7 +495,7 @@ def synthesise(utt: Utterance, wav_dir: str) -> tuple[str, int]:
     """Synthesise one utterance to its FLAC path; returns (utt_id, number of samples)."""
     wav_path = Path(wav_dir) / f"{utt.utt_id}.wav"
     try:
-        audio, rate = espeak(utt.text, utt.voice, wav_path)
+        audio, rate = utt.voice.synthesise(utt.text, wav_path)
     finally:
         wav_path.unlink(missing_ok=True)
     rng = np.random.default_rng(list(utt.seed))
@@ -337,10 +527,22 @@ def write_speakers(root: Path, speakers: list[Speaker], minutes: dict[int, float
     """Write SPEAKERS.TXT in LibriSpeech's format; NAME is the espeak-ng voice configuration."""
     lines = ["; ID      |SEX| SUBSET           |MINUTES| NAME\n"]
     for sp in sorted(speakers, key=lambda s: s.speaker_id):
-        sex = "F" if sp.voice.variant in FEMALE_VARIANTS else "M"
+        sex = "F" if sp.voice.female else "M"
         lines.append(f"{sp.speaker_id:<8} | {sex} | {sp.subset:<16} | {minutes[sp.speaker_id]:5.2f} "
                      f"| {sp.voice.name()}\n")
     (root / "SPEAKERS.TXT").write_text("".join(lines))
+
+
+def write_voices(root: Path, speakers: list[Speaker]) -> None:
+    """Write VOICES.json: for every speaker its subset, conditions and voice (back-end, family, configuration)."""
+    records = {str(sp.speaker_id): {"subset": sp.subset, "other": sp.other, **sp.voice.record()}
+               for sp in sorted(speakers, key=lambda s: s.speaker_id)}
+    (root / "VOICES.json").write_text(json.dumps(records, indent=1) + "\n")
+
+
+def read_voices(root: Path) -> dict[str, dict]:
+    """Speaker id -> VOICES.json record of a generated corpus."""
+    return json.loads((Path(root) / "VOICES.json").read_text())
 
 
 def synthesise_all(utterances: list[Utterance], jobs: int) -> dict[str, int]:
@@ -370,7 +572,7 @@ def _run_tasks(tasks: list, jobs: int):
 def generation_params(seed: int, num_train: int, num_dev: int, num_test: int, lexicon: int | None = None,
                       max_words: int = MAX_WORDS, train_other: float = 0.0,
                       synth_train: int | None = None, synth_eval: int | None = None,
-                      extra_eval_speakers: int = 0) -> dict:
+                      extra_eval_speakers: int = 0, synth_mix: float | None = None) -> dict:
     """The parameters that determine the corpus content (recorded in the marker file).
 
     `synth_train` synthesises only N evenly spaced training utterances of the plan: the evaluation subsets
@@ -378,12 +580,15 @@ def generation_params(seed: int, num_train: int, num_dev: int, num_test: int, le
     is evaluated on the same held-out data, and a short fine-tuning run needs less synthesis.
     `synth_eval` likewise synthesises only N evenly spaced utterances of each evaluation subset (a quick
     check of a trained model on a few of its held-out utterances).
-    `extra_eval_speakers` adds that many new-voice speakers to each evaluation subset (`plan_extra_eval`)."""
-    return {"format_version": FORMAT_VERSION, "seed": seed, "num_train": num_train,
+    `extra_eval_speakers` adds that many new-voice speakers to each evaluation subset (`plan_extra_eval`).
+    `synth_mix` (format 4) speaks that fraction of the speakers with flite and festival voices and adds the
+    `test-unseen-synth` subset (`mix_recorded_voices`)."""
+    return {"format_version": MULTISYNTH_FORMAT_VERSION if synth_mix else FORMAT_VERSION, "seed": seed, "num_train": num_train,
             "num_dev": num_dev, "num_test": num_test, "lexicon": lexicon, "max_words": max_words,
             "train_other": train_other, "synth_train": synth_train, "synth_eval": synth_eval,
             # only when set, so that the parameters of corpora (and reference bundles) made without it are unchanged
-            **({"extra_eval_speakers": extra_eval_speakers} if extra_eval_speakers else {})}
+            **({"extra_eval_speakers": extra_eval_speakers} if extra_eval_speakers else {}),
+            **({"synth_mix": synth_mix} if synth_mix else {})}
 
 
 def size_params(size: str, seed: int = 0, synth_train: int | None = None, synth_eval: int | None = None,
@@ -433,6 +638,8 @@ def generate_from_params(out_dir: str | os.PathLike, params: dict, jobs: int = 2
         raise ValueError(f"synth_eval must be in 1..{smallest_eval}, got {params['synth_eval']}")
     if not 0.0 <= params["train_other"] <= 1.0:
         raise ValueError(f"train_other must be a fraction in [0, 1], got {params['train_other']}")
+    if not 0.0 <= params.get("synth_mix", 0.0) <= 1.0:
+        raise ValueError(f"synth_mix must be a fraction in [0, 1], got {params['synth_mix']}")
     out_dir = Path(out_dir)
     root = out_dir / "LibriSpeech"
     if check_existing(root, params):
@@ -453,11 +660,17 @@ def generate_from_params(out_dir: str | os.PathLike, params: dict, jobs: int = 2
 def plan_corpus(params: dict, root: Path) -> tuple[list[Speaker], list[Utterance]]:
     """Speakers and utterances of the full corpus that `params` describe (synth_* limits not applied)."""
     rng = np.random.default_rng([params["seed"], 0])
-    sizes = subset_sizes(params["num_train"], params["num_dev"], params["num_test"])
-    voices = plan_voices(rng, speaker_counts(params["num_train"], params["num_dev"],
-                                             params["num_test"]), params["train_other"])
-    speakers = plan_speakers(rng, sizes, voices, params["train_other"])
-    utterances = plan_utterances(params["seed"], sizes, speakers, root, params["lexicon"], params["max_words"])
+    eval_subsets = corpus_eval_subsets(params)
+    subsets = (TRAIN_SUBSET, *eval_subsets)
+    sizes = subset_sizes(params["num_train"], params["num_dev"], params["num_test"], eval_subsets)
+    counts = speaker_counts(params["num_train"], params["num_dev"], params["num_test"], eval_subsets)
+    voices = plan_voices(rng, counts, params["train_other"])  # espeak-ng voices (the whole corpus of format 3)
+    if params.get("synth_mix"):
+        voices = mix_recorded_voices(np.random.default_rng([params["seed"], 6]), voices, params["synth_mix"],
+                                     params["train_other"], counts[UNSEEN_SYNTH_SUBSET])
+    speakers = plan_speakers(rng, sizes, voices, params["train_other"], subsets)
+    utterances = plan_utterances(params["seed"], sizes, speakers, root, params["lexicon"], params["max_words"],
+                                 subsets)
     extra = params.get("extra_eval_speakers", 0)
     if extra:
         more_speakers, more_utts = plan_extra_eval(params, speakers, utterances, extra, root)
@@ -470,14 +683,23 @@ def plan_extra_eval(params: dict, speakers: list[Speaker], utterances: list[Utte
     """`per_subset` more speakers for each evaluation subset, planned after (and without changing) the rest of
     the corpus: voices whose (accent, variant) pair no subset uses, EXTRA_EVAL_UTTS_PER_SPEAKER new sentences
     each (distinct from every sentence of the corpus). A model trained on the corpus without them has heard
-    neither their voices nor their sentences, so they enlarge the held-out sets by new voices."""
+    neither their voices nor their sentences, so they enlarge the held-out sets by new voices. With several
+    synthesizers (`synth_mix`) that fraction of each subset's new speakers are recorded voices of the trained
+    families with new configurations, and `test-unseen-synth` gets `per_subset` more held-out-family voices."""
     rng = np.random.default_rng([params["seed"], 3])
-    used = {(sp.voice.base, sp.voice.variant) for sp in speakers}
+    eval_subsets = corpus_eval_subsets(params)
+    mix = params.get("synth_mix") or 0.0
+    recorded_rng = np.random.default_rng([params["seed"], 7])
+    recorded_at = {s: set(recorded_rng.choice(per_subset, per_subset if s == UNSEEN_SYNTH_SUBSET
+                                              else int(round(per_subset * mix)), replace=False).tolist())
+                   for s in eval_subsets}
+    taken = {sp.voice for sp in speakers}
+    used = {(sp.voice.base, sp.voice.variant) for sp in speakers if isinstance(sp.voice, EspeakVoice)}
     pairs = [(b, v) for b in BASE_VOICES for v in VARIANTS if (b, v) not in used]
     pairs = [pairs[i] for i in rng.permutation(len(pairs))]
     rough = [(b, v) for b in BASE_VOICES for v in OTHER_ONLY_VARIANTS if (b, v) not in used]
     rough = [rough[i] for i in rng.permutation(len(rough))]
-    needed = per_subset * len(EVAL_SUBSETS)
+    needed = sum(per_subset - len(recorded_at[s]) for s in eval_subsets)
     if needed > len(pairs) + len(rough):
         raise ValueError(f"extra_eval_speakers {per_subset}: only {len(pairs) + len(rough)} voices are unused by "
                          f"the corpus, {needed} needed")
@@ -487,14 +709,22 @@ def plan_extra_eval(params: dict, speakers: list[Speaker], utterances: list[Utte
     free_chapters = iter(c for c in rng.permutation(np.arange(100, 300000)).tolist() if c not in taken_chapters)
     seen = {u.text for u in utterances}
     new_speakers, new_utts = [], []
-    for s_index, subset in enumerate(EVAL_SUBSETS):
+    for s_index, subset in enumerate(eval_subsets):
         other = subset.endswith("other")
         texts = iter(sentences(np.random.default_rng([params["seed"], 4, s_index]),
                                per_subset * EXTRA_EVAL_UTTS_PER_SPEAKER, seen,
                                lexicon=params["lexicon"], max_words=params["max_words"]))
+        recorded = sorted(recorded_at[subset])
         for k in range(per_subset):
-            pool = rough if (other and rough and rng.random() < 0.25) or not pairs else pairs
-            voice = _draw_voice(rng, *pool.pop(), other)
+            if k in recorded_at[subset]:
+                j = recorded.index(k)
+                family = (HELD_OUT_FAMILY if subset == UNSEEN_SYNTH_SUBSET
+                          else TRAINED_FAMILIES[j % len(TRAINED_FAMILIES)])
+                n_family = 1 if subset == UNSEEN_SYNTH_SUBSET else len(TRAINED_FAMILIES)
+                voice = draw_recorded_voice(recorded_rng, family, j // n_family, other, taken)
+            else:
+                pool = rough if (other and rough and rng.random() < 0.25) or not pairs else pairs
+                voice = _draw_voice(rng, *pool.pop(), other)
             n_chapters = int(rng.integers(1, MAX_CHAPTERS_PER_SPEAKER + 1))
             sp = Speaker(free_ids.pop(), subset, voice, sorted(next(free_chapters) for _ in range(n_chapters)),
                          other)
@@ -511,7 +741,7 @@ def plan_extra_eval(params: dict, speakers: list[Speaker], utterances: list[Utte
 def _generate_into(tmp_root: Path, params: dict, jobs: int) -> None:
     """Plan and synthesise the corpus under tmp_root, then write the marker."""
     speakers, utterances = plan_corpus(params, tmp_root)
-    limits = {TRAIN_SUBSET: params["synth_train"], **{s: params["synth_eval"] for s in EVAL_SUBSETS}}
+    limits = {TRAIN_SUBSET: params["synth_train"], **{s: params["synth_eval"] for s in corpus_eval_subsets(params)}}
     if any(n is not None for n in limits.values()):
         keep = set()
         for subset, limit in limits.items():
@@ -529,6 +759,7 @@ def _generate_into(tmp_root: Path, params: dict, jobs: int) -> None:
     for utt in utterances:
         minutes[int(utt.utt_id.split("-")[0])] += samples[utt.utt_id] / SAMPLE_RATE / 60
     write_speakers(tmp_root, speakers, minutes)
+    write_voices(tmp_root, speakers)
     (tmp_root / MARKER).write_text(json.dumps(params, sort_keys=True) + "\n")
 
 
@@ -546,6 +777,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--extra-eval-speakers", type=int, default=0,
                         help=f"add N new-voice speakers ({EXTRA_EVAL_UTTS_PER_SPEAKER} utterances each) to every "
                              "evaluation subset (the rest of the corpus is unchanged)")
+    parser.add_argument("--synth-mix", type=float, default=None,
+                        help="speak this fraction of the speakers with flite and festival voices and add "
+                             f"{UNSEEN_SYNTH_SUBSET} (format {MULTISYNTH_FORMAT_VERSION}; default: the size's)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
     return parser.parse_args(argv)
 
@@ -557,6 +791,9 @@ def main(argv=None) -> None:
     for name in ("num_train", "num_dev", "num_test"):
         if getattr(args, name) is not None:
             params[name] = getattr(args, name)
+    if args.synth_mix is not None:
+        params = generation_params(**{**{k: v for k, v in params.items() if k != "format_version"},
+                                      "synth_mix": args.synth_mix or None})
     print(generate_from_params(args.out, params, jobs=args.jobs))
 
 

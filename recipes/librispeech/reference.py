@@ -194,7 +194,7 @@ def write_bundle(bundle: Path, work: Path, args) -> Path:
         "bundle_version": BUNDLE_VERSION,
         "arch": state["cfg"]["model"].arch if state.get("cfg") is not None else None,
         "parameters": sum(v.numel() for v in state["model"].values() if v.is_floating_point()),
-        "corpus": size_params("reference", args.seed),
+        "corpus": size_params(args.corpus, args.seed),
         "vocab_size": args.vocab_size,
         "training": {
             "command": runs[-1],  # the run that finished (fairseq resumes; its time limit spans the runs)

@@ -5,7 +5,8 @@
         --bundle recipes/librispeech/reference
 
 Stages (each resumable; a finished one is skipped):
-- corpus: the `reference` corpus (generate_corpus.SIZES["reference"]; seed --seed);
+- corpus: the --corpus corpus (generate_corpus.SIZES[--corpus]; seed --seed): `multisynth` (espeak-ng, flite and
+  festival voices, and test-unseen-synth) by default, `reference` for the espeak-ng corpus of the 2026-12-03 bundle;
 - prepare: manifests, a SentencePiece unigram model of --vocab-size pieces, dict.txt;
 - train: fairseq-train of `vggtransformer_ref_ctc` (the model's CTC head trained by the CTC loss), until --hours of training
   time (fairseq's --stop-time-hours, which counts across resumes) or --max-update; an interrupted run
@@ -34,10 +35,9 @@ from recipes.librispeech.stages import done_marker, mark_done, run_logged, train
 
 REPO = Path(__file__).resolve().parents[2]
 ARCH = "vggtransformer_ref_ctc"  # with its CTC head: trained by the CTC loss, used by joint decoding
-CORPUS_SIZE = "reference"
+CORPUS_SIZE = "multisynth"
 SPECAUGMENT_EXAMPLE = '{"freq_mask_N": 2, "freq_mask_F": 20, "time_mask_N": 2, "time_mask_T": 30, "time_mask_p": 0.2}'
 STAGES = ("corpus", "prepare", "train", "average", "eval", "bundle")
-EVAL_SUBSETS = ("dev-clean", "dev-other", "test-clean", "test-other")
 logger = logging.getLogger("train_reference")
 
 
@@ -99,6 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--corpus", default=CORPUS_SIZE, help="generate_corpus size of the training corpus")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed")
     parser.add_argument("--train-seed", type=int, default=1)
     parser.add_argument("--vocab-size", type=int, default=256)
@@ -134,27 +135,29 @@ def main(argv=None) -> int:
     corpus_root = work / "corpus" / "LibriSpeech"
     data = work / "data"
     save_dir = work / "train"
+    from recipes.librispeech.generate_corpus import corpus_eval_subsets, size_params
+
+    corpus_params = size_params(args.corpus, args.seed)
+    eval_subsets = list(corpus_eval_subsets(corpus_params))
     init_model = None
-    if args.init_from is not None:
-        from recipes.librispeech.generate_corpus import size_params
-        from recipes.librispeech.reference import copy_init_bundle
+    if args.init_from is not None:        from recipes.librispeech.reference import copy_init_bundle
 
         init_dir = copy_init_bundle(args.init_from, work / "init")
         trained_on = json.loads((init_dir / "manifest.json").read_text())["corpus"]
-        if trained_on != size_params(CORPUS_SIZE, args.seed):
+        if trained_on != corpus_params:
             raise SystemExit(f"train_reference: {args.init_from} was trained on corpus {trained_on}, this run "
-                             f"generates {size_params(CORPUS_SIZE, args.seed)}; continue on the same corpus")
+                             f"generates {corpus_params}; continue on the same corpus")
         init_model = start_checkpoint(init_dir)
     if "corpus" in stages:
-        from recipes.librispeech.generate_corpus import generate_from_params, size_params
+        from recipes.librispeech.generate_corpus import generate_from_params
 
-        generate_from_params(work / "corpus", size_params(CORPUS_SIZE, args.seed), jobs=args.threads)
+        generate_from_params(work / "corpus", corpus_params, jobs=args.threads)
     if "prepare" in stages:
         from recipes.librispeech.prepare_data import prepare
 
         given = ({"spm_model": init_model.with_name("spm.model"), "dictionary": init_model.with_name("dict.txt")}
                  if init_model is not None else {})
-        prepare(corpus_root, data, ["train-clean-100"], list(EVAL_SUBSETS),
+        prepare(corpus_root, data, ["train-clean-100"], eval_subsets,
                 args.vocab_size, jobs=args.threads, **given)
     if "train" in stages:
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -186,7 +189,7 @@ def main(argv=None) -> int:
         from fairseq_quant.evaluate import evaluate
 
         torch.set_num_threads(args.threads)
-        for r in evaluate(work / "model.pt", data, list(EVAL_SUBSETS), work / "eval", beam=5, device="cpu",
+        for r in evaluate(work / "model.pt", data, eval_subsets, work / "eval", beam=5, device="cpu",
                           progress=False):
             logger.info("%s: WER %.2f%% over %d words (beam 5)", r.subset, r.wer, r.words)
     if "bundle" in stages:
