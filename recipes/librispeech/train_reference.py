@@ -140,7 +140,8 @@ def main(argv=None) -> int:
     corpus_params = size_params(args.corpus, args.seed)
     eval_subsets = list(corpus_eval_subsets(corpus_params))
     init_model = None
-    if args.init_from is not None:        from recipes.librispeech.reference import copy_init_bundle
+    if args.init_from is not None:
+        from recipes.librispeech.reference import copy_init_bundle
 
         init_dir = copy_init_bundle(args.init_from, work / "init")
         trained_on = json.loads((init_dir / "manifest.json").read_text())["corpus"]
