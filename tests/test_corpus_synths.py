@@ -1,0 +1,137 @@
+"""The corpus generator's synthesizer back-ends (espeak-ng, flite, festival) and the multi-synthesizer test design:
+every voice makes 16 kHz mono speech in the LibriSpeech layout, and no test subset holds a training voice or
+sentence; `test-unseen-synth` is spoken by a voice family that training never hears."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import recipes.librispeech.generate_corpus as gc
+
+TEXT = "THE OLD MAN WALKED SLOWLY TO THE RIVER"
+VOICES = [
+    gc.EspeakVoice("en-us", "m3", 50, 160, 1),
+    gc.FliteVoice("kal", 110, 1.0, 1.0),
+    gc.FliteVoice("kal16", 120, 1.1, 0.95),
+    gc.FestivalVoice("kal_diphone", 100, 1.0, 1.0),
+    gc.FestivalVoice("ked_diphone", 130, 0.9, 1.05),
+    gc.FestivalVoice("cmu_us_slt_arctic_hts", 0, 1.1, 1.0),
+    gc.FliteVoice("awb", 100, 1.0, 1.0),
+    gc.FliteVoice("rms", 0, 1.0, 1.0),
+    gc.FliteVoice("slt", 200, 1.0, 1.0),
+]
+
+
+def synthesise(voice: gc.Voice, out: Path, name: str = "1-2-0000") -> Path:
+    """One utterance of TEXT by `voice`, clean conditions, written as the generator writes it."""
+    path = out / f"{name}.flac"
+    gc.synthesise(gc.Utterance(name, TEXT, voice, False, (0, 1), str(path)), str(out))
+    return path
+
+
+@pytest.mark.parametrize("voice", VOICES, ids=lambda v: f"{v.family}:{getattr(v, 'voice', 'espeak')}")
+def test_every_voice_makes_16k_mono_speech(voice, tmp_path):
+    path = synthesise(voice, tmp_path)
+    info = sf.info(path)
+    assert (info.samplerate, info.channels, info.subtype, info.format) == (16000, 1, "PCM_16", "FLAC")
+    audio, _ = sf.read(path, dtype="float32")
+    assert 1.0 < audio.size / 16000 < 5.0  # eight words, padded by 0.1-0.6 s
+    # speech, not noise: the loudest 100 ms windows are far above the quietest (the noise floor)
+    power = np.sort([np.mean(w ** 2) for w in np.array_split(audio, audio.size // 1600)])
+    assert 10 * np.log10(power[-3] / power[2]) > 20
+
+
+@pytest.mark.parametrize("voice", [VOICES[1], VOICES[5], VOICES[7]], ids=lambda v: v.voice)
+def test_speed_perturbation_changes_the_duration(voice, tmp_path):
+    """Speed s resamples as if recorded at s times the rate: the speech lasts 1/s as long (same padding)."""
+    from dataclasses import replace
+
+    slow = sf.info(synthesise(replace(voice, speed=0.9), tmp_path, "1-2-0000")).frames
+    fast = sf.info(synthesise(replace(voice, speed=1.1), tmp_path, "1-2-0001")).frames
+    assert slow / fast == pytest.approx(1.1 / 0.9, rel=0.08)
+
+
+def test_a_missing_synthesizer_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"festival is not installed \(text2wave not found\)"):
+        synthesise(VOICES[3], tmp_path)
+
+
+def test_multisynth_corpus_layout_and_voice_records(tmp_path):
+    params = gc.generation_params(0, num_train=24, num_dev=6, num_test=6, synth_mix=0.5)
+    assert params["format_version"] == 4 and params["synth_mix"] == 0.5
+    root = gc.generate_from_params(tmp_path, params, jobs=2)
+    subsets = sorted(p.name for p in root.iterdir() if p.is_dir())
+    assert subsets == sorted(gc.SUBSETS + ("test-unseen-synth",))
+    voices = gc.read_voices(root)
+    by_subset: dict[str, list[dict]] = {}
+    for record in voices.values():
+        by_subset.setdefault(record["subset"], []).append(record)
+    # 3 training speakers, half of them recorded voices (round(1.5) = 2); 2 speakers per evaluation subset
+    assert sorted(r["family"] for r in by_subset["train-clean-100"]) == ["espeak-ng", "festival-diphone",
+                                                                         "flite-diphone"]
+    assert all(sorted(r["family"] for r in by_subset[s]) == ["espeak-ng", "flite-diphone"] for s in gc.EVAL_SUBSETS)
+    assert sorted((r["backend"], r["family"], r["voice"]) for r in by_subset["test-unseen-synth"]) == [
+        ("flite", "flite-clustergen", "awb"), ("flite", "flite-clustergen", "rms")]
+    speakers_txt = (root / "SPEAKERS.TXT").read_text()
+    for spk, record in voices.items():
+        line = next(x for x in speakers_txt.splitlines() if x.startswith(f"{spk} "))
+        assert line.split("|")[2].strip() == record["subset"]
+        assert line.split("|")[4].strip().startswith("flite:" if record["backend"] == "flite" else
+                                                     "festival:" if record["backend"] == "festival" else "en")
+    flacs = sorted(root.glob("test-unseen-synth/*/*/*.flac"))
+    assert len(flacs) == 6 and all(sf.info(f).samplerate == 16000 and sf.info(f).channels == 1 for f in flacs)
+    assert json.loads((root / gc.MARKER).read_text()) == params
+
+
+def test_benchmark_test_sets_hold_no_training_voice_or_sentence():
+    """The multisynth corpus with the benchmark's 30 extra speakers per evaluation subset: 40 speakers in each test
+    subset; no evaluation voice configuration, espeak-ng (accent, variant) pair or sentence occurs in training;
+    test-unseen-synth is all flite clustergen, a family no training speaker uses; the trained recorded families
+    are in every other evaluation subset."""
+    speakers, utts = gc.plan_corpus(gc.size_params("multisynth", 0, extra_eval_speakers=30), Path("/corpus"))
+    subsets = gc.EVAL_SUBSETS + ("test-unseen-synth",)
+    assert {s: sum(sp.subset == s for sp in speakers) for s in subsets} == {s: 40 for s in subsets}
+    train = [sp for sp in speakers if sp.subset == gc.TRAIN_SUBSET]
+    held = [sp for sp in speakers if sp.subset != gc.TRAIN_SUBSET]
+    assert len(train) == 400 and {sp.voice.family for sp in train} == {"espeak-ng", *gc.TRAINED_FAMILIES}
+    assert not {sp.voice for sp in train} & {sp.voice for sp in held}
+    assert len({sp.voice for sp in speakers}) == len(speakers)  # every configuration once in the whole corpus
+    pairs = lambda group: {(sp.voice.base, sp.voice.variant) for sp in group if sp.voice.family == "espeak-ng"}
+    assert not pairs(train) & pairs(held)
+    assert {sp.voice.family for sp in speakers if sp.subset == "test-unseen-synth"} == {gc.HELD_OUT_FAMILY}
+    assert gc.HELD_OUT_FAMILY not in {sp.voice.family for sp in train}
+    assert {sp.voice.voice for sp in speakers if sp.subset == "test-unseen-synth"} == {"awb", "rms", "slt"}
+    for subset in ("test-clean", "test-other"):
+        assert {sp.voice.family for sp in held if sp.subset == subset} == {"espeak-ng", *gc.TRAINED_FAMILIES}
+    train_texts = {u.text for u in utts if f"/{gc.TRAIN_SUBSET}/" in u.flac_path}
+    held_texts = [u.text for u in utts if f"/{gc.TRAIN_SUBSET}/" not in u.flac_path]
+    assert len(held_texts) == 300 * 2 + 500 * 3 + 5 * 30 * 25 and not set(held_texts) & train_texts
+    assert len(set(held_texts)) == len(held_texts)
+    assert len({sp.speaker_id for sp in speakers}) == len(speakers)
+
+
+def test_the_espeak_only_corpora_are_unchanged():
+    """Corpora without synth_mix (the shipped reference's, and its 40-speaker benchmark sets) plan exactly as
+    before the flite and festival back-ends existed (fingerprints of commit a17b4c1's plans)."""
+    expected = {0: "cd92edc2deff7b13e4a5c6a7f6df1461170b06f1568298bac728b4a2d9a70d24",
+                30: "77e53614027fa1a5fb132a69cae4451b5a58487ce6af31166843fb06692cf688"}
+    for extra, digest in expected.items():
+        speakers, utts = gc.plan_corpus(gc.size_params("reference", 0, extra_eval_speakers=extra), Path("/r"))
+        h = hashlib.sha256()
+        for u in utts:
+            h.update(f"{u.utt_id}|{u.text}|{u.voice.name()}|{u.other}|{u.seed}|{u.flac_path}\n".encode())
+        for s in speakers:
+            h.update(f"{s.speaker_id}|{s.subset}|{s.voice.name()}|{s.chapter_ids}|{s.other}\n".encode())
+        assert h.hexdigest() == digest
+
+
+def test_bad_synth_mix_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"synth_mix must be a fraction in \[0, 1\], got 1.5"):
+        gc.generate_from_params(tmp_path, gc.generation_params(0, 24, 6, 6, synth_mix=1.5))
+    assert not (tmp_path / "LibriSpeech").exists()
