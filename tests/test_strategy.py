@@ -202,7 +202,7 @@ def test_uniform_and_round_trip(tmp_path):
     d = s.to_dict()
     assert d == {"default": {"weight_bits": 4, "act_bits": 8, "granularity": "channel", "group_size": None,
                              "weight_method": "lsq", "act_method": "minmax", "act_granularity": "tensor",
-                             "act_groups": None}, "rules": []}
+                             "act_groups": None, "co_weight_bits": None}, "rules": []}
     s2 = Strategy.from_dict(d)
     assert s2.default == s.default and s2.rules == []
     # a strategy with rules (fp32, regex, groups) round-trips too

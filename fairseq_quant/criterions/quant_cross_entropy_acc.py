@@ -7,6 +7,12 @@ loss = (1 - kd_weight) * CE(student, target) + kd_weight * T^2 * KL(teacher_T ||
 summed over non-padding target tokens (T = --kd-temperature). The CTC projection is the model's own head
 (an ``*_ctc`` arch, used by joint CTC/attention decoding) or, with ``--ctc-encoder-dim``, a training-only
 head owned by the criterion (fairseq trains and checkpoints criterion parameters; decoding never uses it).
+
+Multi-precision co-training (``--co-precisions``, on a model whose strategy gives ``co_weight_bits``): every step
+also runs the batch at each listed weight precision (the same latent weights; :mod:`fairseq_quant.quant.coprecision`)
+and, with ``--co-stochastic``, once more with each module's precision drawn at random; the loss is the sum of the
+passes' losses plus ``--co-kd-weight`` times KL(own precision || lower precision) per lower pass (the own pass's
+output detached: in-place distillation). ``--co-schedule`` lets precisions join later (progressive: 8 -> 4 -> 2).
 """
 import logging
 import math
@@ -18,6 +24,7 @@ from examples.speech_recognition.criterions.cross_entropy_acc import CrossEntrop
 from fairseq import checkpoint_utils, metrics
 from fairseq.criterions import register_criterion
 
+from ..quant.coprecision import co_precisions, sample_allocation, weight_precision
 from ..quant.errors import FairseqQuantError
 
 logger = logging.getLogger(__name__)
@@ -31,8 +38,17 @@ class TeacherError(FairseqQuantError, ValueError):
 @register_criterion("quant_cross_entropy_acc")
 class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
     def __init__(self, task, sentence_avg, teacher_path=None, kd_weight=None, kd_temperature=1.0,
-                 ctc_weight=0.0, ctc_encoder_dim=0, kd_ctc_weight=0.0):
+                 ctc_weight=0.0, ctc_encoder_dim=0, kd_ctc_weight=0.0, co_precisions="", co_stochastic=False,
+                 co_kd_weight=0.0, co_schedule=""):
         super().__init__(task, sentence_avg)
+        self.co_precisions = parse_precisions(co_precisions, "--co-precisions")
+        self.co_schedule = parse_schedule(co_schedule, self.co_precisions)
+        self.co_stochastic = bool(co_stochastic)
+        if co_kd_weight < 0:
+            raise TeacherError(f"--co-kd-weight must be >= 0, got {co_kd_weight}")
+        if (co_kd_weight > 0 or self.co_stochastic) and not self.co_precisions:
+            raise TeacherError("--co-kd-weight and --co-stochastic apply to co-training: give --co-precisions")
+        self.co_kd_weight = co_kd_weight
         kd_weight = _kd_weight(teacher_path, kd_weight, kd_ctc_weight)
         if ctc_weight < 0:
             raise TeacherError(f"--ctc-weight must be >= 0, got {ctc_weight}")
@@ -83,8 +99,64 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
                             help="weight of an auxiliary CTC loss on the encoder output (training only)")
         parser.add_argument("--ctc-encoder-dim", type=int, default=0, metavar="D",
                             help="encoder output dimension for the auxiliary CTC head (--enc-output-dim)")
+        parser.add_argument("--co-precisions", type=str, default="", metavar="B,B",
+                            help="multi-precision co-training: also train every step at these weight precisions "
+                                 "(each among the strategy's co_weight_bits), e.g. 4,2,1")
+        parser.add_argument("--co-stochastic", action="store_true",
+                            help="co-training: one more pass per step with each module's precision drawn at random")
+        parser.add_argument("--co-kd-weight", type=float, default=0.0, metavar="W",
+                            help="co-training: weight of KL(own-precision output || lower-precision output)")
+        parser.add_argument("--co-schedule", type=str, default="", metavar="B:U,B:U",
+                            help="co-training: precision B joins at update U (progressive), e.g. 4:0,2:2000,1:4000; "
+                                 "unlisted precisions train from the start")
+
+    def active_co_precisions(self, model) -> list[int]:
+        """The co-training precisions of this update (--co-schedule), checked against the model's."""
+        if not self.co_precisions:
+            return []
+        inner = _unwrap(model)
+        available = co_precisions(inner)
+        missing = [b for b in self.co_precisions if b not in available]
+        if missing:
+            raise TeacherError(f"--co-precisions {missing} are not co-trained precisions of the model (its "
+                               f"strategy's co_weight_bits give {available or 'none'})")
+        update = getattr(inner, "num_updates", 0)
+        return [b for b in self.co_precisions if update >= self.co_schedule.get(b, 0)]
 
     def forward(self, model, sample, reduction="sum", log_probs=True):
+        """The loss of the model's own precision and, when co-training, of every other precision's pass."""
+        passes = self.active_co_precisions(model)
+        self._teacher_cache = None  # the teacher's output of this batch, shared by the passes
+        loss, sample_size, logging_output, net_output = self.single_forward(model, sample, reduction, log_probs)
+        if not self.co_precisions:
+            return loss, sample_size, logging_output
+        allocations = [(f"w{b}", b) for b in passes]
+        if self.co_stochastic and model.training:
+            allowed = set(passes)
+            allocations.append(("wmix", sample_allocation(_unwrap(model), allowed=allowed)))
+        own_logits = net_output[0].detach()
+        target = model.get_targets(sample, net_output)
+        for label, allocation in allocations:
+            with weight_precision(_unwrap(model), allocation):
+                low_loss, _, low_log, low_out = self.single_forward(model, sample, reduction, log_probs)
+            loss = loss + low_loss
+            logging_output[f"loss_{label}"] = low_loss.item()
+            if self.co_kd_weight > 0:
+                kd = self.logits_kl(low_out[0], own_logits, target)
+                loss = loss + self.co_kd_weight * kd
+                logging_output[f"cokd_{label}"] = kd.item()
+        logging_output["loss"] = loss.item()
+        return loss, sample_size, logging_output
+
+    def logits_kl(self, student_logits, teacher_logits, target) -> torch.Tensor:
+        """KL(teacher || student) of the decoder's output distributions, summed over non-padding target tokens."""
+        mask = (target != self.padding_idx).unsqueeze(-1)
+        kl = F.kl_div(F.log_softmax(student_logits.float(), dim=-1), F.log_softmax(teacher_logits.float(), dim=-1),
+                      log_target=True, reduction="none")
+        return (kl * mask).sum()
+
+    def single_forward(self, model, sample, reduction="sum", log_probs=True):
+        """One pass at the model's current precisions: (loss, sample size, logging output, net output)."""
         captured = {}
         hook = None
         own_head = hasattr(self, "ctc_proj")
@@ -129,17 +201,22 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
         if report is not None:
             logging_output["wbits"] = report.avg_weight_bits
             logging_output["model_mb"] = report.quant_mb
-        return loss, sample_size, logging_output
+        return loss, sample_size, logging_output, net_output
 
     def ctc_loss(self, ctc_out, sample):
         return ctc_loss(ctc_out, sample["target"], self.padding_idx, self.task.target_dictionary.eos())
 
     def teacher_output(self, sample, target):
+        cache = getattr(self, "_teacher_cache", None)
+        if cache is not None and cache[0] is sample:
+            return cache[1]
         teacher = self.teacher
         if next(teacher.parameters()).device != target.device:
             teacher.to(target.device)
         with torch.no_grad():
-            return teacher(**sample["net_input"])
+            out = teacher(**sample["net_input"])
+        self._teacher_cache = (sample, out)
+        return out
 
     def ctc_distillation_loss(self, net_output, teacher_out):
         """T^2 * KL(teacher || student) of the CTC heads' posteriors at temperature T, summed over the frames."""
@@ -168,7 +245,8 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
     def aggregate_logging_outputs(logging_outputs):
         agg = CrossEntropyWithAccCriterion.aggregate_logging_outputs(logging_outputs)
         sample_size = agg["sample_size"]
-        for key in ("ce_loss", "kd_loss", "ctc_loss", "kd_ctc_loss"):
+        co_keys = sorted({k for log in logging_outputs for k in log if k.startswith(("loss_w", "cokd_w"))})
+        for key in ("ce_loss", "kd_loss", "ctc_loss", "kd_ctc_loss", *co_keys):
             if any(key in log for log in logging_outputs) and sample_size > 0:
                 agg[key] = sum(log.get(key, 0) for log in logging_outputs) / sample_size / math.log(2)
         for key in ("wbits", "model_mb"):
@@ -202,6 +280,35 @@ def ctc_loss(ctc_out: dict, target: torch.Tensor, pad: int, eos: int) -> torch.T
     keep = (target != pad) & (target != eos)
     return F.ctc_loss(lprobs, target.masked_select(keep), input_lengths, keep.long().sum(1),
                       blank=pad, reduction="sum", zero_infinity=True)
+
+
+def parse_precisions(value, flag: str) -> list[int]:
+    """'4,2,1' -> [4, 2, 1]: distinct weight precisions in 1..8, high to low; '' -> []."""
+    if value is None or str(value).strip() == "":
+        return []
+    try:
+        bits = [int(b) for b in str(value).split(",")]
+    except ValueError:
+        raise TeacherError(f"{flag} {value!r}: expected comma-separated precisions such as 4,2,1") from None
+    if any(not 1 <= b <= 8 for b in bits) or len(set(bits)) != len(bits):
+        raise TeacherError(f"{flag} {value!r}: precisions are distinct integers in 1..8")
+    return sorted(bits, reverse=True)
+
+
+def parse_schedule(value, precisions: list[int]) -> dict[int, int]:
+    """'2:2000,1:4000' -> {2: 2000, 1: 4000}: the update at which each listed co-training precision joins."""
+    if value is None or str(value).strip() == "":
+        return {}
+    schedule = {}
+    for item in str(value).split(","):
+        try:
+            b, u = (int(x) for x in item.split(":"))
+        except ValueError:
+            raise TeacherError(f"--co-schedule {value!r}: expected B:U pairs such as 2:2000,1:4000") from None
+        if b not in precisions or u < 0:
+            raise TeacherError(f"--co-schedule {value!r}: {b} is not in --co-precisions {precisions} or {u} < 0")
+        schedule[b] = u
+    return schedule
 
 
 def _kd_weight(teacher_path, kd_weight, kd_ctc_weight: float = 0.0) -> float:

@@ -69,6 +69,9 @@ def add_quant_args(parser):
                             "range at calibration; with --quant-act-groups) or token (one per position, dynamic)")
     group.add_argument("--quant-act-groups", type=int, default=None, metavar="K",
                        help="--quant-act-granularity peg: channel groups per activation site (divides every width)")
+    group.add_argument("--quant-co-weight-bits", type=str, default=None, metavar="B,B",
+                       help="multi-precision co-training: further weight precisions of every module, e.g. 4,2,1 "
+                            "(trained with the criterion's --co-precisions)")
     group.add_argument("--quant-act-momentum", type=float, default=None, metavar="M",
                        help="QAT: minmax activation ranges move toward each training batch's min/max by this "
                             "exponential-moving-average weight (default 0.01; 0: ranges stay where calibration put them)")
@@ -102,17 +105,29 @@ def strategy_from_args(args) -> Strategy:
              "weight_method": ("--quant-weight-method", args.quant_weight_method),
              "act_method": ("--quant-act-method", args.quant_act_method),
              "act_granularity": ("--quant-act-granularity", getattr(args, "quant_act_granularity", "tensor")),
-             "act_groups": ("--quant-act-groups", getattr(args, "quant_act_groups", None))}
+             "act_groups": ("--quant-act-groups", getattr(args, "quant_act_groups", None)),
+             "co_weight_bits": ("--quant-co-weight-bits", getattr(args, "quant_co_weight_bits", None))}
     given = " ".join(f"{flag} {value}" for flag, value in flags.values()
                      if value is not None and value != QUANT_FLAG_DEFAULTS.get(flag))
     try:
         return Strategy.uniform(bits(wbits), bits(abits if abits is not None else "fp32"), source=given,
                                 granularity=args.quant_granularity, group_size=args.quant_group_size,
                                 weight_method=args.quant_weight_method, act_method=args.quant_act_method,
-                                act_granularity=flags["act_granularity"][1], act_groups=flags["act_groups"][1])
+                                act_granularity=flags["act_granularity"][1], act_groups=flags["act_groups"][1],
+                                co_weight_bits=_co_bits(flags["co_weight_bits"][1]))
     except SpecError as err:
         flag, value = flags[err.field]
         raise StrategyError(f"{flag} {value}: {err}") from None
+
+
+def _co_bits(value):
+    """'4,2,1' -> [4, 2, 1] (the spec validates them); None stays None."""
+    if value is None:
+        return None
+    try:
+        return [int(b) for b in str(value).split(",")]
+    except ValueError:
+        raise SpecError("co_weight_bits", f"expected comma-separated precisions such as 4,2,1, got {value!r}") from None
 
 
 class QuantTransformerDecoder(TransformerDecoder):
@@ -179,6 +194,11 @@ class QuantModelMixin:
 
     def quantizers(self):
         return [m for m in self.modules() if isinstance(m, (WeightQuantizer, ActivationQuantizer))]
+
+    def set_num_updates(self, num_updates):
+        """fairseq's update count, kept for the co-training schedule (--co-schedule) of the criterion."""
+        self.num_updates = num_updates
+        super().set_num_updates(num_updates)
 
     def get_extra_state(self):
         """Saved in checkpoints as ``_extra_state``: the spec of every module, to compare at loading."""

@@ -24,6 +24,7 @@ def make_weight_quantizer(spec: QuantSpec, weight_layout_shape, name: str) -> We
     return WeightQuantizer(
         bits=spec.weight_bits, method=spec.weight_method, granularity=granularity,
         num_groups=granularity.num_groups(weight_layout_shape), name=f"{name}.weight",
+        co_bits=spec.co_weight_bits or (),
     )
 
 

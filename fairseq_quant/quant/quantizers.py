@@ -210,10 +210,15 @@ class WeightQuantizer(nn.Module):
     Methods: ``minmax`` (asymmetric, range from the current weights), ``symmetric`` (signed,
     max-abs scale), ``lsq`` (learned step size, initialised to the MSE-optimal scale from the first
     weights it sees), ``binary`` (1 bit: sign times mean magnitude).
+
+    Multi-precision co-training: ``co_bits`` are further precisions of the same weights. ``active_bits`` (set by
+    :func:`fairseq_quant.quant.coprecision.weight_precision`, else ``bits``) chooses the one a forward uses; under
+    ``lsq`` each precision has its own learned step (``step_w{b}``, initialised like ``step`` at its first use),
+    1 bit is always ``binary``.
     """
 
     def __init__(self, bits=None, method: str = "symmetric", granularity: Granularity = PerChannel(),
-                 num_groups: int = 1, name: str = "weight"):
+                 num_groups: int = 1, name: str = "weight", co_bits=()):
         super().__init__()
         self.bits = check_bits(bits, f"{name}: weight bits")
         if method not in WEIGHT_METHODS:
@@ -229,6 +234,20 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         if method == "lsq" and self.bits is not None:
             self.step = nn.Parameter(torch.ones(num_groups))
+        self.co_bits = tuple(check_bits(b, f"{name}: co-training weight bits") for b in co_bits)
+        if self.co_bits and (self.bits is None or method == "binary" or self.bits in self.co_bits):
+            raise ValueError(f"{name}: co-training precisions {self.co_bits} need a multi-bit own precision "
+                             f"besides them, got {self.bits} ({method})")
+        for b in self.co_bits:
+            if method == "lsq" and b > 1:
+                self.register_parameter(f"step_w{b}", nn.Parameter(torch.ones(num_groups)))
+                self.register_buffer(f"initialized_w{b}", torch.tensor(False))
+        self.active_bits = self.bits
+
+    @property
+    def precisions(self) -> tuple:
+        """Every precision this quantizer can run at, its own first."""
+        return (self.bits, *self.co_bits)
 
     @property
     def enabled(self) -> bool:
@@ -237,11 +256,19 @@ class WeightQuantizer(nn.Module):
     def reset(self) -> None:
         """Forget learned state: it is re-initialised from the weights at the next forward."""
         self.initialized.fill_(False)
+        for b in self.co_bits:
+            if hasattr(self, f"initialized_w{b}"):
+                getattr(self, f"initialized_w{b}").fill_(False)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.bits is None:
             return w
         groups = self.granularity.group_view(w)
+        bits = self.active_bits
+        if bits != self.bits:
+            if bits not in self.co_bits:
+                raise ValueError(f"{self.name}: active precision {bits} is not one of {self.precisions}")
+            return self._co_forward(groups, bits).reshape(w.shape)
         if self.method == "binary":
             out = binarize(groups)
             alpha = groups.abs().mean(dim=1, keepdim=True).detach()
@@ -261,18 +288,41 @@ class WeightQuantizer(nn.Module):
             out = self._lsq(groups)
         return out.reshape(w.shape)
 
-    def _lsq(self, groups: torch.Tensor) -> torch.Tensor:
-        if self.step.numel() != groups.shape[0]:
-            raise ValueError(f"{self.name}: LSQ has {self.step.numel()} steps for {groups.shape[0]} groups")
-        if not bool(self.initialized):
+    def _lsq(self, groups: torch.Tensor, bits: int | None = None, step: nn.Parameter | None = None,
+             initialized: torch.Tensor | None = None) -> torch.Tensor:
+        bits = self.bits if bits is None else bits
+        step = self.step if step is None else step
+        initialized = self.initialized if initialized is None else initialized
+        if step.numel() != groups.shape[0]:
+            raise ValueError(f"{self.name}: LSQ has {step.numel()} steps for {groups.shape[0]} groups")
+        if not bool(initialized):
             with torch.no_grad():
-                self.step.copy_(mse_scale_search(groups.detach(), self.bits))
-                self.initialized.fill_(True)
-        _, qmax = signed_range(self.bits)
+                step.copy_(mse_scale_search(groups.detach(), bits))
+                initialized.fill_(True)
+        _, qmax = signed_range(bits)
         g = 1.0 / math.sqrt(groups.shape[1] * max(qmax, 1))
-        step = grad_scale(self.step, g).abs().clamp(min=1e-8).unsqueeze(1)
-        self.last_grid = symmetric_grid(step, self.bits)
-        return fake_quant_symmetric(groups, step, self.bits)
+        scaled = grad_scale(step, g).abs().clamp(min=1e-8).unsqueeze(1)
+        self.last_grid = symmetric_grid(scaled, bits)
+        return fake_quant_symmetric(groups, scaled, bits)
+
+    def _co_forward(self, groups: torch.Tensor, bits: int) -> torch.Tensor:
+        """The weights at co-training precision ``bits``: binary at 1 bit, else the quantizer's method with the
+        precision's own step (lsq) or range (symmetric, minmax)."""
+        if bits == 1:
+            alpha = groups.abs().mean(dim=1, keepdim=True).detach()
+            self.last_grid = Grid((2 * alpha).clamp(min=1e-12), -alpha, 0, 1, 1)
+            return binarize(groups)
+        if self.method == "lsq":
+            return self._lsq(groups, bits, getattr(self, f"step_w{bits}"), getattr(self, f"initialized_w{bits}"))
+        if self.method == "minmax":
+            lo = groups.amin(dim=1, keepdim=True).detach()
+            hi = groups.amax(dim=1, keepdim=True).detach()
+            levels = 2**bits - 1
+            self.last_grid = Grid(torch.clamp(hi - lo, min=1e-8) / levels, lo, 0, levels, bits)
+            return fake_quant_affine(groups, lo, hi, bits)
+        scale = (groups.abs().amax(dim=1, keepdim=True) / (2 ** (bits - 1) - 1)).clamp(min=1e-8).detach()
+        self.last_grid = symmetric_grid(scale, bits)
+        return fake_quant_symmetric(groups, scale, bits)
 
     def scales_per_group(self) -> int:
         """Stored numbers per group besides the packed integers (scale, and offset if asymmetric)."""
@@ -281,7 +331,8 @@ class WeightQuantizer(nn.Module):
     def extra_repr(self) -> str:
         if self.bits is None:
             return "fp32"
-        return f"bits={self.bits}, method={self.method}, granularity={self.granularity}"
+        co = f", co_bits={self.co_bits}, active_bits={self.active_bits}" if self.co_bits else ""
+        return f"bits={self.bits}, method={self.method}, granularity={self.granularity}{co}"
 
 
 class RangeObserver:

@@ -37,6 +37,9 @@ class QuantSpec:
     act_method: str = "minmax"
     act_granularity: str = "tensor"  # activation ranges: per tensor, per channel group ("peg"), per token
     act_groups: int | None = None  # act_granularity peg: the number of channel groups (divides every input width)
+    # multi-precision co-training: the other weight precisions the same latent weights are also trained at (each
+    # with its own learned step under lsq); the module is deployed at any one of them (coprecision.collapse)
+    co_weight_bits: tuple | None = None
 
     def __post_init__(self):
         for name in ("weight_bits", "act_bits"):
@@ -44,6 +47,7 @@ class QuantSpec:
                 object.__setattr__(self, name, parse_bits(getattr(self, name), name, activation=name == "act_bits"))
             except ValueError as err:
                 raise SpecError(name, str(err)) from None
+        self._check_co_weight_bits()
         if self.weight_bits == 1 and self.weight_method != "binary":
             object.__setattr__(self, "weight_method", "binary")
         if self.weight_method not in WEIGHT_METHODS:
@@ -77,6 +81,33 @@ class QuantSpec:
             field = "group_size" if self.granularity == "group" and self.group_size is not None else "granularity"
             raise SpecError(field, str(err)) from None
 
+    def _check_co_weight_bits(self) -> None:
+        """co_weight_bits: None or distinct precisions in 1..8 besides weight_bits, stored sorted high to low."""
+        co = self.co_weight_bits
+        if co is None or (isinstance(co, (list, tuple)) and len(co) == 0):
+            object.__setattr__(self, "co_weight_bits", None)
+            return
+        if not isinstance(co, (list, tuple)):
+            co = (co,)
+        try:
+            bits = [check_bits(b, "co_weight_bits") for b in co]
+        except ValueError as err:
+            raise SpecError("co_weight_bits", str(err)) from None
+        if None in bits or len(set(bits)) != len(bits):
+            raise SpecError("co_weight_bits", f"co_weight_bits must be distinct precisions in 1..8, got {list(co)!r}")
+        if self.weight_bits is None or self.weight_bits in bits:
+            raise SpecError("co_weight_bits", f"co_weight_bits {list(co)!r} are precisions besides weight_bits "
+                                              f"({self.weight_bits!r}), which must be quantized and not among them")
+        if self.weight_bits == 1 or self.weight_method == "binary":
+            raise SpecError("co_weight_bits", "co-training starts from a multi-bit weight_bits (the highest "
+                                              "precision), not a binary one")
+        object.__setattr__(self, "co_weight_bits", tuple(sorted(bits, reverse=True)))
+
+    @property
+    def precisions(self) -> tuple:
+        """The weight precisions of the module, its own first (weight_bits, then co_weight_bits high to low)."""
+        return (self.weight_bits, *(self.co_weight_bits or ()))
+
     @property
     def weight_granularity(self) -> Granularity:
         return parse_granularity(self.granularity, self.group_size)
@@ -92,10 +123,14 @@ class QuantSpec:
             a += f"-peg{self.act_groups}"
         elif self.act_bits is not None and self.act_granularity == "token":
             a += "-token"
-        return f"w{w}a{a}"
+        co = f"+co{','.join(map(str, self.co_weight_bits))}" if self.co_weight_bits else ""
+        return f"w{w}a{a}{co}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["co_weight_bits"] is not None:  # a list, as YAML and JSON write it
+            out["co_weight_bits"] = list(out["co_weight_bits"])
+        return out
 
     def updated(self, **changes) -> "QuantSpec":
         return replace(self, **changes)

@@ -100,7 +100,7 @@ class Strategy:
 
     def to_dict(self) -> dict:
         def spec_dict(spec: QuantSpec) -> dict:
-            out = {k: getattr(spec, k) for k in QuantSpec.field_names()}
+            out = spec.to_dict()
             for k in ("weight_bits", "act_bits"):
                 out[k] = "fp32" if out[k] is None else out[k]
             return out
