@@ -22,6 +22,7 @@ from fairseq_quant_runtime.files import atomic_output
 
 from .quant import Strategy
 from .quant.calibrate import calibrate, is_calibrated
+from .quant.coprecision import co_precisions, weight_precision
 from .quant.errors import FairseqQuantError
 from .quant.quantizers import ActivationQuantizer, WeightQuantizer
 from .quant.spec import spec_changes
@@ -129,6 +130,9 @@ def calibrate_checkpoint(checkpoint, data, strategy: Strategy, out, batches: int
     with torch.no_grad():  # weight quantizers initialise from the weights (LSQ: MSE-optimal steps) on a forward
         model.eval()
         model(**samples[0]["net_input"])
+        for bits in co_precisions(model):  # and a co-trained model's steps of its other precisions
+            with weight_precision(model, bits):
+                model(**samples[0]["net_input"])
     model.quant_calibrated.fill_(True)
     new_state = {"cfg": copy.deepcopy(cfg), "model": model.state_dict(), "args": None,
                  "optimizer_history": state.get("optimizer_history", []), "extra_state": {}}

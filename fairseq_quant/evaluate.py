@@ -178,7 +178,7 @@ def model_size(model) -> dict:
     """Average weight bits and MB (packed integers plus scales; fp32 parameters at 4 bytes)."""
     from .quant import build_report
 
-    report = getattr(model, "quant_report", None) or build_report(model)
+    report = build_report(model)  # as the model runs now (a co-trained one at its current precisions)
     return {"avg_weight_bits": round(report.avg_weight_bits, 4), "model_mb": round(report.quant_mb, 6)}
 
 

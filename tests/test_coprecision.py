@@ -40,6 +40,14 @@ def test_every_precision_of_the_shared_weights_is_on_its_own_grid(co_model):
                 assert not q.last_grid.off_grid(groups).any(), name
                 assert max(len(torch.unique(row)) for row in groups) <= 2 ** bits, name
     assert all(q.active_bits == 8 for q in weight_quantizers(model).values())  # restored on exit
+    from conftest import fbank_batch
+
+    from fairseq_quant.quant.audit import audit
+
+    for bits in (2, 1):  # the operand audit at each precision: every weight on a grid of at most that many bits
+        with weight_precision(model, bits), torch.no_grad():
+            report = audit(model, lambda: model(*fbank_batch(0)), bits, 8)
+        assert report.violations == [] and report.op_counts()["linear"] > 10
     for low in (4, 2, 1):  # lower precisions compute other functions of the same weights
         assert (outputs[low] - outputs[8]).abs().max() > 1e-3
     # under lsq every multi-bit precision learns its own step; 1 bit is binary (mean |w|), with none

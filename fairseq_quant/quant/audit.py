@@ -59,8 +59,8 @@ def weight_problem(quantizer, op: str, w: torch.Tensor, max_bits: int) -> str | 
     """Why ``w`` is not an output of ``quantizer`` (None when it is)."""
     if quantizer is None or not quantizer.enabled:
         return "is not quantized (no weight quantizer)"
-    if quantizer.bits > max_bits:
-        return f"is quantized to {quantizer.bits} bits, more than the {max_bits} allowed"
+    if quantizer.active_bits > max_bits:  # the precision it runs at (a co-trained one: the one chosen)
+        return f"is quantized to {quantizer.active_bits} bits, more than the {max_bits} allowed"
     grid = quantizer.last_grid
     groups = quantizer.granularity.group_view(weight_layout(op, w))
     if grid is None or grid.scale.shape[0] != groups.shape[0]:

@@ -144,7 +144,7 @@ def build_report(model: nn.Module, rules_used: dict[str, str] | None = None) -> 
     for name, module in model.named_modules():
         if isinstance(module, QuantModule):
             for weight, quantizer in module.quantized_weights():
-                bits = quantizer.bits if quantizer.enabled else 32
+                bits = quantizer.active_bits if quantizer.enabled else 32  # a co-trained one: as it runs now
                 groups = quantizer.granularity.num_groups(weight.shape) if quantizer.enabled else 0
                 quant_bytes += weight.numel() * bits / 8 + groups * quantizer.scales_per_group() * 4
                 bits_sum += bits * weight.numel()
