@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the greedy one-unit-at-a-time search that decodes every candidate (costly)")
     p.add_argument("--compare", action="append", default=[], metavar="YAML",
                    help="a strategy evaluated in the same table (repeatable), e.g. a hand-written one")
+    p.add_argument("--co-trained", default=None, metavar="CKPT",
+                   help="a multi-precision co-trained checkpoint (criterion --co-precisions): evaluate every candidate "
+                        "on it at the candidate's precisions, without calibrating or retraining (--bits among its "
+                        "precisions); --checkpoint (its fp32 start) still gives the costs and proxies")
     p.add_argument("--out", required=True)
     return p
 
@@ -98,7 +102,7 @@ def main(argv=None) -> int:
                        proxy_batches=args.proxy_batches, calib_batches=args.calib_batches, beam=args.beam,
                        max_len_a=args.max_len_a, max_len_b=args.max_len_b, seed=args.seed, workers=args.workers,
                        threads=args.threads, ray_address=args.ray_address, greedy=args.greedy,
-                       compare=tuple(args.compare))
+                       compare=tuple(args.compare), co_trained=args.co_trained)
     try:
         run_search(cfg)
     except (FairseqQuantError, FileNotFoundError) as err:

@@ -7,7 +7,9 @@ Task kinds:
 - ``proxy``: Hutchinson Hessian traces and empirical Fisher traces per unit (fp32 model, training batches);
 - ``eval``: a strategy applied post-training, activation ranges calibrated on the first training batches (the
   calibration phase of ``scripts/calibrate.py``), then the teacher-forced loss on the dev subset and (``decode``) the dev WER by beam
-  search with fairseq's SequenceGenerator, per utterance.
+  search with fairseq's SequenceGenerator, per utterance. With a co-trained checkpoint (config ``co_trained``)
+  the strategy's weight bits instead choose each module's precision of the co-trained model (its own
+  activation ranges, nothing calibrated or retrained).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class Evaluator:
         self.checkpoint = Path(config["checkpoint"])
         self.data = Path(config["data"])
         self._state = self._task = None
+        self._co = None  # (model, task) of the co-trained checkpoint
         self._batches: dict = {}
 
     # -- models (the checkpoint, task and batches are loaded once per worker) ----------------------------
@@ -66,18 +69,37 @@ class Evaluator:
 
     def quant_model(self, strategy_dict: dict):
         """The checkpoint's weights quantized post-training with the strategy, activation ranges calibrated on the
-        first training batches (as ``scripts/calibrate.py`` writes it)."""
+        first training batches (as ``scripts/calibrate.py`` writes it); with a co-trained checkpoint, that model at
+        the strategy's weight bits."""
         from ..baselines import quantized_model_cfg
         from ..calibration import calibrate_model
         from ..quant import Strategy
 
-        state, task = self._setup()
         strategy = Strategy.from_dict(strategy_dict, source="search")
+        if self.config.get("co_trained"):
+            return (*self.co_trained_model(strategy), 0)
+        state, task = self._setup()
         model = self._build(quantized_model_cfg(state["cfg"].model, strategy, self.checkpoint))
         batches = self.calibration_batches(task)
         if batches:  # the calibration phase of scripts/calibrate.py, on training batches, never on the dev set
             calibrate_model(model, batches)
         return model, task, len(batches)
+
+    def co_trained_model(self, strategy):
+        """The co-trained model (loaded once) with each module at the precision the strategy gives its weights."""
+        from ..evaluate import load_checkpoint
+        from ..quant.coprecision import weight_quantizers
+
+        if self._co is None:
+            self._co = load_checkpoint(Path(self.config["co_trained"]), self.data)
+        model, task = self._co
+        for name, q in weight_quantizers(model).items():
+            bits = strategy.spec_for(name).weight_bits
+            if bits not in q.precisions:
+                raise ValueError(f"{name}: {bits}-bit weights are not a precision of the co-trained checkpoint "
+                                 f"{self.config['co_trained']} ({q.precisions}); search over --bits among them")
+            q.active_bits = bits
+        return model, task
 
     # -- data -----------------------------------------------------------------------------------------
     def batches(self, task, subset: str, limit: int | None = None, shuffle: bool = False,

@@ -57,6 +57,9 @@ class SearchConfig:
     ray_address: str | None = None
     greedy: bool = False
     compare: tuple = ()  # strategy YAML files evaluated in the same table (e.g. a hand-written one)
+    # a multi-precision co-trained checkpoint: candidates are evaluated on it at their allocation (its own
+    # activation ranges, no calibration, no retraining) instead of quantizing `checkpoint` post-training
+    co_trained: str | None = None
     extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -93,6 +96,8 @@ class SearchConfig:
                 raise SearchError(f"strategy to compare not found: {path}")
         if not Path(self.checkpoint).is_file():
             raise SearchError(f"checkpoint not found: {self.checkpoint}")
+        if self.co_trained is not None and not Path(self.co_trained).is_file():
+            raise SearchError(f"co-trained checkpoint not found: {self.co_trained}")
         if not (Path(self.data) / f"{self.dev_subset}.json").is_file():
             raise SearchError(f"no manifest {Path(self.data) / (self.dev_subset + '.json')} in the data directory")
 
@@ -101,7 +106,8 @@ class SearchConfig:
         return {"checkpoint": str(Path(self.checkpoint).resolve()), "data": str(Path(data).resolve()),
                 "dev_subset": self.dev_subset, "dev_utts": self.dev_utts, "calib_batches": self.calib_batches,
                 "beam": self.beam, "max_len_a": self.max_len_a, "max_len_b": self.max_len_b, "seed": self.seed,
-                "threads": self.threads}
+                "threads": self.threads,
+                **({"co_trained": str(Path(self.co_trained).resolve())} if self.co_trained else {})}
 
 
 # -- state and execution ----------------------------------------------------------------------------------
