@@ -5,7 +5,10 @@ Each weight initializer the exporter removed is restored from the model file eit
 as ONNX Runtime's low-bit ``MatMulNBits`` (com.microsoft): the stored integers re-packed into its blocks
 along the input dimension, each channel's scale repeated across its blocks. 3-bit weights ride in the
 4-bit kernel and 1-bit weights in the 2-bit one (exactly: same values). ``accuracy_level`` 4 makes the
-kernel quantize activations to int8 per block and multiply in integers.
+kernel quantize activations to int8 per block and multiply in integers. Or, as ``int8``, ONNX Runtime's
+``DynamicQuantizeMatMul`` (com.microsoft): the stored integers as int8 weights with one scale per output channel
+(every grid of at most 8 bits fits int8 exactly), the activations quantized to uint8 per tensor at run time,
+the product in integers.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from onnx import helper, numpy_helper
 
 from .fqm import ModelFile, ModelFileError, QuantTensor, pack_bits
 
-KERNELS = ("fp32", "nbits")
+KERNELS = ("fp32", "nbits", "int8")
 CONTAINER_BITS = {1: 2, 2: 2, 3: 4, 4: 4, 8: 8}
 ACCURACY_LEVEL = 4
 
@@ -76,6 +79,42 @@ def matmul_nbits(node: onnx.NodeProto, name: str, tensor: QuantTensor) -> tuple[
     return new, inits
 
 
+def int8_operands(tensor: QuantTensor) -> tuple[np.ndarray, np.ndarray] | None:
+    """(int8 weights [N, K], scale per output channel [N]) for a 2-D weight on a symmetric (or 1-bit binary) grid
+    with one scale per output channel; None otherwise."""
+    if len(tensor.shape) != 2:
+        return None
+    n, k = tensor.shape
+    q = tensor.q.astype(np.int32)
+    scale = tensor.scale.astype(np.float32).reshape(-1)
+    if scale.size != n or q.size != n * k:
+        return None  # quantization groups within a channel
+    if tensor.offset is None and tensor.qmin == -(1 << (tensor.bits - 1)):
+        values = q
+    elif tensor.bits == 1 and tensor.offset is not None and np.array_equal(tensor.offset.reshape(-1), -scale / 2):
+        values, scale = 2 * q - 1, scale / 2  # (2q - 1) * scale/2
+    else:
+        return None
+    return values.reshape(n, k).astype(np.int8), scale
+
+
+def matmul_int8(node: onnx.NodeProto, name: str, tensor: QuantTensor) -> tuple[onnx.NodeProto, list] | None:
+    operands = int8_operands(tensor)
+    if operands is None:
+        return None
+    q, scale = operands
+    b_name, s_name, z_name = f"{name}.int8_B", f"{name}.int8_scale", f"{name}.int8_zero"
+    inits = [numpy_helper.from_array(np.ascontiguousarray(q.T), b_name),  # [K, N]
+             numpy_helper.from_array(scale, s_name),
+             numpy_helper.from_array(np.zeros(scale.shape, np.int8), z_name)]
+    new = helper.make_node("DynamicQuantizeMatMul", [node.input[0], b_name, s_name, z_name], list(node.output),
+                           name=node.name + "_int8", domain="com.microsoft")
+    return new, inits
+
+
+LOW_BIT_KERNELS = {"nbits": matmul_nbits, "int8": matmul_int8}
+
+
 def materialize(model_file: ModelFile, graph: str, kernel: str = "fp32") -> onnx.ModelProto:
     """A complete ONNX model of ``graph`` ("encoder" or "decoder") with its weights restored."""
     if kernel not in KERNELS:
@@ -97,9 +136,9 @@ def materialize(model_file: ModelFile, graph: str, kernel: str = "fp32") -> onnx
             raise ModelFileError(f"the {graph} graph needs tensor {tensor_name}, which the file lacks")
         tensor = model_file.tensors[tensor_name]
         users = consumers.get(init_name, [])
-        if (kernel == "nbits" and isinstance(tensor, QuantTensor) and ref.get("transpose") and len(users) == 1
-                and users[0].op_type == "MatMul" and users[0].input[1] == init_name):
-            swap = matmul_nbits(users[0], init_name, tensor)
+        if (kernel in LOW_BIT_KERNELS and isinstance(tensor, QuantTensor) and ref.get("transpose")
+                and len(users) == 1 and users[0].op_type == "MatMul" and users[0].input[1] == init_name):
+            swap = LOW_BIT_KERNELS[kernel](users[0], init_name, tensor)
             if swap is not None:
                 replaced[users[0].name or users[0].output[0]] = swap
                 continue
@@ -127,9 +166,10 @@ def materialize(model_file: ModelFile, graph: str, kernel: str = "fp32") -> onnx
 def count_kernels(proto: onnx.ModelProto) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in proto.graph.node:
-        if node.op_type in ("MatMul", "MatMulNBits", "Conv", "Gather"):
+        if node.op_type in ("MatMul", "MatMulNBits", "DynamicQuantizeMatMul", "Conv", "Gather"):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
 
 
-__all__ = ["KERNELS", "count_kernels", "materialize", "matmul_nbits", "nbits_operands"]
+__all__ = ["KERNELS", "count_kernels", "int8_operands", "materialize", "matmul_int8", "matmul_nbits",
+           "nbits_operands"]

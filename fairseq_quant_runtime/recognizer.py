@@ -43,8 +43,9 @@ class Hypothesis:
 class Recognizer:
     """Load once, then :meth:`transcribe_features` (batches of fbank matrices) or :meth:`transcribe` (files).
 
-    ``encoder_kernel``/``decoder_kernel``: "fp32" (dequantized float weights, ONNX Runtime's MatMul) or
-    "nbits" (MatMulNBits low-bit kernels where the grid allows). ``activations``: "kernel" (no activation
+    ``encoder_kernel``/``decoder_kernel``: "fp32" (dequantized float weights, ONNX Runtime's MatMul),
+    "nbits" (MatMulNBits low-bit kernels where the grid allows) or "int8" (DynamicQuantizeMatMul: the stored
+    integers as int8 weights, activations quantized to uint8 per tensor at run time). ``activations``: "kernel" (no activation
     quantization in the graph; MatMulNBits quantizes its inputs to int8 per block) or "exact" (the QAT model's
     static activation grids, from a file exported with ``--exact-activations``). Measured on a 2-core AVX2 CPU without VNNI:
     low-bit kernels do not pay off at encoder shapes (hundreds of rows), and at decode shapes only where the

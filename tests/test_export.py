@@ -140,6 +140,32 @@ def test_low_bit_kernels_replace_every_quantized_matmul(dict_dir, bits, bound):
     assert np.abs(np.exp(approx) - np.exp(exact)).max() < bound
 
 
+@pytest.mark.parametrize("bits", [1, 2, 8])
+def test_int8_kernels_hold_the_stored_integers_and_replace_every_quantized_matmul(dict_dir, bits):
+    """DynamicQuantizeMatMul's int8 weights times its per-channel scales are the stored grid values exactly (binary
+    weights too: (2q - 1) * scale / 2); it differs from fp32 MatMul only by quantizing its input to uint8 per
+    tensor at run time."""
+    from fairseq_quant_runtime.graphs import int8_operands
+
+    task, model = calibrated(dict_dir, ["--quant-weight-bits", str(bits)])
+    file, _, _ = export(task, model)
+    for tensor in file.tensors.values():
+        operands = int8_operands(tensor) if getattr(tensor, "bits", None) and len(tensor.shape) == 2 else None
+        if operands is not None:
+            q, scale = operands
+            assert np.abs(q).max() <= max(1, 2 ** (bits - 1))
+            np.testing.assert_array_equal(q.astype(np.float32) * scale[:, None], tensor.dequantize())
+    low = Recognizer(file, "int8", "int8")
+    assert count_kernels(low.decoder_graph).get("DynamicQuantizeMatMul") == 2 + 2 * 8 + 1
+    assert count_kernels(low.encoder_graph).get("DynamicQuantizeMatMul") == (1 + 2 * 6 + 1) + 2 * 2
+    x, lengths, _ = fbank_batch(3)
+    tokens = torch.randint(4, 40, (3, 5), generator=torch.Generator().manual_seed(2))
+    tokens[:, 0] = task.target_dictionary.eos()
+    exact = runtime_step_log_probs(Recognizer(file, "fp32", "fp32"), x, lengths, tokens)
+    approx = runtime_step_log_probs(low, x, lengths, tokens)
+    assert np.abs(np.exp(approx) - np.exp(exact)).max() < 0.05
+
+
 # ---------------------------------------------------------------------------------------------------------
 # damaged and foreign files
 # ---------------------------------------------------------------------------------------------------------
@@ -370,14 +396,15 @@ def test_exact_activation_export_runs_in_onnx_runtime(dict_dir):
         Recognizer(export(task, model)[0], activations="exact")
 
 
-def test_auto_kernels_keep_the_faster_of_fp32_and_low_bit(dict_dir):
+def test_auto_kernels_keep_the_fastest_of_fp32_and_low_bit(dict_dir):
     task, model = calibrated(dict_dir, ["--quant-weight-bits", "4"])
     file = export(task, model)[0]
     rec = Recognizer(file, "auto", "auto")
-    assert set(rec.kernels) == {"encoder", "decoder"} and set(rec.kernels.values()) <= {"fp32", "nbits"}
+    assert set(rec.kernels) == {"encoder", "decoder"} and set(rec.kernels.values()) <= {"fp32", "nbits", "int8"}
     for graph in ("encoder", "decoder"):
         counts = count_kernels(getattr(rec, f"{graph}_graph"))
         assert ("MatMulNBits" in counts) == (rec.kernels[graph] == "nbits")
+        assert ("DynamicQuantizeMatMul" in counts) == (rec.kernels[graph] == "int8")
     assert Recognizer(file).kernels["encoder"] == "fp32"  # the default encoder kernel (low bits lose there)
     with pytest.raises(ValueError, match="unknown kernel 'int3'"):
         Recognizer(file, "int3")

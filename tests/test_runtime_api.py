@@ -89,10 +89,10 @@ def test_recognizer_takes_samples_batches_and_long_inputs(tiny_model_file, tmp_p
     assert rec.transcribe_samples(long, RATE, config, cut) == " ".join(p for p in pieces if p)
 
 
-@pytest.mark.parametrize("faster", ["fp32", "nbits"])
+@pytest.mark.parametrize("faster", ["fp32", "nbits", "int8"])
 def test_auto_keeps_the_kernel_that_times_faster(tiny_model_file, monkeypatch, faster):
-    """``auto`` times both kernels of each graph at load and keeps the faster (the timer stubbed: which kernel is
-    faster on this CPU is a benchmark's question, not a test's)."""
+    """``auto`` times every kernel of each graph at load and keeps the fastest (the timer stubbed: which kernel is
+    fastest on this CPU is a benchmark's question, not a test's)."""
     from fairseq_quant_runtime.graphs import count_kernels
 
     timed = []
@@ -104,6 +104,8 @@ def test_auto_keeps_the_kernel_that_times_faster(tiny_model_file, monkeypatch, f
     monkeypatch.setattr(Recognizer, "_time", fake_time)
     rec = Recognizer(tiny_model_file, "auto", "auto")
     assert rec.kernels == {"encoder": faster, "decoder": faster}
-    assert sorted(timed) == [("decoder", "fp32"), ("decoder", "nbits"), ("encoder", "fp32"), ("encoder", "nbits")]
+    assert sorted(timed) == [(g, k) for g in ("decoder", "encoder") for k in ("fp32", "int8", "nbits")]
     for graph in ("encoder", "decoder"):
-        assert ("MatMulNBits" in count_kernels(getattr(rec, f"{graph}_graph"))) == (faster == "nbits")
+        kernels = count_kernels(getattr(rec, f"{graph}_graph"))
+        assert ("MatMulNBits" in kernels) == (faster == "nbits")
+        assert ("DynamicQuantizeMatMul" in kernels) == (faster == "int8")
