@@ -34,6 +34,13 @@ def test_dry_run_of_the_paper_recipe_prints_every_stage_and_fits_an_80_gb_gpu(tm
             expected += [f"export {row.name}"] + [f"runtime {row.name} {s}" for s in
                                                   ("dev-clean", "dev-other", "test-clean", "test-other")]
             continue
+        if row.kind in ("coqat", "co_search"):  # a co strategy is calibrated and co-trained once, then collapsed
+            strategy = row.strategy if row.kind == "coqat" else row.strategy.split(":")[1]
+            if f"co-train {strategy}" not in expected:
+                expected += [f"calibrate {strategy}", f"co-train {strategy}"]
+            expected += ([f"search {row.name}"] if row.kind == "co_search" else []) + [f"collapse {row.name}",
+                                                                                         f"eval {row.name}"]
+            continue
         # QAT starts from the calibrated post-training checkpoint (the calibration phase), which PTQ rows evaluate
         # and ends with the better of the two on dev (its start and its trained checkpoint, decoded on dev)
         select = [f"select {row.name} start", f"select {row.name} trained"]
@@ -69,6 +76,14 @@ def test_dry_run_of_the_paper_recipe_prints_every_stage_and_fits_an_80_gb_gpu(tm
     select = commands["select qat-w2a8 start"]
     assert select[select.index("--checkpoint") + 1] == start and select[select.index("--subsets") + 1] == \
         "dev-clean,dev-other"
+    co_train = commands["co-train w8a8-co4-2-1"]  # one co-trained model for the four a8 co rows and the search
+    assert stages.count("co-train w8a8-co4-2-1") == 1 and co_train[co_train.index("--co-precisions") + 1] == "4,2,1"
+    co_ckpt = str(work.resolve() / "qat" / "co-w8a8-co4-2-1" / "checkpoint_best.pt")
+    collapse = commands["collapse co-w1a8"]
+    assert collapse[1].endswith("scripts/collapse_cotrained.py") and collapse[collapse.index("--bits") + 1] == "1"
+    assert collapse[collapse.index("--checkpoint") + 1] == co_ckpt
+    search = commands["search co-searched"]
+    assert search[search.index("--co-trained") + 1] == co_ckpt and search[search.index("--budget-bits") + 1] == "2.3"
     evaluated = commands["eval qat-w2a8"]
     assert evaluated[evaluated.index("--checkpoint") + 1] == str(work.resolve() / "qat" / "qat-w2a8" /
                                                                   "checkpoint_selected.pt")

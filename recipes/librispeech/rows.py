@@ -1,7 +1,7 @@
 """What the recipe runs: the rows of the results table, the run sizes (``RecipeConfig``), and the command lines
 of every stage (fairseq-train for fp32 and QAT, calibration, the search, evaluation, export, the runtime)."""
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 STRATEGY_DIR = Path(__file__).parent / "strategies"
@@ -16,12 +16,15 @@ class Row:
     kind: str  # "fp32", "ptq" (post-training weight quantization), "ptq_calibrated" (a strategy's weights and
     #           activations post-training, ranges calibrated on training batches), "dynamic_int8" (torch.ao), "qat",
     #           "runtime" (the qat-<strategy> row's checkpoint exported and decoded by the ONNX Runtime decoder),
-    #           "search_qat" (scripts/search_strategy.py picks the strategy under a budget, then QAT as for "qat")
-    strategy: str | None = None  # qat, ptq_calibrated: a strategy name in strategies/ or a YAML path; search_qat:
-    #                              the budget
+    #           "search_qat" (scripts/search_strategy.py picks the strategy under a budget, then QAT as for "qat"),
+    #           "coqat" (the multi-precision co-trained model of a co strategy, collapsed to `deploy` bits),
+    #           "co_search" (the search over that co-trained model under a budget, its best allocation collapsed)
+    strategy: str | None = None  # qat, ptq_calibrated, coqat: a strategy name in strategies/ or a YAML path;
+    #                              search_qat: the budget; co_search: "BUDGET:CO_STRATEGY"
     ptq: tuple | None = None  # ptq: (weight bits, granularity, weight method); activations stay fp32
     kd: bool = True  # qat: distillation from the fp32 model
     exact: bool = False  # runtime: export and decode with the model's static activation grids (--activations exact)
+    deploy: int | None = None  # coqat: the precision the co-trained model is collapsed to
 
 
 def _ptq_rows():
@@ -57,6 +60,18 @@ ROWS = {r.name: r for r in [
     Row("qat-w4a8", "qat", "w4a8"),
     Row("qat-w2a8-nokd", "qat", "w2a8", kd=False),
     Row("qat-w2a8", "qat", "w2a8"),
+    # binary body weights (first and last layers at 8 bits, as the 1-bit papers keep them), with and without
+    # quantized activations
+    Row("qat-w1a8", "qat", "w1a8"),
+    Row("qat-w1", "qat", "w1"),
+    # multi-precision co-training (one model trained at 8, 4, 2 and 1 bits at once), collapsed to one precision;
+    # the weight-only rows are the papers' setting
+    Row("co-w4a8", "coqat", "w8a8-co4-2-1", deploy=4),
+    Row("co-w2a8", "coqat", "w8a8-co4-2-1", deploy=2),
+    Row("co-w1a8", "coqat", "w8a8-co4-2-1", deploy=1),
+    Row("co-w2", "coqat", "w8-co4-2-1", deploy=2),
+    Row("co-w1", "coqat", "w8-co4-2-1", deploy=1),
+    Row("co-searched", "co_search", "2.3:w8a8-co4-2-1"),  # the search over the co-trained a8 model at 2.3 bits
     Row("qat-mixed2a8", "qat", "mixed2a8"),
     Row("qat-searched", "search_qat", "2.3"),  # fast search at 2.3 average weight bits, then QAT of its best
     Row("runtime-w8a8", "runtime", "w8a8"),
@@ -97,6 +112,10 @@ class RecipeConfig:
     qat_lr: float = 5e-4
     kd_weight: float = 0.5
     kd_temperature: float = 2.0
+    # multi-precision co-training (coqat rows): the criterion's options and the schedule's length; every update
+    # runs one pass per precision, so an update costs about as much as four of plain QAT
+    co_options: tuple = ("--co-precisions", "4,2,1", "--co-kd-weight", "1.0")
+    co_updates: int | None = None  # None: qat_updates
     calib_batches: int = 16  # training batches (of batch_size utterances) that calibrate activation ranges
     qat_dropout: float | None = None  # QAT: dropout of every dropout module (None: the architecture's)
     qat_act_momentum: float | None = None  # QAT: EMA weight of minmax activation ranges (0: calibrated ranges kept)
@@ -225,12 +244,28 @@ def dev_subsets() -> tuple:
     return tuple(s for s in EVAL_SUBSETS if s.startswith("dev"))
 
 
-def search_command(row: Row, data: Path, out: Path, fp32_ckpt: Path, cfg: RecipeConfig) -> list[str]:
+def co_train_dir(strategy: str, work: Path) -> Path:
+    """Where the co-trained model of a co strategy trains (shared by the rows that collapse it)."""
+    return work / "qat" / f"co-{strategy_path(strategy).stem}"
+
+
+def co_qat_command(data: Path, strategy: str, fp32_ckpt: Path, start: Path, work: Path, cfg: RecipeConfig) -> list[str]:
+    """fairseq-train of the co-trained model: the QAT command with the co-training options and schedule."""
+    co_cfg = replace(cfg, qat_updates=cfg.co_updates or cfg.qat_updates,
+                     extra_train_args=cfg.extra_train_args + cfg.co_options)
+    return qat_command(data, co_train_dir(strategy, work), strategy_path(strategy), fp32_ckpt, co_cfg, True, start)
+
+
+def search_command(row: Row, data: Path, out: Path, fp32_ckpt: Path, cfg: RecipeConfig,
+                   co_trained: Path | None = None) -> list[str]:
     """The fast strategy search of a ``search_qat`` row: teacher-forced and Hessian/Fisher sensitivities of every
-    layer at 2, 3, 4 and 8 bits, the 3 best allocations under the budget decoded on dev-clean (resumable)."""
+    layer at 2, 3, 4 and 8 bits, the 3 best allocations under the budget decoded on dev-clean (resumable). With
+    ``co_trained`` (a ``co_search`` row) the candidates are that model at its precisions (8, 4, 2, 1)."""
+    budget = row.strategy.split(":")[0]
+    co = ["--co-trained", str(co_trained), "--bits", "1,2,4,8"] if co_trained is not None else []
     return [sys.executable, str(Path(__file__).parents[2] / "scripts" / "search_strategy.py"),
-            "--checkpoint", str(fp32_ckpt), "--data", str(data), "--dev-subset", "dev-clean",
-            "--budget-bits", row.strategy, "--mode", "fast", "--top-k", "3", "--beam", str(cfg.beam),
+            "--checkpoint", str(fp32_ckpt), "--data", str(data), "--dev-subset", "dev-clean", *co,
+            "--budget-bits", budget, "--mode", "fast", "--top-k", "3", "--beam", str(cfg.beam),
             "--max-len-a", str(cfg.max_len_a), "--max-len-b", str(cfg.max_len_b),
             "--calib-batches", str(cfg.calib_batches), "--threads", str(threads_per_job(cfg)), "--out", str(out)]
 
@@ -270,7 +305,7 @@ def runtime_source(row: Row, work: Path) -> tuple[Row, Path]:
 def longest_first(rows: list[Row]) -> list[int]:
     """The order in which to start the rows so that parallel jobs finish together: a strategy search and its
     QAT first, then QAT trainings, then rows that only evaluate (stable within a kind); indices into rows."""
-    cost = {"search_qat": 0, "qat": 1}
+    cost = {"co_search": 0, "coqat": 0, "search_qat": 0, "qat": 1}
     return sorted(range(len(rows)), key=lambda i: cost.get(rows[i].kind, 2))
 
 

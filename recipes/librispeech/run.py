@@ -24,9 +24,9 @@ from pathlib import Path
 from fairseq_quant_runtime.files import atomic_output
 from recipes.librispeech.report import ModelResult, plot_results, pooled_wer, results_table
 from recipes.librispeech.rows import (
-    EVAL_SUBSETS, ROWS, RecipeConfig, Row, SELECTED, SIZES, STRATEGY_DIR, calibrate_command, dev_subsets,
-    eval_command, export_command, fp32_command, longest_first, memory_lines, qat_command, runtime_command,
-    runtime_model_file, runtime_source, search_command, strategy_path, threads_per_job,
+    EVAL_SUBSETS, ROWS, RecipeConfig, Row, SELECTED, SIZES, STRATEGY_DIR, calibrate_command, co_qat_command,
+    co_train_dir, dev_subsets, eval_command, export_command, fp32_command, longest_first, memory_lines, qat_command,
+    runtime_command, runtime_model_file, runtime_source, search_command, strategy_path, threads_per_job,
 )
 from recipes.librispeech.stages import done_marker, logger, mark_done, parallel, run_logged, train_env
 
@@ -127,7 +127,51 @@ def make_checkpoint(row: Row, data: Path, work: Path, fp32_ckpt: Path, cfg: Reci
                        train_env(threads_per_job(cfg)), tag=f"search {row.name}")
         return train_qat(data, work / "qat" / row.name, out / "strategies" / "best.yaml", fp32_ckpt, cfg, row.kd,
                          tag=row.name, work=work)
+    if row.kind == "coqat":
+        return collapsed_checkpoint(row.name, co_trained_checkpoint(row.strategy, data, work, fp32_ckpt, cfg), work,
+                                    precision=row.deploy)
+    if row.kind == "co_search":
+        budget, co_strategy = row.strategy.split(":")
+        co_ckpt = co_trained_checkpoint(co_strategy, data, work, fp32_ckpt, cfg)
+        out = work / "search" / row.name
+        if not (out / "summary.json").exists():
+            out.mkdir(parents=True, exist_ok=True)
+            run_logged(search_command(row, data, out, fp32_ckpt, cfg, co_trained=co_ckpt), out / "search.log",
+                       train_env(threads_per_job(cfg)), tag=f"search {row.name}")
+        return collapsed_checkpoint(row.name, co_ckpt, work, strategy=out / "strategies" / "best.yaml")
     raise ValueError(f"unknown row kind {row.kind!r}")
+
+
+def co_trained_checkpoint(strategy: str, data: Path, work: Path, fp32_ckpt: Path, cfg: RecipeConfig) -> Path:
+    """The multi-precision co-trained model of ``strategy``: calibrated, then trained with the co-training options
+    (once; the rows that collapse it share it; a lock keeps two parallel rows from training it twice)."""
+    import fcntl
+
+    out = co_train_dir(strategy, work)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done_marker(out).exists():
+            start = calibrated_checkpoint(data, work, strategy_path(strategy), fp32_ckpt, cfg)
+            began = time.perf_counter()
+            run_logged(co_qat_command(data, strategy, fp32_ckpt, start, work, cfg), out / "train.log",
+                       train_env(threads_per_job(cfg)), tag=out.name)
+            mark_done(out, {"seconds": round(time.perf_counter() - began, 1),
+                            "updates": cfg.co_updates or cfg.qat_updates, "options": list(cfg.co_options)})
+    return out / "checkpoint_best.pt"
+
+
+def collapsed_checkpoint(name: str, co_ckpt: Path, work: Path, precision: int | None = None,
+                         strategy: Path | None = None) -> Path:
+    """The convert phase of a co-trained row: its allocation as an ordinary checkpoint (cached)."""
+    from fairseq_quant.cotrained import collapse_checkpoint
+    from fairseq_quant.quant import Strategy
+
+    out = work / "co" / f"{name}.pt"
+    if not out.exists() or out.stat().st_mtime < co_ckpt.stat().st_mtime:
+        collapse_checkpoint(co_ckpt, out, precision=precision,
+                            strategy=Strategy.from_yaml(strategy) if strategy is not None else None)
+    return out
 
 
 def evaluate_model(name: str, ckpt: Path, data: Path, out: Path, cfg: RecipeConfig,
@@ -258,6 +302,23 @@ def dry_run(work: Path, root: Path | None, stages: set, cfg: RecipeConfig, seed:
                 plan.append((f"qat {row.name}", qat_command(data, ckpt.parent, best, fp32_ckpt, cfg, row.kd, start)))
                 plan += select_plan(row.name, start, ckpt, data, work, cfg)
                 ckpt = ckpt.parent / SELECTED
+            elif row.kind in ("coqat", "co_search"):
+                strategy = row.strategy if row.kind == "coqat" else row.strategy.split(":")[1]
+                start = work / "calib" / f"{strategy_path(strategy).stem}.pt"
+                co_ckpt = co_train_dir(strategy, work) / "checkpoint_best.pt"
+                if not any(stage == f"co-train {strategy}" for stage, _ in plan):
+                    plan.append((f"calibrate {strategy}", calibrate_command(fp32_ckpt, data, strategy_path(strategy),
+                                                                              start, cfg)))
+                    plan.append((f"co-train {strategy}", co_qat_command(data, strategy, fp32_ckpt, start, work, cfg)))
+                ckpt = work / "co" / f"{row.name}.pt"
+                if row.kind == "co_search":
+                    out = work / "search" / row.name
+                    plan.append((f"search {row.name}", search_command(row, data, out, fp32_ckpt, cfg, co_ckpt)))
+                    best = ["--strategy", str(out / "strategies" / "best.yaml")]
+                else:
+                    best = ["--bits", str(row.deploy)]
+                plan.append((f"collapse {row.name}", [sys.executable, str(Path(__file__).resolve().parents[2] / "scripts" / "collapse_cotrained.py"),
+                                                      "--checkpoint", str(co_ckpt), *best, "--out", str(ckpt)]))
             elif row.kind == "ptq":
                 ckpt = work / "ptq" / f"{row.name}.pt"
             elif row.kind == "runtime":
@@ -332,8 +393,9 @@ def main(argv=None) -> int:
         parser.error(f"--librispeech-root {root}: not a directory; expected the LibriSpeech directory that holds "
                      f"{', '.join(cfg.train_subsets + EVAL_SUBSETS)}")
     for row in (ROWS[name] for name in cfg.rows):
-        if row.kind == "qat" and not strategy_path(row.strategy).is_file():
-            parser.error(f"strategy not found: {strategy_path(row.strategy)}")
+        strategy = row.strategy.split(":")[-1] if row.kind == "co_search" else row.strategy
+        if row.kind in ("qat", "coqat", "co_search") and not strategy_path(strategy).is_file():
+            parser.error(f"strategy not found: {strategy_path(strategy)}")
     from_reference = cfg.reference and not args.train_fp32
     if from_reference and root is not None:
         parser.error(f"--size {args.size} starts from the reference model of the generated corpus; "
