@@ -166,3 +166,23 @@ def test_averaging_includes_the_final_model_when_the_training_ends_at_an_epoch_e
                        weights_only=False)
     assert state["model"]["w"].tolist() == [1.5, 1.5]
     assert state["extra_state"]["averaged_checkpoints"] == ["checkpoint_14_10000.pt", "checkpoint_15_11000.pt"]
+
+
+def test_the_size_matched_arch_takes_the_bytes_of_the_2_bit_reference(tmp_path):
+    """vggtransformer_narrow_ctc: the reference's depth at 0.7-0.8 MB of fp32 weights with the reference's 256-piece
+    vocabulary, the size of the 2-bit reference models (0.716 MB for w2a8)."""
+    from fairseq import options, tasks
+
+    import fairseq_quant  # noqa: F401
+
+    (tmp_path / "dict.txt").write_text("".join(f"tok{i} {100 - i}\n" for i in range(252)))
+    args = options.parse_args_and_arch(options.get_training_parser(), [
+        str(tmp_path), "--task", "speech_recognition", "--arch", "vggtransformer_narrow_ctc",
+        "--criterion", "cross_entropy_acc"])
+    model = tasks.setup_task(args).build_model(args)
+    params = sum(p.numel() for p in model.parameters())
+    assert params == 188_800 and 0.7 < 4 * params / 1e6 < 0.8
+    from fairseq.modules import TransformerEncoderLayer
+
+    assert sum(isinstance(m, TransformerEncoderLayer) for m in model.encoder.transformer_layers) == 4
+    assert len(model.decoder.layers) == 2 and model.ctc_proj.in_features == 40

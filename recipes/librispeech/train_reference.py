@@ -47,7 +47,7 @@ def training_command(data: Path, save_dir: Path, args: argparse.Namespace,
     return [
         sys.executable, "-m", "fairseq_cli.train", str(data), "--user-dir", str(REPO / "fairseq_quant"),
         *task_args(args), "--train-subset", "train", "--valid-subset", "dev-clean",
-        "--arch", ARCH, "--criterion", "quant_cross_entropy_acc",
+        "--arch", args.arch, "--criterion", "quant_cross_entropy_acc",
         "--ctc-weight", str(args.ctc_weight),
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(args.lr), "--clip-norm", "10",
         *schedule_args(args),
@@ -100,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--corpus", default=CORPUS_SIZE, help="generate_corpus size of the training corpus")
+    parser.add_argument("--arch", default=ARCH, help=f"the model (default {ARCH}; vggtransformer_narrow_ctc: the "
+                                                     "size-matched fp32 comparison of the 2-bit models)")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed")
     parser.add_argument("--train-seed", type=int, default=1)
     parser.add_argument("--vocab-size", type=int, default=256)
