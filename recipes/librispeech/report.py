@@ -57,7 +57,8 @@ def results_table(results: list[ModelResult], subsets=EVAL_SUBSETS) -> str:
         line = (f"| {r.name} | {r.avg_weight_bits:.2f} | {r.model_mb:.3f} | "
                 + " | ".join(f"{r.wer[s]:.2f}" for s in subsets) + f" | {wer} | {rel} |")
         if control:
-            is_qat = r.name in ROWS and ROWS[r.name].kind in ("qat", "search_qat") and r is not control
+            is_qat = (r.name in ROWS and ROWS[r.name].kind in ("qat", "search_qat", "coqat", "co_search")
+                      and r is not control)
             line += f" {change(control, r) if is_qat else '-'} |"
         lines.append(line)
     words = ", ".join(f"{s} {base.words[s]}" for s in subsets)
@@ -80,7 +81,7 @@ def plot_results(results: list[ModelResult], subsets, path: Path) -> Path:
     pooled = table_subsets(subsets)
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = {"fp32": "black", "ptq": "tab:red", "ptq_calibrated": "tab:brown", "dynamic_int8": "tab:orange", "qat": "tab:blue",
-              "search_qat": "tab:purple", "runtime": "tab:green"}
+              "search_qat": "tab:purple", "runtime": "tab:green", "coqat": "tab:cyan", "co_search": "tab:pink"}
     for r in results:
         kind = ROWS[r.name].kind if r.name in ROWS else "qat"
         ci = wer_interval([read_utterances(Path(r.eval_dir) / f"{s}.utt.tsv") for s in pooled])
@@ -92,7 +93,8 @@ def plot_results(results: list[ModelResult], subsets, path: Path) -> Path:
     ax.set_ylabel(f"WER % ({'+'.join(pooled)}), 95% CI")
     ax.set_title("WER against size: fp32 (black), post-training weights (red) and calibrated weights + activations "
                  "(brown), dynamic int8 (orange), QAT (blue), "
-                 "QAT of the searched strategy (purple), exported + ONNX Runtime (green)",
+                 "QAT of the searched strategy (purple), exported + ONNX Runtime (green), co-trained (cyan) and its "
+                 "searched allocation (pink)",
                  fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
