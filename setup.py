@@ -40,7 +40,6 @@ setup(
             "numpy>=1.26",
             "soundfile>=0.13",
             "sentencepiece>=0.2,<0.3",
-            "kaldi-native-fbank>=1.23",  # options verified against torchaudio on 1.23
             "soxr>=0.5",  # resampling to 16 kHz
             "jiwer>=4.0,<5",  # --manifest mode reports the WER
         ],

@@ -1,5 +1,5 @@
 """The on-device runtime: decodes exported fairseq_quant models with onnxruntime, numpy, soundfile,
-sentencepiece and kaldi-native-fbank (``pip install .[runtime]``).
+sentencepiece and soxr (``pip install .[runtime]``).
 
 It is a package of its own, beside the fairseq plugin: importing it never imports torch or fairseq, whatever
 is installed (``tests/test_runtime_imports.py``). The plugin imports what they share from here, never the
@@ -13,5 +13,5 @@ reverse:
 - ``python -m fairseq_quant_runtime``: transcribe files, or a manifest with its WER and real-time factor
 
 Submodules are imported where they are used: the file format and the CTC scorer need only numpy, so the
-``train`` extra (which has no kaldi-native-fbank, soxr or onnxruntime) can export and evaluate.
+``train`` extra (which has no soxr or onnxruntime) can export and evaluate.
 """

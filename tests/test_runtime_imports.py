@@ -1,13 +1,13 @@
 """Each side installs and works alone: the runtime package imports neither torch nor fairseq even where both are
 installed (torch-free by construction, not by blocking), and the fairseq plugin's evaluation and export import
-nothing that only the runtime extra installs (onnxruntime, kaldi-native-fbank, soxr)."""
+nothing that only the runtime extra installs (onnxruntime, soxr)."""
 import json
 import sys
 
 from conftest import ROOT, run
 
 FRAMEWORKS = ("torch", "torchaudio", "fairseq", "fairseq_quant")
-RUNTIME_ONLY = ("onnxruntime", "kaldi_native_fbank", "soxr")
+RUNTIME_ONLY = ("onnxruntime", "soxr")
 
 
 def test_every_runtime_module_imports_without_torch_or_fairseq_in_the_full_environment():
