@@ -135,3 +135,20 @@ def test_bad_synth_mix_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"synth_mix must be a fraction in \[0, 1\], got 1.5"):
         gc.generate_from_params(tmp_path, gc.generation_params(0, 24, 6, 6, synth_mix=1.5))
     assert not (tmp_path / "LibriSpeech").exists()
+
+
+def test_the_family_table_splits_a_subset_by_synthesizer_family(tmp_path):
+    from fairseq_quant_runtime.wer import format_utterances
+
+    from recipes.librispeech.report import family_table
+
+    rows = [("11-1-0000", "A B C D", "A B C D"), ("11-1-0001", "A B", "A X"),  # espeak speaker: 1 error / 6 words
+            ("22-2-0000", "A B C D", "A"),  # a flite speaker: 3 errors / 4
+            ("33-3-0000", "A B C D", "A B C D")]  # another: 0 / 4
+    (tmp_path / "test-unseen-synth.utt.tsv").write_text(format_utterances(rows))
+    voices = {"11": {"family": "espeak-ng"}, "22": {"family": "flite-clustergen"},
+              "33": {"family": "flite-clustergen"}}
+    table = family_table(tmp_path, voices, ["test-unseen-synth"]).splitlines()
+    assert table[2].startswith("| test-unseen-synth | espeak-ng | 1 | 6 | 16.67")
+    assert table[3].startswith("| test-unseen-synth | flite-clustergen | 2 | 8 | 37.50")
+    assert table[3].endswith("| 0.0 | 75.0 |")

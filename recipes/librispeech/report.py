@@ -102,3 +102,26 @@ def plot_results(results: list[ModelResult], subsets, path: Path) -> Path:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
+
+
+def family_table(eval_dir: Path, voices: dict[str, dict], subsets) -> str:
+    """Markdown: WER of one model per evaluation subset and synthesizer voice family (VOICES.json of the corpus),
+    with speaker-level 95% intervals, and the best and worst speaker of each: what a subset's WER is made of."""
+    from fairseq_quant.stats import read_utterances, speaker_of, wer_interval
+
+    lines = ["| subset | voice family | speakers | words | WER % [95% CI] | best speaker % | worst speaker % |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for subset in subsets:
+        by_family: dict[str, list] = {}
+        for u in read_utterances(Path(eval_dir) / f"{subset}.utt.tsv"):
+            family = voices.get(speaker_of(u.utt_id), {}).get("family", "unknown")
+            by_family.setdefault(family, []).append(u)
+        for family, utts in sorted(by_family.items()):
+            per_speaker: dict[str, list] = {}
+            for u in utts:
+                per_speaker.setdefault(speaker_of(u.utt_id), []).append(u)
+            rates = [100.0 * sum(u.errors for u in g) / max(1, sum(u.words for u in g)) for g in per_speaker.values()]
+            ci = wer_interval([utts])
+            lines.append(f"| {subset} | {family} | {len(per_speaker)} | {sum(u.words for u in utts)} | "
+                         f"{ci.format(digits=2)} | {min(rates):.1f} | {max(rates):.1f} |")
+    return "\n".join(lines) + "\n"

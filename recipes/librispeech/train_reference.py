@@ -195,6 +195,14 @@ def main(argv=None) -> int:
         for r in evaluate(work / "model.pt", data, eval_subsets, work / "eval", beam=5, device="cpu",
                           progress=False):
             logger.info("%s: WER %.2f%% over %d words (beam 5)", r.subset, r.wer, r.words)
+        voices = corpus_root / "VOICES.json"
+        if voices.is_file():  # the WER of each synthesizer family, with its best and worst speaker
+            from recipes.librispeech.generate_corpus import read_voices
+            from recipes.librispeech.report import family_table
+
+            table = family_table(work / "eval", read_voices(corpus_root), eval_subsets)
+            atomic_write(work / "eval" / "families.md", table)
+            logger.info("WER per voice family:\n%s", table)
     if "bundle" in stages:
         from recipes.librispeech.reference import write_bundle
 
