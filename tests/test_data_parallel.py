@@ -77,3 +77,50 @@ def test_data_parallel_qat_keeps_quantizer_state_identical_on_every_worker(smoke
     result = json.loads((tmp_path / "eval" / "wer.json").read_text())["results"][0]
     assert result["subset"] == "test-clean" and result["utterances"] == 6 and result["words"] > 0
     assert len((tmp_path / "eval" / "test-clean.hyp").read_text().splitlines()) == 6
+
+
+def test_data_parallel_co_training_keeps_every_precision_identical_on_every_worker(smoke, tmp_path):
+    """Co-training runs several forwards per step (the extra ones on the model inside the data-parallel wrapper);
+    both workers end with identical quantizer state, every precision's step included, and the 2-bit steps moved.
+    (fairseq's pytorch_ddp backend cannot run on CPU: it passes GPU device ids; the legacy backend all-reduces the
+    summed gradients after the backward.)"""
+    work, _ = smoke
+    fp32 = work / "fp32" / "checkpoint_best.pt"
+    strategy = tmp_path / "co.yaml"
+    strategy.write_text("default: {weight_bits: 8, act_bits: 8, co_weight_bits: [2]}\n")
+    start = tmp_path / "calibrated.pt"
+    proc = run([sys.executable, "scripts/calibrate.py", "--checkpoint", str(fp32), "--data", str(work / "data"),
+                "--strategy", str(strategy), "--batches", "2", "--batch-size", "4", "--out", str(start)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
+        env.update(OMP_NUM_THREADS="1", FAIRSEQ_QUANT_DUMP=str(tmp_path / f"rank{rank}.pt"))
+        cmd = [sys.executable, "tests/dp_worker.py", str(work / "data"), "--user-dir", "fairseq_quant",
+               "--task", "speech_recognition", "--arch", "quant_vggtransformer_small_ctc",
+               "--quant-strategy", str(strategy), "--finetune-from-model", str(start),
+               "--criterion", "quant_cross_entropy_acc", "--co-precisions", "2", "--co-kd-weight", "1.0",
+               "--optimizer", "adam", "--lr", "1e-4", "--batch-size", "4", "--required-batch-size-multiple", "1",
+               "--max-update", "3", "--save-dir", str(tmp_path / "co"), "--num-workers", "0", "--log-format", "simple",
+               "--train-subset", "train", "--valid-subset", "dev-clean", "--seed", "1", "--cpu",
+               "--disable-validation", "--distributed-world-size", "2", "--distributed-rank", str(rank),
+               "--distributed-no-spawn", "--distributed-init-method", f"tcp://127.0.0.1:{port}",
+               "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
+        log = open(tmp_path / f"rank{rank}.log", "w")
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in (0, 1)]
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "num_updates 3" in logs[0] and "loss_w2" in logs[0]
+    workers = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert any(k.endswith("weight_quantizer.step_w2") for k in workers[0])
+    assert [k for k in workers[0] if not torch.equal(workers[0][k], workers[1][k])] == []
+    saved = torch.load(tmp_path / "co" / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"]
+    start_state = torch.load(start, map_location="cpu", weights_only=False)["model"]
+    moved = [k for k in saved if k.endswith("step_w2") and not torch.equal(saved[k], start_state[k])]
+    assert moved  # the 2-bit steps were trained

@@ -136,9 +136,12 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
             allocations.append(("wmix", sample_allocation(_unwrap(model), allowed=allowed)))
         own_logits = net_output[0].detach()
         target = model.get_targets(sample, net_output)
+        # the other passes call the model inside fairseq's data-parallel wrapper (one wrapper forward per step, as
+        # DistributedDataParallel expects); the summed loss's backward gives every parameter one summed gradient
+        inner = _unwrap(model)
         for label, allocation in allocations:
-            with weight_precision(_unwrap(model), allocation):
-                low_loss, _, low_log, low_out = self.single_forward(model, sample, reduction, log_probs)
+            with weight_precision(inner, allocation):
+                low_loss, _, low_log, low_out = self.single_forward(inner, sample, reduction, log_probs)
             loss = loss + low_loss
             logging_output[f"loss_{label}"] = low_loss.item()
             if self.co_kd_weight > 0:
