@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run
+from conftest import run
 
 STRATEGY = """default: {weight_bits: 8, act_bits: 8, co_weight_bits: [2, 1]}
 rules:
