@@ -41,6 +41,9 @@ ROWS = {
     # the low-bit kernels forced: MatMulNBits in the decoder steps, and in the encoder too
     "runtime-w2a8-nbits-decoder": ("runtime", "qat/qat-w2a8/checkpoint_best.pt", ("fp32", "nbits")),
     "runtime-w2a8-nbits-all": ("runtime", "qat/qat-w2a8/checkpoint_best.pt", ("nbits", "nbits")),
+    # int8 kernels (DynamicQuantizeMatMul: the stored integers as int8 weights, activations to uint8 at run time)
+    "runtime-searched-int8-decoder": ("runtime", "qat/qat-searched/checkpoint_best.pt", ("fp32", "int8")),
+    "runtime-searched-int8-all": ("runtime", "qat/qat-searched/checkpoint_best.pt", ("int8", "int8")),
 }
 BATCH = 10  # utterances per batch, sorted by length (the same batches for every row)
 
