@@ -167,3 +167,18 @@ def test_collapse_gives_an_ordinary_model_that_computes_the_co_trained_allocatio
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     with pytest.raises(KeyError, match="no co-trained module named"):
         collapse(model.state_dict(), model.quant_specs, {"encoder.nothing": 2})
+
+
+def test_the_teacher_runs_once_per_batch_for_every_precision(dict_dir, co_model):
+    """Distillation from fp32 in every pass uses one teacher forward per batch (cached within the call only)."""
+    task, model = co_model
+    _, teacher, _ = build_tiny(dict_dir, arch="vggtransformer_small")
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    crit = QuantCrossEntropyWithAccCriterion(task, sentence_avg=False, co_precisions="4,2")
+    crit._teacher, crit.kd_weight = (teacher.eval(),), 0.5  # as --teacher-path would set them
+    model.train()
+    _, _, log = crit(model, sample_for(task))
+    assert len(calls) == 1 and log["kd_loss"] > 0 and set(log) >= {"loss_w4", "loss_w2"}
+    crit(model, sample_for(task, seed=1))
+    assert len(calls) == 2  # a new batch: the teacher runs again

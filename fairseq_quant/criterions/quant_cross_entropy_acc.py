@@ -126,7 +126,13 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
     def forward(self, model, sample, reduction="sum", log_probs=True):
         """The loss of the model's own precision and, when co-training, of every other precision's pass."""
         passes = self.active_co_precisions(model)
-        self._teacher_cache = None  # the teacher's output of this batch, shared by the passes
+        self._teacher_cache = {}  # the teacher's output of this batch, shared by the passes of this call
+        try:
+            return self._forward_passes(model, sample, reduction, log_probs, passes)
+        finally:
+            self._teacher_cache = None
+
+    def _forward_passes(self, model, sample, reduction, log_probs, passes):
         loss, sample_size, logging_output, net_output = self.single_forward(model, sample, reduction, log_probs)
         if not self.co_precisions:
             return loss, sample_size, logging_output
@@ -210,15 +216,17 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
         return ctc_loss(ctc_out, sample["target"], self.padding_idx, self.task.target_dictionary.eos())
 
     def teacher_output(self, sample, target):
-        cache = getattr(self, "_teacher_cache", None)
-        if cache is not None and cache[0] is sample:
-            return cache[1]
+        cache = getattr(self, "_teacher_cache", None)  # a dict during forward(), else None
+        key = (id(sample), id(self.teacher))
+        if cache is not None and key in cache:
+            return cache[key]
         teacher = self.teacher
         if next(teacher.parameters()).device != target.device:
             teacher.to(target.device)
         with torch.no_grad():
             out = teacher(**sample["net_input"])
-        self._teacher_cache = (sample, out)
+        if cache is not None:
+            cache[key] = out
         return out
 
     def ctc_distillation_loss(self, net_output, teacher_out):
