@@ -137,7 +137,7 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
         if not self.co_precisions:
             return loss, sample_size, logging_output
         allocations = [(f"w{b}", b) for b in passes]
-        if self.co_stochastic and model.training:
+        if self.co_stochastic and model.training and passes:  # (before any precision joins: nothing to mix)
             allowed = set(passes)
             allocations.append(("wmix", sample_allocation(_unwrap(model), allowed=allowed)))
         own_logits = net_output[0].detach()
