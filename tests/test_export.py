@@ -405,7 +405,9 @@ def test_auto_kernels_keep_the_fastest_of_fp32_and_low_bit(dict_dir):
         counts = count_kernels(getattr(rec, f"{graph}_graph"))
         assert ("MatMulNBits" in counts) == (rec.kernels[graph] == "nbits")
         assert ("DynamicQuantizeMatMul" in counts) == (rec.kernels[graph] == "int8")
-    assert Recognizer(file).kernels["encoder"] == "fp32"  # the default encoder kernel (low bits lose there)
+    default = Recognizer(file)  # the defaults time every kernel of both graphs at load
+    assert default.kernels["encoder"] in ("fp32", "nbits", "int8") and default.kernels["decoder"] in ("fp32", "nbits",
+                                                                                                      "int8")
     with pytest.raises(ValueError, match="unknown kernel 'int3'"):
         Recognizer(file, "int3")
 
