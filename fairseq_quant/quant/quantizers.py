@@ -263,36 +263,34 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.bits is None:
             return w
-        groups = self.granularity.group_view(w)
         bits = self.active_bits
-        if bits != self.bits:
-            if bits not in self.co_bits:
-                raise ValueError(f"{self.name}: active precision {bits} is not one of {self.precisions}")
-            return self._co_forward(groups, bits).reshape(w.shape)
-        if self.method == "binary":
-            out = binarize(groups)
+        if bits != self.bits and bits not in self.co_bits:
+            raise ValueError(f"{self.name}: active precision {bits} is not one of {self.precisions}")
+        return self._quantize(self.granularity.group_view(w), bits).reshape(w.shape)
+
+    def _quantize(self, groups: torch.Tensor, bits: int) -> torch.Tensor:
+        """``groups`` at precision ``bits`` (its own or a co-training one): binary at 1 bit, else the method, under
+        lsq with that precision's own step."""
+        if self.method == "binary" or bits == 1:
             alpha = groups.abs().mean(dim=1, keepdim=True).detach()
             self.last_grid = Grid((2 * alpha).clamp(min=1e-12), -alpha, 0, 1, 1)
-        elif self.method == "minmax":
+            return binarize(groups)
+        if self.method == "minmax":
             lo = groups.amin(dim=1, keepdim=True).detach()
             hi = groups.amax(dim=1, keepdim=True).detach()
-            out = fake_quant_affine(groups, lo, hi, self.bits)
-            levels = 2**self.bits - 1
-            self.last_grid = Grid(torch.clamp(hi - lo, min=1e-8) / levels, lo, 0, levels, self.bits)
-        elif self.method == "symmetric":
-            qmax = 2 ** (self.bits - 1) - 1 if self.bits > 1 else 1
-            scale = (groups.abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-8).detach()
-            out = fake_quant_symmetric(groups, scale, self.bits)
-            self.last_grid = symmetric_grid(scale, self.bits)
-        else:
-            out = self._lsq(groups)
-        return out.reshape(w.shape)
+            levels = 2**bits - 1
+            self.last_grid = Grid(torch.clamp(hi - lo, min=1e-8) / levels, lo, 0, levels, bits)
+            return fake_quant_affine(groups, lo, hi, bits)
+        if self.method == "symmetric":
+            scale = (groups.abs().amax(dim=1, keepdim=True) / (2 ** (bits - 1) - 1)).clamp(min=1e-8).detach()
+            self.last_grid = symmetric_grid(scale, bits)
+            return fake_quant_symmetric(groups, scale, bits)
+        return self._lsq(groups, bits)
 
-    def _lsq(self, groups: torch.Tensor, bits: int | None = None, step: nn.Parameter | None = None,
-             initialized: torch.Tensor | None = None) -> torch.Tensor:
-        bits = self.bits if bits is None else bits
-        step = self.step if step is None else step
-        initialized = self.initialized if initialized is None else initialized
+    def _lsq(self, groups: torch.Tensor, bits: int) -> torch.Tensor:
+        own = bits == self.bits
+        step = self.step if own else getattr(self, f"step_w{bits}")
+        initialized = self.initialized if own else getattr(self, f"initialized_w{bits}")
         if step.numel() != groups.shape[0]:
             raise ValueError(f"{self.name}: LSQ has {step.numel()} steps for {groups.shape[0]} groups")
         if not bool(initialized):
@@ -304,25 +302,6 @@ class WeightQuantizer(nn.Module):
         scaled = grad_scale(step, g).abs().clamp(min=1e-8).unsqueeze(1)
         self.last_grid = symmetric_grid(scaled, bits)
         return fake_quant_symmetric(groups, scaled, bits)
-
-    def _co_forward(self, groups: torch.Tensor, bits: int) -> torch.Tensor:
-        """The weights at co-training precision ``bits``: binary at 1 bit, else the quantizer's method with the
-        precision's own step (lsq) or range (symmetric, minmax)."""
-        if bits == 1:
-            alpha = groups.abs().mean(dim=1, keepdim=True).detach()
-            self.last_grid = Grid((2 * alpha).clamp(min=1e-12), -alpha, 0, 1, 1)
-            return binarize(groups)
-        if self.method == "lsq":
-            return self._lsq(groups, bits, getattr(self, f"step_w{bits}"), getattr(self, f"initialized_w{bits}"))
-        if self.method == "minmax":
-            lo = groups.amin(dim=1, keepdim=True).detach()
-            hi = groups.amax(dim=1, keepdim=True).detach()
-            levels = 2**bits - 1
-            self.last_grid = Grid(torch.clamp(hi - lo, min=1e-8) / levels, lo, 0, levels, bits)
-            return fake_quant_affine(groups, lo, hi, bits)
-        scale = (groups.abs().amax(dim=1, keepdim=True) / (2 ** (bits - 1) - 1)).clamp(min=1e-8).detach()
-        self.last_grid = symmetric_grid(scale, bits)
-        return fake_quant_symmetric(groups, scale, bits)
 
     def scales_per_group(self) -> int:
         """Stored numbers per group besides the packed integers (scale, and offset if asymmetric)."""
