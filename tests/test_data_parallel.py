@@ -22,29 +22,16 @@ def quantizer_state(state_dict):
     return {k: v for k, v in state_dict.items() if "_quantizer." in k or k == "quant_calibrated"}
 
 
-def test_data_parallel_qat_keeps_quantizer_state_identical_on_every_worker(smoke, tmp_path):
-    work, _ = smoke
-    fp32 = work / "fp32" / "checkpoint_best.pt"
-    strategy = ROOT / "recipes/librispeech/strategies/w4a8.yaml"
-    start = tmp_path / "calibrated.pt"
-    proc = run([sys.executable, "scripts/calibrate.py", "--checkpoint", str(fp32), "--data", str(work / "data"),
-                "--strategy", str(strategy), "--batches", "2", "--batch-size", "4", "--out", str(start)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    save = tmp_path / "qat"
+def run_workers(tmp_path, train_args: list[str]) -> list[str]:
+    """Two fairseq-train workers (tests/dp_worker.py, gloo on CPU, fairseq's legacy data-parallel backend) with
+    ``train_args``; each dumps its quantizer state to tmp_path/rank{r}.pt. Returns both logs, both having exited 0."""
     port = free_port()
     procs = []
     for rank in (0, 1):
         env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
         env.update(OMP_NUM_THREADS="1", FAIRSEQ_QUANT_DUMP=str(tmp_path / f"rank{rank}.pt"))
-        cmd = [sys.executable, "tests/dp_worker.py", str(work / "data"), "--user-dir", "fairseq_quant",
-               "--task", "speech_recognition", "--arch", "quant_vggtransformer_small_ctc",
-               "--quant-strategy", str(strategy),
-               "--finetune-from-model", str(start), "--criterion", "quant_cross_entropy_acc",
-               "--teacher-path", str(fp32), "--kd-weight", "0.5", "--optimizer", "adam", "--lr", "1e-4",
-               "--batch-size", "4", "--required-batch-size-multiple", "1", "--max-update", "6",
-               "--save-interval-updates", "2", "--save-dir", str(save), "--num-workers", "0", "--log-format", "simple",
-               "--train-subset", "train", "--valid-subset", "dev-clean", "--seed", "1", "--cpu",
-               "--distributed-world-size", "2", "--distributed-rank", str(rank), "--distributed-no-spawn",
+        cmd = [sys.executable, "tests/dp_worker.py", *train_args, "--cpu", "--distributed-world-size", "2",
+               "--distributed-rank", str(rank), "--distributed-no-spawn",
                "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-backend", "gloo",
                "--ddp-backend", "legacy_ddp"]
         log = open(tmp_path / f"rank{rank}.log", "w")
@@ -56,6 +43,26 @@ def test_data_parallel_qat_keeps_quantizer_state_identical_on_every_worker(smoke
             p.kill()
     logs = [(tmp_path / f"rank{r}.log").read_text() for r in (0, 1)]
     assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    return logs
+
+
+def test_data_parallel_qat_keeps_quantizer_state_identical_on_every_worker(smoke, tmp_path):
+    work, _ = smoke
+    fp32 = work / "fp32" / "checkpoint_best.pt"
+    strategy = ROOT / "recipes/librispeech/strategies/w4a8.yaml"
+    start = tmp_path / "calibrated.pt"
+    proc = run([sys.executable, "scripts/calibrate.py", "--checkpoint", str(fp32), "--data", str(work / "data"),
+                "--strategy", str(strategy), "--batches", "2", "--batch-size", "4", "--out", str(start)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    save = tmp_path / "qat"
+    logs = run_workers(tmp_path, [
+        str(work / "data"), "--user-dir", "fairseq_quant", "--task", "speech_recognition",
+        "--arch", "quant_vggtransformer_small_ctc", "--quant-strategy", str(strategy),
+        "--finetune-from-model", str(start), "--criterion", "quant_cross_entropy_acc",
+        "--teacher-path", str(fp32), "--kd-weight", "0.5", "--optimizer", "adam", "--lr", "1e-4",
+        "--batch-size", "4", "--required-batch-size-multiple", "1", "--max-update", "6",
+        "--save-interval-updates", "2", "--save-dir", str(save), "--num-workers", "0", "--log-format", "simple",
+        "--train-subset", "train", "--valid-subset", "dev-clean", "--seed", "1"])
     assert f"loading pretrained model from {start}: " in logs[0] and "num_updates 6" in logs[0]  # rank 0 logs
     assert "wbits 4" in logs[0]  # the criterion finds the quant model inside the data-parallel wrappers
 
@@ -92,30 +99,13 @@ def test_data_parallel_co_training_keeps_every_precision_identical_on_every_work
     proc = run([sys.executable, "scripts/calibrate.py", "--checkpoint", str(fp32), "--data", str(work / "data"),
                 "--strategy", str(strategy), "--batches", "2", "--batch-size", "4", "--out", str(start)])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    port = free_port()
-    procs = []
-    for rank in (0, 1):
-        env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
-        env.update(OMP_NUM_THREADS="1", FAIRSEQ_QUANT_DUMP=str(tmp_path / f"rank{rank}.pt"))
-        cmd = [sys.executable, "tests/dp_worker.py", str(work / "data"), "--user-dir", "fairseq_quant",
-               "--task", "speech_recognition", "--arch", "quant_vggtransformer_small_ctc",
-               "--quant-strategy", str(strategy), "--finetune-from-model", str(start),
-               "--criterion", "quant_cross_entropy_acc", "--co-precisions", "2", "--co-kd-weight", "1.0",
-               "--optimizer", "adam", "--lr", "1e-4", "--batch-size", "4", "--required-batch-size-multiple", "1",
-               "--max-update", "3", "--save-dir", str(tmp_path / "co"), "--num-workers", "0", "--log-format", "simple",
-               "--train-subset", "train", "--valid-subset", "dev-clean", "--seed", "1", "--cpu",
-               "--disable-validation", "--distributed-world-size", "2", "--distributed-rank", str(rank),
-               "--distributed-no-spawn", "--distributed-init-method", f"tcp://127.0.0.1:{port}",
-               "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
-        log = open(tmp_path / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
-    try:
-        codes = [p.wait(timeout=600) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    logs = [(tmp_path / f"rank{r}.log").read_text() for r in (0, 1)]
-    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    logs = run_workers(tmp_path, [
+        str(work / "data"), "--user-dir", "fairseq_quant", "--task", "speech_recognition",
+        "--arch", "quant_vggtransformer_small_ctc", "--quant-strategy", str(strategy), "--finetune-from-model", str(start),
+        "--criterion", "quant_cross_entropy_acc", "--co-precisions", "2", "--co-kd-weight", "1.0",
+        "--optimizer", "adam", "--lr", "1e-4", "--batch-size", "4", "--required-batch-size-multiple", "1",
+        "--max-update", "3", "--save-dir", str(tmp_path / "co"), "--num-workers", "0", "--log-format", "simple",
+        "--train-subset", "train", "--valid-subset", "dev-clean", "--seed", "1", "--disable-validation"])
     assert "num_updates 3" in logs[0] and "loss_w2" in logs[0]
     workers = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert any(k.endswith("weight_quantizer.step_w2") for k in workers[0])
