@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fairseq_quant_runtime.decoding import DecodingConfig  # noqa: E402  (plain Python: no torch)
+from fairseq_quant_runtime.decoding import BATCH_FRAMES, DecodingConfig, length_batches  # noqa: E402  (plain Python: no torch)
 from fairseq_quant_runtime.wer import word_error_rate  # noqa: E402
 BUNDLE = ROOT / "recipes/librispeech/reference"
 # row -> (engine, checkpoint relative to the workdir or "reference", kernels)
@@ -45,10 +45,9 @@ ROWS = {
     "runtime-searched-int8-decoder": ("runtime", "qat/qat-searched/checkpoint_best.pt", ("fp32", "int8")),
     "runtime-searched-int8-all": ("runtime", "qat/qat-searched/checkpoint_best.pt", ("int8", "int8")),
 }
-BATCH = 10  # utterances per batch, sorted by length (the same batches for every row)
-
-
 def batches(manifests: list[Path], limit: int | None):
+    """The utterances in the runtime's batches (sorted by length, up to BATCH_FRAMES padded frames): the same
+    batches for every row, fairseq's included."""
     utts = []
     for manifest in manifests:
         entries = json.loads(manifest.read_text())["utts"]
@@ -56,8 +55,7 @@ def batches(manifests: list[Path], limit: int | None):
                  for u, e in entries.items()]
     if limit:
         utts = utts[:limit]
-    utts.sort(key=lambda x: x[3])
-    return [utts[i:i + BATCH] for i in range(0, len(utts), BATCH)]
+    return [[utts[i] for i in b] for b in length_batches([ms // 10 for *_, ms in utts], BATCH_FRAMES)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -256,7 +254,8 @@ def format_table(results: dict) -> str:
         rt = results.get(("runtime-fp32", threads))
         some = next(r for (_, t), r in results.items() if t == threads)
         lines += [f"\n**{threads} thread(s)**, {len(some['refs'])} utterances, {some['audio_s']:.0f} s of audio, "
-                  f"beam {some['decoding']['beam']}, joint CTC/attention on both sides, batches of {BATCH}\n",
+                  f"beam {some['decoding']['beam']}, joint CTC/attention on both sides, batches of up to "
+                  f"{BATCH_FRAMES} padded frames\n",
                   "| row | kernels (encoder / decoder) | file MB | WER % | RTF | end-to-end speed-up vs fairseq fp32 | vs runtime fp32 | "
                   "encoder s | decoder steps s | decoder speed-up vs runtime fp32 | encoder vs runtime fp32 | "
                   "peak RSS MB |",

@@ -18,7 +18,7 @@ from pathlib import Path
 # numpy loads, and only where the user has not chosen
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from .decoding import DecodingConfig, DecodingError
+from .decoding import BATCH_FRAMES, DecodingConfig, DecodingError, length_batches
 from .fqm import ModelFileError
 
 
@@ -72,14 +72,8 @@ def decode_manifest(recognizer, manifest: Path, config: DecodingConfig, batch_fr
             lengths[u] = soundfile.info(p).frames // 160
         except (RuntimeError, soundfile.LibsndfileError) as err:
             raise AudioError(f"{p}: not a readable audio file ({err})") from err
-    batches, batch = [], []
-    for u in sorted(lengths, key=lambda u: lengths[u]):
-        if batch and (len(batch) + 1) * max(lengths[u], 1) > batch_frames:
-            batches.append(batch)
-            batch = []
-        batch.append(u)
-    if batch:
-        batches.append(batch)
+    ids = list(lengths)
+    batches = [[ids[i] for i in b] for b in length_batches([lengths[u] for u in ids], batch_frames)]
     hyps, frames = {}, 0
     for batch, feats in zip(batches, features_ahead([[paths[u] for u in b] for b in batches], feature_workers)):
         texts = recognizer.decode(feats, config)
@@ -97,8 +91,8 @@ def main(argv=None) -> int:
     parser.add_argument("--manifest", help="prepared-data manifest: decode every utterance and report the WER")
     parser.add_argument("--out", help="with --manifest: write {subset}.utt.tsv and wer.json here")
     DecodingConfig.add_arguments(parser)
-    parser.add_argument("--batch-frames", type=int, default=6000,
-                        help="--manifest: padded 10 ms frames per batch (default 6000)")
+    parser.add_argument("--batch-frames", type=int, default=BATCH_FRAMES,
+                        help=f"--manifest: padded 10 ms frames per batch (default {BATCH_FRAMES})")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for the encoder (default 1)")
     parser.add_argument("--feature-workers", type=int, default=0,
                         help="--manifest: processes computing the next batches' features meanwhile (default 0)")

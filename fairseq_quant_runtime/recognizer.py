@@ -13,7 +13,7 @@ import onnxruntime as ort
 import sentencepiece as spm
 
 from .ctc import CTCPrefixScorer, joint_scores, pre_beam_size
-from .decoding import DecodingConfig
+from .decoding import BATCH_FRAMES, DecodingConfig, length_batches
 from .fqm import ModelFile, ModelFileError, read
 from .graphs import KERNELS, materialize
 from .segment import SegmentConfig, segments
@@ -99,10 +99,15 @@ class Recognizer:
         for graph, kernel in (("encoder", encoder_kernel), ("decoder", decoder_kernel)):
             # exact activations: auto keeps the fp32 kernels, the low-bit ones requantize their inputs
             auto = ("fp32",) if suffix else KERNELS
-            candidates = {k: session(graph, k) for k in (auto if kernel == "auto" else (kernel,))}
-            self.kernels[graph] = min(candidates, key=lambda k: self._time(graph, k, candidates[k][1])) \
-                if len(candidates) > 1 else kernel
-            proto, sess = candidates[self.kernels[graph]]
+            candidates = auto if kernel == "auto" else (kernel,)
+            best = None  # (seconds, kernel, proto, session): the fastest so far; the others are freed at once,
+            for k in candidates:  # so that at most two sessions of a graph are alive (peak memory)
+                proto, sess = session(graph, k)
+                seconds = self._time(graph, k, sess) if len(candidates) > 1 else 0.0
+                if best is None or seconds < best[0]:
+                    best = (seconds, k, proto, sess)
+                del proto, sess
+            _, self.kernels[graph], proto, sess = best
             setattr(self, f"{graph}_graph", proto)
             setattr(self, graph, sess)
         self.decoder_inputs = [i.name for i in self.decoder.get_inputs()]
@@ -329,7 +334,7 @@ class Recognizer:
         return self.transcribe_batch([(samples, sample_rate)], config, segment)[0]
 
     def transcribe_batch(self, inputs: list, config: DecodingConfig | None = None,
-                         segment: SegmentConfig | None = None, batch_frames: int = 6000) -> list[str]:
+                         segment: SegmentConfig | None = None, batch_frames: int = BATCH_FRAMES) -> list[str]:
         """Transcripts of several inputs (audio file paths, or ``(samples, sample_rate)`` pairs), decoded together
         in batches of up to ``batch_frames`` padded 10 ms frames. An input longer than ``segment.max_seconds`` is
         cut at its quiet frames (:mod:`.segment`) and its segments' transcripts are joined: time linear in its
@@ -347,15 +352,9 @@ class Recognizer:
             for start, end in segments(samples, segment):
                 pieces.append((i, apply_mv_norm(fbank(samples[start:end]))))
         texts = [""] * len(pieces)
-        order = sorted(range(len(pieces)), key=lambda k: pieces[k][1].shape[0])
-        batch: list[int] = []
-        for k in order + [None]:
-            if batch and (k is None or (len(batch) + 1) * pieces[k][1].shape[0] > batch_frames):
-                for j, text in zip(batch, self.decode([pieces[j][1] for j in batch], config)):
-                    texts[j] = text
-                batch = []
-            if k is not None:
-                batch.append(k)
+        for batch in length_batches([feats.shape[0] for _, feats in pieces], batch_frames):
+            for j, text in zip(batch, self.decode([pieces[j][1] for j in batch], config)):
+                texts[j] = text
         joined = [[] for _ in inputs]
         for (i, _), text in zip(pieces, texts):
             if text:

@@ -109,3 +109,13 @@ def test_auto_keeps_the_kernel_that_times_faster(tiny_model_file, monkeypatch, f
         kernels = count_kernels(getattr(rec, f"{graph}_graph"))
         assert ("MatMulNBits" in kernels) == (faster == "nbits")
         assert ("DynamicQuantizeMatMul" in kernels) == (faster == "int8")
+
+
+def test_length_batches_sort_by_length_and_bound_the_padded_frames():
+    from fairseq_quant_runtime.decoding import length_batches
+
+    lengths = [300, 100, 700, 120, 2000, 310, 0]
+    # sorted: 0 (#6), 100 (#1), 120 (#3), 300 (#0), 310 (#5), 700 (#2), 2000 (#4); at most 1000 padded frames
+    assert length_batches(lengths, 1000) == [[6, 1, 3], [0, 5], [2], [4]]
+    assert length_batches(lengths, 14_000) == [[6, 1, 3, 0, 5, 2, 4]]
+    assert length_batches(lengths, 13_999)[-1] == [4] and length_batches([], 1000) == []
