@@ -89,12 +89,18 @@ class CTCPrefixScorer:
         r = np.full((self.frames, 2, rows, k), NEG_INF, dtype=np.float32)
         if prefix_len == 0:
             r[0, 0] = xs[0]
-        psi = r[0, 0].copy()
         blank_x = x[:, :, self.blank][:, :, None]
-        for t in range(1, self.frames):
-            r[t, 0] = np.logaddexp(r[t - 1, 0], phi[t - 1]) + xs[t]
-            r[t, 1] = np.logaddexp(r[t - 1, 0], r[t - 1, 1]) + blank_x[t]
-            psi = np.logaddexp(psi, phi[t - 1] + xs[t])
+        # the prefix plus the new token needs prefix_len + 1 frames: before frame prefix_len both forward
+        # variables stay impossible, and the recursion starts there
+        for t in range(max(1, prefix_len), self.frames):
+            np.logaddexp(r[t - 1, 0], phi[t - 1], out=r[t, 0])
+            r[t, 0] += xs[t]
+            np.logaddexp(r[t - 1, 0], r[t - 1, 1], out=r[t, 1])
+            r[t, 1] += blank_x[t]
+        # psi: the new token emitted first at any frame, one log-sum-exp over the frames
+        terms = np.concatenate([r[:1, 0], phi[:-1] + xs[1:]])  # [T, rows, k]
+        top = terms.max(axis=0)
+        psi = top + np.log(np.exp(terms - top).sum(axis=0))
         psi = np.where(tokens == self.eos, r_sum[-1][:, None], psi)
         psi = np.where(tokens == self.blank, NEG_INF, psi)
         return CTCCandidates(tokens, psi.astype(np.float32), r)
