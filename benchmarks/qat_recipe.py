@@ -34,6 +34,10 @@ VARIANTS = {
     "out16-lr5e-5": ("w8a8-out16", dict(qat_lr=5e-5)),  # the outlier site at 16 bits (w8a8 strategies only)
     "out16-lr5e-5-nodrop": ("w8a8-out16", dict(qat_lr=5e-5, qat_dropout=0.0)),
     "out16-lr5e-5-nodrop-frozen": ("w8a8-out16", dict(qat_lr=5e-5, qat_dropout=0.0, qat_act_momentum=0.0)),
+    "recipe": (None, {}),  # the recipe's QAT schedule unchanged
+    # sub-channel steps (one per 32 or 64 input values of each output channel; w2a8 strategies)
+    "w2a8-g32": ("w2a8-g32", {}),
+    "w2a8-g64": ("w2a8-g64", {}),
     "control-lr5e-5": ("fp32", dict(qat_lr=5e-5)),  # the same training with nothing quantized
     "control-lr5e-5-nodrop": ("fp32", dict(qat_lr=5e-5, qat_dropout=0.0)),
 }
