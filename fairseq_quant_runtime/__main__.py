@@ -98,8 +98,9 @@ def main(argv=None) -> int:
                         help="--manifest: processes computing the next batches' features meanwhile (default 0)")
     parser.add_argument("--encoder-kernel", default="auto", choices=("fp32", "nbits", "int8", "auto"),
                         help="fp32: dequantized weights; nbits: MatMulNBits; int8: DynamicQuantizeMatMul (int8 "
-                             "weights, activations to uint8 per tensor at run time); auto: the fastest here, timed at "
-                             "load (default auto)")
+                             "weights, activations rounded to uint8 per tensor at run time: faster where it is, but not "
+                             "the model the QAT trained); auto: the faster of fp32 and nbits here, timed at load "
+                             "(default auto)")
     parser.add_argument("--decoder-kernel", default="auto", choices=("fp32", "nbits", "int8", "auto"), help="(default auto)")
     parser.add_argument("--activations", default="kernel", choices=("kernel", "exact"),
                         help="exact: the QAT model's static activation grids (export with --exact-activations; "

@@ -15,7 +15,7 @@ import sentencepiece as spm
 from .ctc import CTCPrefixScorer, joint_scores, pre_beam_size
 from .decoding import BATCH_FRAMES, DecodingConfig, length_batches
 from .fqm import ModelFile, ModelFileError, read
-from .graphs import KERNELS, materialize
+from .graphs import AUTO_KERNELS, KERNELS, materialize
 from .segment import SegmentConfig, segments
 
 
@@ -49,10 +49,12 @@ class Recognizer:
     quantization in the graph; MatMulNBits quantizes its inputs to int8 per block) or "exact" (the QAT model's
     static activation grids, from a file exported with ``--exact-activations``). Measured on a 2-core AVX2 CPU
     without VNNI (2026-12-04, 500 test-clean utterances): MatMulNBits loses to fp32 at this model's widths, while
-    int8 runs the encoder 1.37x and the decoder steps up to 1.26x faster; the kernels differ by CPU, hence the
-    defaults: ``auto`` for both graphs (every kernel timed on a typical call when the model loads, the fastest
-    kept; ``self.kernels`` says which; with exact activations ``auto`` is fp32, since the low-bit kernels
-    requantize their inputs).
+    int8 ran the encoder 1.37x and the decoder steps up to 1.26x faster under load, but rounds every activation
+    to uint8 with a range of its own, which costs the shipped reference's searched model 9% relative WER on
+    test-other. Hence the defaults: ``auto`` for both graphs, the faster of the two kernels that compute the
+    model's own function (fp32 and nbits, each timed on a typical call when the model loads; ``self.kernels``
+    says which; with exact activations ``auto`` is fp32, since the low-bit kernels requantize their inputs);
+    int8 only when asked for.
     """
 
     def __init__(self, model: str | os.PathLike | ModelFile, encoder_kernel: str = "auto",
@@ -98,7 +100,7 @@ class Recognizer:
         self.kernels = {}
         for graph, kernel in (("encoder", encoder_kernel), ("decoder", decoder_kernel)):
             # exact activations: auto keeps the fp32 kernels, the low-bit ones requantize their inputs
-            auto = ("fp32",) if suffix else KERNELS
+            auto = ("fp32",) if suffix else AUTO_KERNELS
             candidates = auto if kernel == "auto" else (kernel,)
             best = None  # (seconds, kernel, proto, session): the fastest so far; the others are freed at once,
             for k in candidates:  # so that at most two sessions of a graph are alive (peak memory)

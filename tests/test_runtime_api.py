@@ -91,8 +91,9 @@ def test_recognizer_takes_samples_batches_and_long_inputs(tiny_model_file, tmp_p
 
 @pytest.mark.parametrize("faster", ["fp32", "nbits", "int8"])
 def test_auto_keeps_the_kernel_that_times_faster(tiny_model_file, monkeypatch, faster):
-    """``auto`` times every kernel of each graph at load and keeps the fastest (the timer stubbed: which kernel is
-    fastest on this CPU is a benchmark's question, not a test's)."""
+    """``auto`` times the kernels that compute the model's own function (fp32, nbits) at load and keeps the faster
+    (the timer stubbed: which kernel is fastest on this CPU is a benchmark's question, not a test's); int8, which
+    rounds activations the QAT model never rounded, is never chosen for its speed alone."""
     from fairseq_quant_runtime.graphs import count_kernels
 
     timed = []
@@ -103,12 +104,13 @@ def test_auto_keeps_the_kernel_that_times_faster(tiny_model_file, monkeypatch, f
 
     monkeypatch.setattr(Recognizer, "_time", fake_time)
     rec = Recognizer(tiny_model_file, "auto", "auto")
-    assert rec.kernels == {"encoder": faster, "decoder": faster}
-    assert sorted(timed) == [(g, k) for g in ("decoder", "encoder") for k in ("fp32", "int8", "nbits")]
+    chosen = "fp32" if faster == "int8" else faster
+    assert rec.kernels == {"encoder": chosen, "decoder": chosen}
+    assert sorted(timed) == [(g, k) for g in ("decoder", "encoder") for k in ("fp32", "nbits")]
     for graph in ("encoder", "decoder"):
         kernels = count_kernels(getattr(rec, f"{graph}_graph"))
-        assert ("MatMulNBits" in kernels) == (faster == "nbits")
-        assert ("DynamicQuantizeMatMul" in kernels) == (faster == "int8")
+        assert ("MatMulNBits" in kernels) == (chosen == "nbits")
+        assert "DynamicQuantizeMatMul" not in kernels
 
 
 def test_length_batches_sort_by_length_and_bound_the_padded_frames():
