@@ -152,3 +152,37 @@ def test_the_family_table_splits_a_subset_by_synthesizer_family(tmp_path):
     assert table[2].startswith("| test-unseen-synth | espeak-ng | 1 | 6 | 16.67")
     assert table[3].startswith("| test-unseen-synth | flite-clustergen | 2 | 8 | 37.50")
     assert table[3].endswith("| 0.0 | 75.0 |")
+
+
+def test_the_results_table_gives_the_unseen_synthesizer_its_own_column(tmp_path):
+    """test-unseen-synth is a column of the table and has its own relative change; the pooled summary stays the
+    test sets of the trained voice families."""
+    from fairseq_quant_runtime.wer import format_utterances
+
+    from recipes.librispeech.report import ModelResult, results_table
+
+    subsets = ["test-clean", "test-other", "test-unseen-synth"]
+    # (speaker, errors) per utterance of 4 words; the quantized model doubles the errors on the unseen voices only
+    errors = {"fp32": {"test-clean": [0, 1], "test-other": [1, 1], "test-unseen-synth": [1, 1, 2, 0]},
+              "qat-w2a8": {"test-clean": [0, 1], "test-other": [1, 1], "test-unseen-synth": [2, 2, 4, 0]}}
+    results = []
+    for name, by_subset in errors.items():
+        eval_dir = tmp_path / name
+        eval_dir.mkdir()
+        for subset, errs in by_subset.items():
+            rows = [(f"{10 + i}-1-0000", "A B C D", " ".join(["X"] * e + ["A B C D".split()[j] for j in range(e, 4)]))
+                    for i, e in enumerate(errs)]
+            (eval_dir / f"{subset}.utt.tsv").write_text(format_utterances(rows))
+        results.append(ModelResult(name, "-", 32.0 if name == "fp32" else 2.0, 1.0,
+                                   wer={s: 25.0 * sum(e) / len(e) for s, e in by_subset.items()},
+                                   words={s: 4 * len(e) for s, e in by_subset.items()}, eval_dir=str(eval_dir)))
+    lines = results_table(results, subsets).splitlines()
+    assert "| WER test-clean+test-other [95% CI] |" in lines[0]
+    assert lines[0].endswith("| test-unseen-synth: rel. change vs fp32 [95% CI] |")
+    assert lines[2].endswith("| - | - |")
+    cells = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert cells[6] == "18.75% [12.50, 25.00]"  # 3 errors in 16 words, as fp32
+    assert cells[7].startswith("+0.0%") and cells[8].startswith("+100.0%")
+    assert lines[-1].endswith("test-unseen-synth 4. Intervals: 95%, bootstrap resampling speakers within each subset "
+                              "(cluster bootstrap, 1000 resamples, seed 0, paired for the relative change; n.s. = the "
+                              "interval contains 0).")

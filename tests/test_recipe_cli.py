@@ -192,6 +192,21 @@ def test_the_benchmark_runs_every_row_but_the_distillation_ablation_and_the_demo
     assert demo[0] == "fp32" and set(demo) < set(ROWS)
 
 
+def test_the_demo_and_the_benchmark_report_the_unseen_synthesizer(tmp_path):
+    """Both start from the multi-synthesizer reference: its corpus is generated, test-unseen-synth prepared and
+    every row decoded on it."""
+    proc = runner("--size", "default", "--workdir", tmp_path, "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert "--size multisynth" in lines[lines.index("# stage corpus") + 1]
+    prepare = lines[lines.index("# stage prepare") + 1]
+    assert "--eval-subsets dev-clean,dev-other,test-clean,test-other,test-unseen-synth " in prepare
+    assert SIZES["default"].eval_subsets == ("test-clean", "test-other", "test-unseen-synth")
+    assert SIZES["benchmark"].eval_subsets == ("dev-clean", "dev-other", "test-clean", "test-other",
+                                               "test-unseen-synth")
+    assert SIZES["smoke"].eval_subsets == ("dev-clean", "dev-other", "test-clean", "test-other")
+
+
 def test_a_stage_log_follows_its_command_while_it_runs(tmp_path):
     """Each line a stage prints is in its log file at once (the search's log stayed empty until it ended)."""
     import threading

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fairseq_quant_runtime.files import atomic_output
-from recipes.librispeech.rows import CONTROL_ROW, EVAL_SUBSETS, ROWS
+from recipes.librispeech.rows import CONTROL_ROW, EVAL_SUBSETS, ROWS, UNSEEN_SYNTH_SUBSET
 
 
 @dataclass
@@ -26,29 +26,36 @@ def pooled_wer(result: ModelResult, subsets) -> float:
 
 
 def table_subsets(subsets) -> list[str]:
-    """The subsets pooled into the table's summary column: the test sets, or all if there are none."""
-    tests = [s for s in subsets if s.startswith("test")]
-    return tests or list(subsets)
+    """The subsets pooled into the table's summary column: the test sets of the trained voice families, or all if
+    there are none (`test-unseen-synth`, a synthesizer the model never heard, has its own column)."""
+    tests = [s for s in subsets if s.startswith("test") and s != UNSEEN_SYNTH_SUBSET]
+    return tests or [s for s in subsets if s != UNSEEN_SYNTH_SUBSET] or list(subsets)
 
 
 def results_table(results: list[ModelResult], subsets=EVAL_SUBSETS) -> str:
     """Markdown: model, bits, MB, WER per subset, pooled WER with its 95% bootstrap interval, and the
-    relative change against fp32 (the first row) with its 95% paired bootstrap interval."""
+    relative change against fp32 (the first row) with its 95% paired bootstrap interval; with `test-unseen-synth`
+    among the subsets, also the relative change on it alone (what quantization costs on an unheard synthesizer)."""
     from fairseq_quant.stats import paired_relative_change, read_utterances, speaker_of, wer_interval
 
     pooled = table_subsets(subsets)
+    unseen = UNSEEN_SYNTH_SUBSET in subsets and UNSEEN_SYNTH_SUBSET not in pooled
     utts = {r.name: [read_utterances(Path(r.eval_dir) / f"{s}.utt.tsv") for s in pooled] for r in results}
+    unseen_utts = ({r.name: [read_utterances(Path(r.eval_dir) / f"{UNSEEN_SYNTH_SUBSET}.utt.tsv")] for r in results}
+                   if unseen else {})
     base = results[0]
     # the QAT schedule with nothing quantized: QAT rows are also compared with it (same training, same data)
     control = next((r for r in results if r.name == CONTROL_ROW), None)
     label = "+".join(pooled)
     head = ("| model | avg weight bits | model MB | " + " | ".join(subsets)
             + f" | WER {label} [95% CI] | rel. change vs fp32 [95% CI] |"
-            + (f" vs {CONTROL_ROW} (same training) [95% CI] |" if control else ""))
-    lines = [head, "|---|---:|---:|" + "---:|" * len(subsets) + "---:|---:|" + ("---:|" if control else "")]
+            + (f" vs {CONTROL_ROW} (same training) [95% CI] |" if control else "")
+            + (f" {UNSEEN_SYNTH_SUBSET}: rel. change vs fp32 [95% CI] |" if unseen else ""))
+    lines = [head, "|---|---:|---:|" + "---:|" * len(subsets) + "---:|---:|" + ("---:|" if control else "")
+             + ("---:|" if unseen else "")]
 
-    def change(ref, r):
-        c = paired_relative_change(utts[ref.name], utts[r.name])
+    def change(ref, r, groups=utts):
+        c = paired_relative_change(groups[ref.name], groups[r.name])
         return c.format(signed=True) + ("" if c.excludes_zero else " (n.s.)")
 
     for r in results:
@@ -60,9 +67,12 @@ def results_table(results: list[ModelResult], subsets=EVAL_SUBSETS) -> str:
             is_qat = (r.name in ROWS and ROWS[r.name].kind in ("qat", "search_qat", "coqat", "co_search")
                       and r is not control)
             line += f" {change(control, r) if is_qat else '-'} |"
+        if unseen:
+            line += f" {'-' if r is base else change(base, r, unseen_utts)} |"
         lines.append(line)
     words = ", ".join(f"{s} {base.words[s]}" for s in subsets)
-    speakers = ", ".join(f"{s} {len({speaker_of(u.utt_id) for u in g})}" for s, g in zip(pooled, utts[base.name]))
+    speakers = ", ".join(f"{s} {len({speaker_of(u.utt_id) for u in g})}" for s, g in
+                         zip(pooled + [UNSEEN_SYNTH_SUBSET] * unseen, utts[base.name] + unseen_utts.get(base.name, [])))
     lines += ["", f"Reference words: {words}. Speakers: {speakers}. Intervals: 95%, bootstrap resampling speakers "
                   f"within each subset (cluster bootstrap, 1000 resamples, seed 0, paired for the relative change; "
                   f"n.s. = the interval contains 0)."]

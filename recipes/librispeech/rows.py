@@ -4,8 +4,9 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from recipes.librispeech.generate_corpus import EVAL_SUBSETS, UNSEEN_SYNTH_SUBSET, corpus_eval_subsets, size_params
+
 STRATEGY_DIR = Path(__file__).parent / "strategies"
-EVAL_SUBSETS = ("dev-clean", "dev-other", "test-clean", "test-other")
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,9 @@ ROWS = {r.name: r for r in [
 DEMO_ROWS = ("fp32", "ptq-w2-sym-channel", "dynamic-int8", "qat-fp32", "qat-w2a8", "qat-searched",
              "runtime-searched")
 TEST_SUBSETS = ("test-clean", "test-other")
+# the test sets of the multi-synthesizer corpus: new voices of the trained synthesizer families, and a family that
+# training never heard (generate_corpus.HELD_OUT_FAMILY)
+SYNTH_TEST_SUBSETS = TEST_SUBSETS + (UNSEEN_SYNTH_SUBSET,)
 CONTROL_ROW = "qat-fp32"
 
 
@@ -134,7 +138,7 @@ class RecipeConfig:
 
 # QAT without dropout: on the 40-speaker dev sets, w8a8 QAT lost +3.3% against its calibrated start with the arch's
 # dropout and +1.4% without (n.s., both; benchmarks/qat_recipe.py); the dev selection then guards the rest
-REFERENCE = dict(corpus_size="reference", reference=True, arch="vggtransformer_ref_ctc", encoder_dim=128,
+REFERENCE = dict(corpus_size="multisynth", reference=True, arch="vggtransformer_ref_ctc", encoder_dim=128,
                  vocab_size=256, batch_size=16, qat_updates=400, qat_dropout=0.0)
 SIZES = {
     # a smoke run for CI: tiny corpus, a few updates; checks the plumbing, not accuracy
@@ -144,14 +148,15 @@ SIZES = {
                                 "runtime-mixed2a8")),
     # a few minutes: the plumbing from the reference model, far too short to mean anything
     "quick": RecipeConfig(**{**REFERENCE, "qat_updates": 20}, synth_train=400, calib_batches=4,
-                          eval_subsets=TEST_SUBSETS, rows=("fp32", "ptq-w2-sym-channel", "qat-w2a8")),
+                          eval_subsets=SYNTH_TEST_SUBSETS, rows=("fp32", "ptq-w2-sym-channel", "qat-w2a8")),
     # the main job (README): the reference model, its baselines and QAT, test sets, at most 30 min on 2 cores
-    "default": RecipeConfig(**REFERENCE, synth_train=4000, eval_subsets=TEST_SUBSETS),
+    "default": RecipeConfig(**REFERENCE, synth_train=4000, eval_subsets=SYNTH_TEST_SUBSETS),
     # every row (make benchmark): the main job's corpus with 30 new-voice speakers added to each evaluation subset
     # (40 per subset: intervals that hold for new voices), dev and test sets. The distillation ablation (the -nokd
     # rows: +7.5% / +57.5% against +8.2% / +59.1% with distillation, 2026-12-02) is left to --rows: 2 cores cannot
     # fit it beside the other QAT rows in one session
     "benchmark": RecipeConfig(**REFERENCE, synth_train=4000, extra_eval_speakers=30,
+                              eval_subsets=EVAL_SUBSETS + (UNSEEN_SYNTH_SUBSET,),
                               rows=tuple(name for name in ROWS if not name.endswith("-nokd"))),
     # the paper's vggtransformer_2 on real LibriSpeech (GPU cluster; see README)
     "paper": RecipeConfig(corpus_size=None, arch="vggtransformer_2_ctc", encoder_dim=1024, vocab_size=5000, batch_size=0,
@@ -238,6 +243,12 @@ def qat_command(data: Path, out: Path, strategy: Path, fp32_ckpt: Path, cfg: Rec
 
 
 SELECTED = "checkpoint_selected.pt"
+
+
+def prepared_subsets(cfg: RecipeConfig) -> tuple:
+    """The evaluation subsets the prepare stage writes: its generated corpus's (with `test-unseen-synth` where the
+    corpus has several synthesizers), or LibriSpeech's four."""
+    return EVAL_SUBSETS if cfg.corpus_size is None else corpus_eval_subsets(size_params(cfg.corpus_size))
 
 
 def dev_subsets() -> tuple:

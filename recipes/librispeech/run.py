@@ -25,8 +25,8 @@ from fairseq_quant_runtime.files import atomic_output
 from recipes.librispeech.report import ModelResult, plot_results, pooled_wer, results_table
 from recipes.librispeech.rows import (
     EVAL_SUBSETS, ROWS, RecipeConfig, Row, SELECTED, SIZES, STRATEGY_DIR, calibrate_command, co_qat_command,
-    co_train_dir, dev_subsets, eval_command, export_command, fp32_command, longest_first, memory_lines, qat_command,
-    runtime_command, runtime_model_file, runtime_source, search_command, strategy_path, threads_per_job,
+    co_train_dir, dev_subsets, eval_command, export_command, fp32_command, longest_first, memory_lines, prepared_subsets,
+    qat_command, runtime_command, runtime_model_file, runtime_source, search_command, strategy_path, threads_per_job,
 )
 from recipes.librispeech.stages import done_marker, logger, mark_done, parallel, run_logged, train_env
 
@@ -274,7 +274,7 @@ def dry_run(work: Path, root: Path | None, stages: set, cfg: RecipeConfig, seed:
     if "prepare" in stages:
         plan.append(("prepare", [sys.executable, "-m", "recipes.librispeech.prepare_data", "--librispeech-root",
                                  str(root or work / "corpus" / "LibriSpeech"), "--out", str(data),
-                                 "--train-subsets", ",".join(cfg.train_subsets), "--eval-subsets", ",".join(EVAL_SUBSETS),
+                                 "--train-subsets", ",".join(cfg.train_subsets), "--eval-subsets", ",".join(prepared_subsets(cfg)),
                                  "--vocab-size", str(cfg.vocab_size), "--jobs", str(cfg.threads)]))
     if "fp32" in stages and not cfg.reference:
         plan.append(("fp32", fp32_command(data, work / "fp32", cfg)))
@@ -445,7 +445,7 @@ def main(argv=None) -> int:
 
         logger.info("stage prepare: %s -> %s", root, data)
         try:
-            timed("prepare", prepare, root, data, list(cfg.train_subsets), list(EVAL_SUBSETS), cfg.vocab_size,
+            timed("prepare", prepare, root, data, list(cfg.train_subsets), list(prepared_subsets(cfg)), cfg.vocab_size,
                   cfg.threads, **spm_dict)
         except (FileNotFoundError, ValueError) as err:
             parser.exit(2, f"run: error: {err}\n")
