@@ -137,13 +137,25 @@ def worker_runtime(args, groups) -> dict:
             "frameworks_loaded": sorted({k.split(".")[0] for k in sys.modules} & {"torch", "fairseq"})}
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak resident set (VmHWM). getrusage's ru_maxrss is not: Linux carries the parent's peak
+    over fork and execve, so a worker started by a driver that had exported a model with torch reported the
+    driver's 0.7 GB (the runtime rows of the 2026-12-04 tables before this fix)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:  # not Linux
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_worker(args) -> int:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     groups = batches([Path(m) for m in args.manifests.split(",")], args.limit)
     result = worker_runtime(args, groups) if args.engine == "runtime" else worker_fairseq(args, groups)
     # the process's peak, plus its feature worker's (a child) where there is one: an upper bound of the total
-    result["peak_rss_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                             + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    result["peak_rss_mb"] = peak_rss_mb() + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     result["refs"] = [ref for group in groups for _, _, ref, _ in group]
     result["decoding"] = DecodingConfig.from_args(args).to_dict()
     result["audio_s"] = sum(ms for group in groups for _, _, _, ms in group) / 1000
