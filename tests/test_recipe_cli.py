@@ -201,6 +201,9 @@ def test_the_demo_and_the_benchmark_report_the_unseen_synthesizer(tmp_path):
     assert "--size multisynth" in lines[lines.index("# stage corpus") + 1]
     prepare = lines[lines.index("# stage prepare") + 1]
     assert "--eval-subsets dev-clean,dev-other,test-clean,test-other,test-unseen-synth " in prepare
+    # the rows start from the shipped bundle's model (the preview named a checkpoint the demo never trains)
+    fp32_eval = lines[lines.index("# stage eval fp32") + 1]
+    assert f"--checkpoint {ROOT / 'recipes/librispeech/reference/model.pt'} " in fp32_eval
     assert SIZES["default"].eval_subsets == ("test-clean", "test-other", "test-unseen-synth")
     assert SIZES["benchmark"].eval_subsets == ("dev-clean", "dev-other", "test-clean", "test-other",
                                                "test-unseen-synth")

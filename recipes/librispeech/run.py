@@ -400,9 +400,12 @@ def main(argv=None) -> int:
     if from_reference and root is not None:
         parser.error(f"--size {args.size} starts from the reference model of the generated corpus; "
                      "with --librispeech-root use --size paper (or --train-fp32)")
-    if args.dry_run:
-        print(dry_run(work, root and root.resolve(), stages, cfg, args.seed, work / "fp32" / "checkpoint_best.pt"),
-              end="")
+    if args.dry_run:  # the rows start from the reference bundle's model, or from the fp32 model trained here
+        from recipes.librispeech.reference import DEFAULT_BUNDLE
+
+        start = ((args.bundle or DEFAULT_BUNDLE).resolve() / "model.pt" if from_reference
+                 else work / "fp32" / "checkpoint_best.pt")
+        print(dry_run(work, root and root.resolve(), stages, cfg, args.seed, start), end="")
         return 0
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
