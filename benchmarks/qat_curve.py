@@ -63,9 +63,11 @@ def main(argv=None) -> int:
         mark_done(train, {"updates": args.updates})
     results = []
     for updates in range(0, args.updates + 1, args.every):
-        # fairseq names interval checkpoints checkpoint_EPOCH_UPDATES.pt (none at an epoch's end: the last one)
-        found = sorted(train.glob(f"checkpoint_*_{updates}.pt"))
-        ckpt = start if updates == 0 else found[0] if found else train / "checkpoint_last.pt"
+        ckpt = curve_checkpoint(train, updates, args.updates, start)
+        if ckpt is None:
+            logging.getLogger("recipe").warning("no checkpoint at %d updates: an epoch ended there, and fairseq writes "
+                                                "no interval checkpoint then; the point is left out", updates)
+            continue
         if args.co:
             ckpt = collapsed_checkpoint(f"{strategy.stem}-w{args.deploy}-{updates}", ckpt, work,
                                         precision=args.deploy)
@@ -74,6 +76,19 @@ def main(argv=None) -> int:
     write_curve(work, strategy.stem + (f" co-trained, at {args.deploy} bits" if args.co else ""), fp32_result,
                 results, subsets)
     return 0
+
+
+def curve_checkpoint(train: Path, updates: int, total: int, start: Path) -> Path | None:
+    """The checkpoint of the curve's point at ``updates``: the calibrated start at 0, fairseq's interval checkpoint
+    checkpoint_EPOCH_UPDATES.pt, or checkpoint_last.pt at the end. None where an epoch ended at ``updates``
+    (fairseq then writes no interval checkpoint), never the last checkpoint in its place (the 2026-12-04 curve
+    reported the final model as its 2000-update point)."""
+    if updates == 0:
+        return start
+    found = sorted(train.glob(f"checkpoint_*_{updates}.pt"))
+    if found:
+        return found[0]
+    return train / "checkpoint_last.pt" if updates == total else None
 
 
 def write_curve(work: Path, label: str, fp32, results, subsets) -> None:

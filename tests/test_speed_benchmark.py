@@ -1,4 +1,5 @@
-"""The speed benchmark's measurements: a worker's peak memory is its own."""
+"""The benchmarks' measurements: a speed worker's peak memory is its own; the QAT curve's points are the checkpoints
+of their update counts."""
 import subprocess
 import sys
 
@@ -19,3 +20,18 @@ def test_a_workers_peak_memory_is_its_own_not_its_parents():
     assert len(ballast) == 400 * 2**20
     assert inherited > 400  # what the benchmark reported before
     assert 5 < own < 150  # a Python interpreter with numpy and the runtime's decoding module
+
+
+def test_the_qat_curve_leaves_out_a_point_without_its_checkpoint(tmp_path):
+    """fairseq writes no interval checkpoint where an epoch ends; the curve used checkpoint_last.pt (the final
+    model) in its place."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.qat_curve import curve_checkpoint
+
+    for name in ("checkpoint_2_400.pt", "checkpoint_last.pt", "start.pt"):
+        (tmp_path / name).write_bytes(b"")
+    start = tmp_path / "start.pt"
+    assert curve_checkpoint(tmp_path, 0, 1200, start) == start
+    assert curve_checkpoint(tmp_path, 400, 1200, start) == tmp_path / "checkpoint_2_400.pt"
+    assert curve_checkpoint(tmp_path, 800, 1200, start) is None
+    assert curve_checkpoint(tmp_path, 1200, 1200, start) == tmp_path / "checkpoint_last.pt"
