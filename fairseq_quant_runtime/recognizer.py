@@ -50,8 +50,8 @@ class Recognizer:
     static activation grids, from a file exported with ``--exact-activations``). Measured on a 2-core AVX2 CPU
     without VNNI (2026-12-04, 500 test-clean utterances): MatMulNBits loses to fp32 at this model's widths, while
     int8 ran the encoder 1.37x and the decoder steps up to 1.26x faster under load, but rounds every activation
-    to uint8 with a range of its own, which costs the shipped reference's searched model 9% relative WER on
-    test-other. Hence the defaults: ``auto`` for both graphs, the faster of the two kernels that compute the
+    to uint8 with a range of its own, which the QAT model never saw (on the shipped reference's searched model
+    n.s. on dev, +7.3% relative WER on test). Hence the defaults: ``auto`` for both graphs, the faster of the two kernels that compute the
     model's own function (fp32 and nbits, each timed on a typical call when the model loads; ``self.kernels``
     says which; with exact activations ``auto`` is fp32, since the low-bit kernels requantize their inputs);
     int8 only when asked for.
