@@ -7,7 +7,8 @@ Layout (little endian)::
 
 The header names every tensor and blob by (offset, nbytes) into the data section. A quantized tensor is
 stored as unsigned integers ``u = q - qmin`` packed at exactly ``bits`` bits each (1..8, low bits first),
-one scale per group (and an offset per group for asymmetric grids); it dequantizes as
+one scale per group (and an offset per group for asymmetric grids, except balanced ones, whose offset
+``scale * -(2**bits - 1) / 2`` the reader computes: record field ``grid: balanced``, version 2); it dequantizes as
 ``(u + qmin) * scale + offset`` per group, the same float32 operations as the training-time fake quantizer,
 so the values are those the quantization-aware-trained model computed with. Blobs (SentencePiece model,
 ONNX graph skeletons) are zlib-compressed.
@@ -27,7 +28,8 @@ import numpy as np
 from .files import atomic_write
 
 MAGIC = b"FQMODEL\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: balanced grids (their offsets computed, not stored)
+READABLE_VERSIONS = (1, 2)
 _PREFIX = struct.Struct("<8sIQ")
 _DIGEST = 32
 FLOAT_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -65,6 +67,12 @@ def packed_nbytes(count: int, bits: int) -> int:
     return (count * bits + 7) // 8
 
 
+def balanced_offset(scale: np.ndarray, bits: int) -> np.ndarray:
+    """The offset of a balanced grid: ``scale * -(2**bits - 1) / 2`` in float32 (the training-time quantizer's
+    own operation, so that the values are the same bit for bit)."""
+    return scale.astype(np.float32) * np.float32(-((1 << bits) - 1) / 2)
+
+
 @dataclass
 class QuantTensor:
     """Integers ``q`` in ``[qmin, qmin + 2**bits - 1]`` in ``groups`` rows, a scale (and offset) per row."""
@@ -75,6 +83,14 @@ class QuantTensor:
     q: np.ndarray  # int32 [groups, group_size]
     scale: np.ndarray  # float32 [groups]
     offset: np.ndarray | None = None  # float32 [groups], None for symmetric grids
+
+    @property
+    def balanced(self) -> bool:
+        """On a balanced grid: levels ``(u - (2**bits - 1) / 2) * scale``, as many above zero as below (1-bit
+        binary weights, ``weight_method: balanced``), so the offset follows from the scale."""
+        return (self.offset is not None and self.qmin == 0
+                and np.array_equal(self.offset.astype(np.float32).reshape(-1),
+                                   balanced_offset(self.scale, self.bits).reshape(-1)))
 
     def dequantize(self) -> np.ndarray:
         values = self.q.astype(np.float32) * self.scale.astype(np.float32)[:, None]
@@ -136,7 +152,9 @@ def encode(model: ModelFile, scale_dtype: str = "float32") -> tuple[bytes, dict]
                       "scale_dtype": scale_dtype, "scale": data.add(_scale_bytes(tensor.scale, scale_dtype))}
             sizes["weights"] += record["data"]["nbytes"]
             sizes["scales"] += record["scale"]["nbytes"]
-            if tensor.offset is not None:
+            if tensor.balanced:
+                record["grid"] = "balanced"
+            elif tensor.offset is not None:
                 record["offset"] = data.add(_scale_bytes(tensor.offset, scale_dtype))
                 sizes["scales"] += record["offset"]["nbytes"]
         else:
@@ -215,7 +233,12 @@ def _tensor(name: str, record: dict, data: memoryview):
     q = unpack_bits(packed, bits, count).astype(np.int32).reshape(groups, group_size) + qmin
     scale = _read_floats(data, record.get("scale"), scale_dtype, groups, f"{what} scales").astype(np.float32)
     offset = None
-    if "offset" in record:
+    grid = record.get("grid")
+    if grid == "balanced":
+        offset = balanced_offset(scale, bits)
+    elif grid is not None:
+        raise ModelFileError(f"{what}: unknown grid {grid!r}")
+    elif "offset" in record:
         offset = _read_floats(data, record["offset"], scale_dtype, groups, f"{what} offsets").astype(np.float32)
     return QuantTensor(shape, bits, qmin, q, scale, offset)
 
@@ -228,9 +251,10 @@ def decode(payload: bytes, source: str = "model file") -> ModelFile:
     magic, version, header_len = _PREFIX.unpack_from(payload)
     if magic != MAGIC:
         raise ModelFileError(f"{source}: not a fairseq_quant model file (magic {magic!r})")
-    if version != FORMAT_VERSION:
-        raise ModelFileError(f"{source}: format version {version}; this runtime reads version {FORMAT_VERSION} "
-                             "(re-export the model with a matching fairseq_quant)")
+    if version not in READABLE_VERSIONS:
+        raise ModelFileError(f"{source}: format version {version}; this runtime reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))} (re-export the model with a matching "
+                             "fairseq_quant)")
     body, digest = payload[:-_DIGEST], payload[-_DIGEST:]
     if hashlib.sha256(body).digest() != digest:
         raise ModelFileError(f"{source}: checksum mismatch (the file is truncated or corrupted)")
@@ -263,5 +287,5 @@ def read(path: str | os.PathLike) -> ModelFile:
     return decode(payload, str(path))
 
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "ModelFile", "ModelFileError", "QuantTensor", "decode", "encode",
+__all__ = ["FORMAT_VERSION", "MAGIC", "READABLE_VERSIONS", "balanced_offset", "ModelFile", "ModelFileError", "QuantTensor", "decode", "encode",
            "pack_bits", "packed_nbytes", "read", "unpack_bits", "write"]

@@ -37,19 +37,21 @@ def block_size_for(k: int) -> int:
 
 def nbits_operands(tensor: QuantTensor) -> tuple[int, np.ndarray, np.ndarray] | None:
     """(container bits, unsigned integers [N, K] with the container's default zero point, scale per element
-    [N, K]) for a weight on a symmetric (or 1-bit binary) grid; None where the grid has other offsets."""
+    [N, K]) for a weight on a symmetric grid, or on a balanced one (1-bit binary, ``balanced``: odd integers at
+    half the step, in a container one bit wider); None where the grid has other offsets."""
     if len(tensor.shape) != 2:
         return None
     n, k = tensor.shape
     bits = tensor.bits
-    container = CONTAINER_BITS[bits]
-    zero = 1 << (container - 1)
     q = tensor.q.astype(np.int32)
     scale = tensor.scale.astype(np.float32)
     if tensor.offset is None and tensor.qmin == -(1 << (bits - 1)):
-        u = q + zero
-    elif bits == 1 and tensor.offset is not None and np.array_equal(tensor.offset, -scale / 2):
-        u = 2 * q + 1 + (zero - 2)  # values (2q - 1) * scale/2 = (u - zero) * scale/2
+        container = CONTAINER_BITS[bits]
+        u = q + (1 << (container - 1))
+    elif tensor.balanced and bits + 1 in CONTAINER_BITS:
+        container = CONTAINER_BITS[bits + 1]
+        # values (q - (2^b - 1)/2) * scale = (2q - (2^b - 1)) * scale/2 = (u - zero) * scale/2
+        u = 2 * q + ((1 << (container - 1)) - ((1 << bits) - 1))
         scale = scale / 2
     else:
         return None
@@ -85,7 +87,7 @@ def matmul_nbits(node: onnx.NodeProto, name: str, tensor: QuantTensor) -> tuple[
 
 
 def int8_operands(tensor: QuantTensor) -> tuple[np.ndarray, np.ndarray] | None:
-    """(int8 weights [N, K], scale per output channel [N]) for a 2-D weight on a symmetric (or 1-bit binary) grid
+    """(int8 weights [N, K], scale per output channel [N]) for a 2-D weight on a symmetric (or balanced) grid
     with one scale per output channel; None otherwise."""
     if len(tensor.shape) != 2:
         return None
@@ -96,8 +98,8 @@ def int8_operands(tensor: QuantTensor) -> tuple[np.ndarray, np.ndarray] | None:
         return None  # quantization groups within a channel
     if tensor.offset is None and tensor.qmin == -(1 << (tensor.bits - 1)):
         values = q
-    elif tensor.bits == 1 and tensor.offset is not None and np.array_equal(tensor.offset.reshape(-1), -scale / 2):
-        values, scale = 2 * q - 1, scale / 2  # (2q - 1) * scale/2
+    elif tensor.balanced and tensor.bits < 8:
+        values, scale = 2 * q - ((1 << tensor.bits) - 1), scale / 2  # (2q - (2^b - 1)) * scale/2
     else:
         return None
     return values.reshape(n, k).astype(np.int8), scale

@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a multi-precision co-trained checkpoint (criterion --co-precisions): evaluate every candidate "
                         "on it at the candidate's precisions, without calibrating or retraining (--bits among its "
                         "precisions); --checkpoint (its fp32 start) still gives the costs and proxies")
+    p.add_argument("--act-rules", default=None, metavar="YAML",
+                   help="a strategy whose rules' activation fields every candidate keeps at any weight width, e.g. "
+                        "recipes/librispeech/strategies/w8a8-out16.yaml (the outlier site at 16 bits); its default and "
+                        "weight fields are ignored")
     p.add_argument("--out", required=True)
     return p
 
@@ -94,6 +98,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     from fairseq_quant.search.runner import SearchConfig, run_search
     from fairseq_quant.quant.errors import FairseqQuantError
+    from fairseq_quant.search import SearchError
 
     cfg = SearchConfig(checkpoint=args.checkpoint, data=args.data, out=args.out, dev_subset=args.dev_subset,
                        dev_utts=args.dev_utts, bits=args.bits, act_bits=args.act_bits, unit=args.unit,
@@ -104,6 +109,13 @@ def main(argv=None) -> int:
                        threads=args.threads, ray_address=args.ray_address, greedy=args.greedy,
                        compare=tuple(args.compare), co_trained=args.co_trained)
     try:
+        if args.act_rules:
+            if args.co_trained:
+                raise SearchError("--act-rules: a co-trained checkpoint keeps the activation settings it was trained "
+                                  "with; put the rules in its strategy instead")
+            from fairseq_quant.quant import Strategy
+
+            cfg.act_rules = Strategy.from_yaml(args.act_rules).to_dict()
         run_search(cfg)
     except (FairseqQuantError, FileNotFoundError) as err:
         print(f"search_strategy: error: {err}", file=sys.stderr)

@@ -55,7 +55,7 @@ def export(task, model, **kw):
 
 
 @pytest.mark.parametrize("bits,method", [(1, "binary"), (2, "lsq"), (3, "lsq"), (4, "symmetric"), (8, "lsq"),
-                                         (4, "minmax")])
+                                         (4, "minmax"), (2, "balanced"), (3, "balanced")])
 def test_stored_integers_reproduce_the_fake_quantized_weights_bit_for_bit(dict_dir, bits, method):
     task, model = calibrated(dict_dir, ["--quant-weight-bits", str(bits), "--quant-weight-method", method])
     file, _, sizes = export(task, model)
@@ -72,7 +72,11 @@ def test_stored_integers_reproduce_the_fake_quantized_weights_bit_for_bit(dict_d
         assert tensor.q.min() >= tensor.qmin and tensor.q.max() <= tensor.qmin + (1 << bits) - 1
     n_values = sum(t.q.size for t in quantized.values())
     assert sizes["weights"] == sum(fqm.packed_nbytes(t.q.size, bits) for t in quantized.values())
-    assert sizes["weights"] <= n_values * bits / 8 + len(quantized)
+    # one float32 scale per group; an offset too only where the grid is neither symmetric nor balanced (binary
+    # weights are balanced but where a group is all zeros, the embedding's padding row: its offset is 0)
+    stored = sorted(n for n, t in quantized.items() if t.offset is not None and not t.balanced)
+    assert stored == {"minmax": sorted(quantized), "binary": ["decoder.embed_tokens.weight"]}.get(method, [])
+    assert sizes["scales"] == 4 * sum(t.groups * (2 if n in stored else 1) for n, t in quantized.items())
 
 
 def without_activation_quantization(model):
@@ -121,11 +125,13 @@ def test_onnx_graphs_compute_what_fairseq_computes(dict_dir):
     np.testing.assert_allclose(got, expected, atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("bits,bound", [(2, 0.05), (4, 0.05), (8, 0.05)])
-def test_low_bit_kernels_replace_every_quantized_matmul(dict_dir, bits, bound):
+@pytest.mark.parametrize("bits,method,bound", [(2, "lsq", 0.05), (4, "lsq", 0.05), (8, "lsq", 0.05),
+                                               (2, "balanced", 0.05)])
+def test_low_bit_kernels_replace_every_quantized_matmul(dict_dir, bits, method, bound):
     """MatMulNBits holds the same weights; it differs from fp32 MatMul only by its int8 activation blocks
-    (measured max |log-prob difference| on this tiny model: under 0.01 at every width)."""
-    task, model = calibrated(dict_dir, ["--quant-weight-bits", str(bits)])
+    (measured max |log-prob difference| on this tiny model: under 0.01 at every width). Balanced 2-bit grids run
+    as odd integers at half the step in the 4-bit kernel."""
+    task, model = calibrated(dict_dir, ["--quant-weight-bits", str(bits), "--quant-weight-method", method])
     file, _, _ = export(task, model)
     low = Recognizer(file, "nbits", "nbits")
     # decoder convs; per layer self-attention q/k/v/out, encoder-attention q/out, fc1, fc2; output projection
@@ -140,21 +146,23 @@ def test_low_bit_kernels_replace_every_quantized_matmul(dict_dir, bits, bound):
     assert np.abs(np.exp(approx) - np.exp(exact)).max() < bound
 
 
-@pytest.mark.parametrize("bits", [1, 2, 8])
-def test_int8_kernels_hold_the_stored_integers_and_replace_every_quantized_matmul(dict_dir, bits):
-    """DynamicQuantizeMatMul's int8 weights times its per-channel scales are the stored grid values exactly (binary
-    weights too: (2q - 1) * scale / 2); it differs from fp32 MatMul only by quantizing its input to uint8 per
-    tensor at run time."""
+@pytest.mark.parametrize("bits,method", [(1, "binary"), (2, "lsq"), (8, "lsq"), (2, "balanced")])
+def test_int8_kernels_hold_the_stored_integers_and_replace_every_quantized_matmul(dict_dir, bits, method):
+    """DynamicQuantizeMatMul's int8 weights times its per-channel scales are the stored grid values (exactly; binary
+    and balanced weights as (2q - (2^b - 1)) * scale / 2, balanced ones up to float32 rounding); it differs from fp32 MatMul only by quantizing its
+    input to uint8 per tensor at run time."""
     from fairseq_quant_runtime.graphs import int8_operands
 
-    task, model = calibrated(dict_dir, ["--quant-weight-bits", str(bits)])
+    task, model = calibrated(dict_dir, ["--quant-weight-bits", str(bits), "--quant-weight-method", method])
     file, _, _ = export(task, model)
     for tensor in file.tensors.values():
         operands = int8_operands(tensor) if getattr(tensor, "bits", None) and len(tensor.shape) == 2 else None
         if operands is not None:
             q, scale = operands
-            assert np.abs(q).max() <= max(1, 2 ** (bits - 1))
-            np.testing.assert_array_equal(q.astype(np.float32) * scale[:, None], tensor.dequantize())
+            assert np.abs(q).max() <= (2 ** bits - 1 if method == "balanced" else max(1, 2 ** (bits - 1)))
+            # the same values; balanced grids up to float32 rounding ((2q - 3) * s/2 against q * s + (-1.5 * s))
+            np.testing.assert_allclose(q.astype(np.float32) * scale[:, None], tensor.dequantize(),
+                                       rtol=2e-7 if method == "balanced" else 0, atol=0)
     low = Recognizer(file, "int8", "int8")
     assert count_kernels(low.decoder_graph).get("DynamicQuantizeMatMul") == 2 + 2 * 8 + 1
     assert count_kernels(low.encoder_graph).get("DynamicQuantizeMatMul") == (1 + 2 * 6 + 1) + 2 * 2
@@ -207,8 +215,14 @@ def resealed(body: bytes) -> bytes:
 def test_wrong_format_version_and_magic(payload):
     body = bytearray(payload[:-32])
     struct.pack_into("<I", body, 8, 99)
-    with pytest.raises(fqm.ModelFileError, match="format version 99; this runtime reads version 1"):
+    with pytest.raises(fqm.ModelFileError, match="format version 99; this runtime reads versions 1, 2"):
         fqm.decode(resealed(bytes(body)))
+    # a version-1 file (no balanced records) still reads
+    struct.pack_into("<I", body, 8, 1)
+    old, new = fqm.decode(resealed(bytes(body))), fqm.decode(payload)
+    assert old.tensors.keys() == new.tensors.keys()
+    for name, tensor in new.tensors.items():
+        np.testing.assert_array_equal(old.float_tensor(name), new.float_tensor(name))
     with pytest.raises(fqm.ModelFileError, match="not a fairseq_quant model file"):
         fqm.decode(b"PK\x03\x04" + payload[4:])
 

@@ -12,8 +12,8 @@ from fairseq_quant.quant import (
 )
 from fairseq_quant.quant.calibrate import activation_quantizers
 from fairseq_quant.quant.quantizers import (
-    ActivationQuantizer, WeightQuantizer, binarize, check_bits, fake_quant_affine, fake_quant_symmetric,
-    fake_quant_zero_point, mse_scale_search, round_ste,
+    ActivationQuantizer, WeightQuantizer, binarize, check_bits, fake_quant_affine, fake_quant_balanced,
+    fake_quant_symmetric, fake_quant_zero_point, mse_scale_search, round_ste,
 )
 
 GRANULARITIES = {"tensor": PerTensor(), "channel": PerChannel(), "group16": PerGroup(16)}
@@ -34,7 +34,7 @@ def make_wq(method, bits, gran, shape):
 
 @pytest.mark.parametrize("gran_name", list(GRANULARITIES))
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("method", ["minmax", "symmetric", "lsq"])
+@pytest.mark.parametrize("method", ["minmax", "symmetric", "lsq", "balanced"])
 def test_weight_levels_per_group(method, bits, gran_name):
     gran = GRANULARITIES[gran_name]
     w = weight(shape=(8, 64))
@@ -50,7 +50,7 @@ def test_weight_levels_per_group(method, bits, gran_name):
 
 
 @pytest.mark.parametrize("gran_name", list(GRANULARITIES))
-@pytest.mark.parametrize("method,bits", [("binary", 1)] + [(m, b) for m in ("minmax", "symmetric", "lsq")
+@pytest.mark.parametrize("method,bits", [("binary", 1)] + [(m, b) for m in ("minmax", "symmetric", "lsq", "balanced")
                                                           for b in (2, 3, 4, 8)])
 def test_weights_lie_on_the_grid_the_quantizer_reports(method, bits, gran_name):
     gran = GRANULARITIES[gran_name]
@@ -257,6 +257,38 @@ def test_lsq_initialises_from_weights_and_reset_reinitialises():
     q(w)
     assert bool(q.initialized)
     torch.testing.assert_close(q.step.detach(), expected)
+
+
+def test_balanced_grid_hand_computed_example():
+    """2 bits: levels {-1.5, -0.5, 0.5, 1.5} * step, none at zero, where the signed grid has {-2, -1, 0, 1}."""
+    w = torch.tensor([[-3.0, -1.2, -0.1, 0.0, 0.3, 0.9, 1.1, 5.0]])
+    out = fake_quant_balanced(w, torch.tensor([[1.0]]), 2)
+    assert out.tolist() == [[-1.5, -1.5, -0.5, 0.5, 0.5, 0.5, 1.5, 1.5]]
+    assert fake_quant_symmetric(w, torch.tensor([[1.0]]), 2).tolist() == [[-2.0, -1.0, -0.0, 0.0, 0.0, 1.0, 1.0, 1.0]]
+    assert fake_quant_balanced(w, torch.tensor([[0.5]]), 3).tolist() == [[-1.75, -1.25, -0.25, 0.25, 0.25, 0.75, 1.25,
+                                                                          1.75]]
+    # the straight-through gradient: identity inside the grid's range, zero outside; the step's gradient is LSQ's
+    x = w.clone().requires_grad_(True)
+    step = torch.tensor([[1.0]], requires_grad=True)
+    fake_quant_balanced(x, step, 2).sum().backward()
+    assert x.grad.tolist() == [[0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]]
+    # d/ds of (q - 1.5) * s with q = round(w/s + 1.5): (q - 1.5) - w/s inside, the clamped level outside
+    expected = sum([-1.5, -1.5 + 1.2, -0.5 + 0.1, 0.5 - 0.0, 0.5 - 0.3, 0.5 - 0.9, 1.5 - 1.1, 1.5])
+    assert step.grad.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_balanced_weights_quantize_gaussian_weights_better_than_the_signed_grid():
+    """On normal weights the balanced 2-bit grid (MSE-initialised step) has lower error than the signed one: the
+    signed grid spends one of its four levels on an asymmetric extra negative step."""
+    w = weight(7, (64, 256))
+    errors = {}
+    for method in ("lsq", "balanced"):
+        q = make_wq(method, 2, PerChannel(), w.shape)
+        errors[method] = ((q(w) - w).pow(2).sum() / w.pow(2).sum()).item()
+        torch.testing.assert_close(q.step.detach(), mse_scale_search(w, 2, balanced=method == "balanced"))
+    # Lloyd-Max for a unit normal at 4 levels is 0.1175; the best symmetric 4-level uniform grid 0.1188
+    assert errors["balanced"] == pytest.approx(0.119, abs=0.004)
+    assert errors["lsq"] > errors["balanced"] * 1.2
 
 
 def test_lsq_step_learns():

@@ -21,6 +21,8 @@ from conftest import ROOT, build_tiny, run
 from fairseq_quant.quant import Strategy, build_report, quantize_model
 from fairseq_quant.search import (SearchError, UnitCosts, allocation_strategy, model_units, pareto_front,
                                   solve_allocations, spearman, unit_costs)
+from fairseq_quant.search.runner import SearchConfig, unit_act_rules, unit_strategy
+from fairseq_quant.search.space import act_overrides
 from fairseq_quant.search.proxy import hutchinson_traces
 
 SCRIPT = str(ROOT / "scripts" / "search_strategy.py")
@@ -108,6 +110,40 @@ def test_unit_sizes_add_up_to_the_quantization_report(dict_dir, kind):
     }[kind]
     assert names[:len(expected)] == expected
     assert names[-1] == "decoder.fc_out" and len(names) == {"layer": 10, "block": 16, "module": 22}[kind]
+
+
+def test_act_rules_keep_their_activation_bits_at_every_weight_width(dict_dir):
+    """--act-rules: the outlier site's 16-bit input survives the allocation, whatever width it gives the module."""
+    torch.manual_seed(0)
+    model = build_tiny(dict_dir, "vggtransformer_small")[1]
+    units = model_units(model, "layer")
+    modules = [m for u in units for m in u.modules]
+    act = Strategy.from_dict({"default": {"weight_bits": 8, "act_bits": 8},
+                              "rules": [{"match": "decoder.fc_out", "act_bits": 16, "weight_bits": 2}]})
+    rules = act_overrides(act, modules)
+    assert rules == {"decoder.fc_out": {"act_bits": 16, "act_method": "minmax", "act_granularity": "tensor"}}
+    for fc_out_bits in (2, 4):  # the default width (2) and another one
+        allocation = {u.name: fc_out_bits if u.name == "decoder.fc_out" else 2 for u in units}
+        strategy = allocation_strategy(units, allocation, 8, act_rules=rules)
+        assert strategy.default.weight_bits == 2 and strategy.default.act_bits == 8
+        assert [(r.pattern, r.spec.weight_bits, r.spec.act_bits) for r in strategy.rules] == [
+            ("re:decoder\\.fc_out(\\..*)?", fc_out_bits, 16)]
+        fresh = build_tiny(dict_dir, "vggtransformer_small")[1]
+        quantize_model(fresh, strategy)
+        fc_out = dict(fresh.named_modules())["decoder.fc_out"]
+        assert (fc_out.weight_quantizer.bits, fc_out.input_quantizer.bits) == (fc_out_bits, 16)
+        other = dict(fresh.named_modules())["decoder.layers.0.fc1"]
+        assert (other.weight_quantizer.bits, other.input_quantizer.bits) == (2, 8)
+    # the one-unit strategies of the sensitivity pass carry them too
+    unit = next(u for u in units if u.name == "decoder.fc_out")
+    assert unit_strategy(unit, 4, 8, rules)["rules"][0]["act_bits"] == 16
+    assert unit_strategy(unit, 4, 8)["rules"][0]["act_bits"] == 8
+    # through the search's config, and a rule set that decides none of the searched modules is an error
+    cfg = SearchConfig(checkpoint="-", data="-", out="-", act_rules=act.to_dict())
+    assert unit_act_rules(cfg, units) == rules
+    cfg.act_rules = {"default": {"weight_bits": 8, "act_bits": 8}, "rules": [{"match": "nothing.here", "act_bits": 16}]}
+    with pytest.raises(SearchError, match="act_rules: no rule matches a module of the searched units"):
+        unit_act_rules(cfg, units)
 
 
 # -- the search on a real (tiny) checkpoint ---------------------------------------------------------------
@@ -257,6 +293,9 @@ def test_ray_gives_the_same_ranking_as_local_workers(fast_run, smoke, tmp_path):
     (["--budget-bits", "0.1", "--bits", "2,9"], "unknown weight bit width 9; candidate widths are integers 1..8"),
     (["--budget-mb", "-1"], "invalid budget -1.0 MB: must be positive"),
     ([], "give a budget: --budget-bits (average weight bits) and/or --budget-mb"),
+    (["--budget-bits", "3", "--act-rules", str(ROOT / "recipes/librispeech/strategies/w8a8-out16.yaml"),
+      "--co-trained", "co.pt"], "--act-rules: a co-trained checkpoint keeps the activation settings it was trained "
+                                "with; put the rules in its strategy instead"),
 ])
 def test_bad_input_is_one_clear_line(smoke, tmp_path, capsys, args, message):
     import importlib.util

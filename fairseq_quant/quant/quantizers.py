@@ -17,7 +17,8 @@ from torch import nn
 
 from .granularity import Granularity, PerChannel, PerTensor
 
-WEIGHT_METHODS = ("minmax", "symmetric", "lsq", "binary")
+WEIGHT_METHODS = ("minmax", "symmetric", "lsq", "balanced", "binary")
+LEARNED_STEP_METHODS = ("lsq", "balanced")  # weight methods with a learned step per group
 ACT_METHODS = ("minmax", "percentile", "mse", "pact", "lsq", "fixed")
 # tensor: one range per tensor; peg: one range per group of channels (channels sorted by their calibrated range
 # and cut into equal groups, so the few outlier channels share a group; the permutation is free at inference: an
@@ -189,15 +190,38 @@ def binarize(w_groups: torch.Tensor) -> torch.Tensor:
     return _BinarizeSTE.apply(w_groups) * alpha
 
 
-def mse_scale_search(groups: torch.Tensor, bits: int, candidates: int = 64) -> torch.Tensor:
-    """Per-row symmetric scale minimising the squared quantization error (rows are groups)."""
-    qmax = 2 ** (bits - 1) - 1 if bits > 1 else 1
+def fake_quant_balanced(x, scale, bits: int):
+    """Quantization onto the balanced grid ``(q - (2^b - 1)/2) * scale``, ``q`` in ``[0, 2^b - 1]``: as many levels
+    above zero as below and none at zero (ParetoQ's SEQ, Liu et al. 2025). At 2 bits the levels are
+    ``{-1.5, -0.5, 0.5, 1.5} * scale`` where the signed grid has ``{-2, -1, 0, 1} * scale``: every level of the
+    signed grid but one lies on one side. Computed as ``q * scale + offset`` with ``offset = scale * -(2^b - 1)/2``,
+    the float32 operations of the exported file's dequantization; with a scale that needs a gradient, the
+    gradient of LSQ (straight-through rounding)."""
+    levels = 2**bits - 1
+    offset = scale * (-levels / 2)
+    if not _needs_grad(scale):
+        q = torch.round((x - offset) / scale).clamp_(0, levels)
+        return q * scale + offset
+    return torch.clamp(round_ste((x - offset) / scale), 0, levels) * scale + offset
+
+
+def balanced_grid(scale: torch.Tensor, bits: int) -> "Grid":
+    levels = 2**bits - 1
+    scale = scale.detach()
+    return Grid(scale, scale * (-levels / 2), 0, levels, bits)
+
+
+def mse_scale_search(groups: torch.Tensor, bits: int, candidates: int = 64, balanced: bool = False) -> torch.Tensor:
+    """Per-row scale minimising the squared quantization error (rows are groups) on the signed symmetric grid,
+    or on the balanced one."""
+    qmax = (2**bits - 1) / 2 if balanced else 2 ** (bits - 1) - 1 if bits > 1 else 1
+    quantize = fake_quant_balanced if balanced else fake_quant_symmetric
     max_abs = groups.abs().amax(dim=1).clamp(min=1e-8)
     best_err = torch.full_like(max_abs, float("inf"))
     best = max_abs / qmax
     for ratio in torch.linspace(0.1, 1.0, candidates).tolist():
         scale = (max_abs * ratio / qmax).unsqueeze(1)
-        err = (fake_quant_symmetric(groups, scale, bits) - groups).pow(2).sum(dim=1)
+        err = (quantize(groups, scale, bits) - groups).pow(2).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, scale.squeeze(1), best)
@@ -209,7 +233,8 @@ class WeightQuantizer(nn.Module):
 
     Methods: ``minmax`` (asymmetric, range from the current weights), ``symmetric`` (signed,
     max-abs scale), ``lsq`` (learned step size, initialised to the MSE-optimal scale from the first
-    weights it sees), ``binary`` (1 bit: sign times mean magnitude).
+    weights it sees), ``balanced`` (``lsq`` on the balanced grid of :func:`fake_quant_balanced`), ``binary``
+    (1 bit: sign times mean magnitude).
 
     Multi-precision co-training: ``co_bits`` are further precisions of the same weights. ``active_bits`` (set by
     :func:`fairseq_quant.quant.coprecision.weight_precision`, else ``bits``) chooses the one a forward uses; under
@@ -232,14 +257,14 @@ class WeightQuantizer(nn.Module):
         self.name = name
         self.last_grid: Grid | None = None  # the grid of the latest output (for the audit)
         self.register_buffer("initialized", torch.tensor(False))
-        if method == "lsq" and self.bits is not None:
+        if method in LEARNED_STEP_METHODS and self.bits is not None:
             self.step = nn.Parameter(torch.ones(num_groups))
         self.co_bits = tuple(check_bits(b, f"{name}: co-training weight bits") for b in co_bits)
         if self.co_bits and (self.bits is None or method == "binary" or self.bits in self.co_bits):
             raise ValueError(f"{name}: co-training precisions {self.co_bits} need a multi-bit own precision "
                              f"besides them, got {self.bits} ({method})")
         for b in self.co_bits:
-            if method == "lsq" and b > 1:
+            if method in LEARNED_STEP_METHODS and b > 1:
                 self.register_parameter(f"step_w{b}", nn.Parameter(torch.ones(num_groups)))
                 self.register_buffer(f"initialized_w{b}", torch.tensor(False))
         self.active_bits = self.bits
@@ -293,13 +318,17 @@ class WeightQuantizer(nn.Module):
         initialized = self.initialized if own else getattr(self, f"initialized_w{bits}")
         if step.numel() != groups.shape[0]:
             raise ValueError(f"{self.name}: LSQ has {step.numel()} steps for {groups.shape[0]} groups")
+        balanced = self.method == "balanced"
         if not bool(initialized):
             with torch.no_grad():
-                step.copy_(mse_scale_search(groups.detach(), bits))
+                step.copy_(mse_scale_search(groups.detach(), bits, balanced=balanced))
                 initialized.fill_(True)
-        _, qmax = signed_range(bits)
+        qmax = (2**bits - 1) / 2 if balanced else signed_range(bits)[1]
         g = 1.0 / math.sqrt(groups.shape[1] * max(qmax, 1))
         scaled = grad_scale(step, g).abs().clamp(min=1e-8).unsqueeze(1)
+        if balanced:
+            self.last_grid = balanced_grid(scaled, bits)
+            return fake_quant_balanced(groups, scaled, bits)
         self.last_grid = symmetric_grid(scaled, bits)
         return fake_quant_symmetric(groups, scaled, bits)
 

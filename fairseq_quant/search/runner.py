@@ -23,7 +23,7 @@ from fairseq_quant_runtime.decoding import DecodingConfig, DecodingError
 from fairseq_quant_runtime.files import atomic_output, atomic_write
 
 from .solver import pareto_front, solve_allocations, spearman
-from .space import SearchError, Unit, UnitCosts, allocation_strategy, strategy_yaml
+from .space import SearchError, Unit, UnitCosts, act_overrides, allocation_strategy, strategy_yaml
 
 MODES = ("full", "fast", "proxy")
 OBJECTIVES = ("wer", "loss", "hessian", "fisher")
@@ -57,6 +57,9 @@ class SearchConfig:
     ray_address: str | None = None
     greedy: bool = False
     compare: tuple = ()  # strategy YAML files evaluated in the same table (e.g. a hand-written one)
+    # a strategy (as Strategy.to_dict) whose rules' activation fields every candidate keeps, whatever its weight
+    # bits: e.g. w8a8-out16.yaml's outlier site at 16 bits (space.act_overrides)
+    act_rules: dict | None = None
     # a multi-precision co-trained checkpoint: candidates are evaluated on it at their allocation (its own
     # activation ranges, no calibration, no retraining) instead of quantizing `checkpoint` post-training
     co_trained: str | None = None
@@ -226,11 +229,14 @@ def subset_data_dir(data: Path, subset: str, n: int | None, out: Path) -> Path:
     return target
 
 
-def unit_strategy(unit: Unit, bits: int, act_bits) -> dict:
-    """Only ``unit`` quantized (weights ``bits``, its activations ``act_bits``), everything else fp32."""
+def unit_strategy(unit: Unit, bits: int, act_bits, act_rules: dict[str, dict] | None = None) -> dict:
+    """Only ``unit`` quantized (weights ``bits``, its activations ``act_bits`` but where ``act_rules`` say
+    otherwise), everything else fp32."""
+    act_rules = act_rules or {}
     return {"default": {"weight_bits": "fp32", "act_bits": "fp32"},
             "rules": [{"match": f"re:{re.escape(m)}(\\..*)?", "weight_bits": bits, "act_bits": act_bits,
-                       "granularity": "channel", "weight_method": "lsq"} for m in unit.modules]}
+                       "granularity": "channel", "weight_method": "lsq", **act_rules.get(m, {})}
+                      for m in unit.modules]}
 
 
 def alloc_name(units: list[Unit], allocation: dict[str, int]) -> str:
@@ -257,6 +263,7 @@ def run_search(cfg: SearchConfig) -> dict:
     data = subset_data_dir(Path(cfg.data), cfg.dev_subset, cfg.dev_utts, out)
     wcfg = cfg.worker_config(str(data))
     state = State(out / "state.json", {**wcfg, "bits": list(cfg.bits), "act_bits": cfg.act_bits, "unit": cfg.unit,
+                                       **({"act_rules": cfg.act_rules} if cfg.act_rules else {}),
                                        "probes": cfg.probes, "proxy_batches": cfg.proxy_batches})
     ex = Executor(wcfg, cfg.workers, cfg.ray_address)
     decode = cfg.mode != "proxy"
@@ -264,12 +271,13 @@ def run_search(cfg: SearchConfig) -> dict:
         costs_res = ex.run([{"kind": "costs", "unit": cfg.unit, "bits": sorted(cfg.bits), "act_bits": cfg.act_bits}],
                            state, "sizes")[0]
         units = [Unit(n, tuple(m)) for n, m in costs_res["units"]]
+        act_rules = unit_act_rules(cfg, units)
         costs = UnitCosts.from_dict(costs_res["costs"])
         proxy = ex.run([{"kind": "proxy", "units": [[u.name, list(u.modules)] for u in units], "probes": cfg.probes,
                          "batches": cfg.proxy_batches, "seed": cfg.seed}], state, "proxies")[0]
         # sensitivities: one unit at a time, post-training, calibrated
         base = ex.run([{"kind": "eval", "name": "fp32", "strategy": None, "decode": decode}], state, "fp32")[0]
-        sens_tasks = [{"kind": "eval", "name": f"{u.name}@w{b}", "strategy": unit_strategy(u, b, cfg.act_bits),
+        sens_tasks = [{"kind": "eval", "name": f"{u.name}@w{b}", "strategy": unit_strategy(u, b, cfg.act_bits, act_rules),
                        "decode": cfg.mode == "full"} for u in units for b in cfg.bits]
         sens_res = ex.run(sens_tasks, state, "sensitivity")
         sens = sensitivities(units, cfg, costs, proxy, base, sens_res)
@@ -309,8 +317,24 @@ def run_search(cfg: SearchConfig) -> dict:
     return summary
 
 
+def unit_act_rules(cfg: SearchConfig, units) -> dict[str, dict]:
+    """The activation fields ``cfg.act_rules`` gives the units' modules (none without act_rules)."""
+    if not cfg.act_rules:
+        return {}
+    from ..quant import Strategy
+
+    rules = act_overrides(Strategy.from_dict(cfg.act_rules, source="act_rules"), [m for u in units for m in u.modules])
+    if not rules:
+        raise SearchError("act_rules: no rule matches a module of the searched units")
+    return rules
+
+
+def candidate_strategy(units, allocation: dict, cfg: SearchConfig, description: str = "") -> Strategy:
+    return allocation_strategy(units, allocation, cfg.act_bits, description, act_rules=unit_act_rules(cfg, units))
+
+
 def eval_task(c: Candidate, units, cfg: SearchConfig, decode: bool) -> dict:
-    strategy = allocation_strategy(units, c.allocation, cfg.act_bits)
+    strategy = candidate_strategy(units, c.allocation, cfg)
     return {"kind": "eval", "name": c.name, "strategy": strategy.to_dict(), "decode": decode}
 
 
@@ -417,7 +441,7 @@ def write_outputs(cfg, out: Path, units, costs, sens, correlations, base, cands,
         if c.kind == "given":
             continue
         atomic_write(out / "strategies" / f"{name}.yaml",
-                     strategy_yaml(allocation_strategy(units, c.allocation, cfg.act_bits),
+                     strategy_yaml(candidate_strategy(units, c.allocation, cfg),
                                    f"{name} ({c.kind}): {c.avg_bits:.3f} average weight bits, {c.mb:.4f} MB; "
                                    f"units {', '.join(f'{u.name}={c.allocation[u.name]}' for u in units)}"))
     # CSV
@@ -488,7 +512,7 @@ def write_outputs(cfg, out: Path, units, costs, sens, correlations, base, cands,
         plot(cfg, rows, base, out / "search.png")
     best = ranked[0]
     atomic_write(out / "strategies" / "best.yaml", strategy_yaml(
-        allocation_strategy(units, best.allocation, cfg.act_bits),
+        candidate_strategy(units, best.allocation, cfg),
         f"best of the search ({best.name}): {best.avg_bits:.3f} average weight bits, {best.mb:.4f} MB; units "
         + ", ".join(f"{u.name}={best.allocation[u.name]}" for u in units)))
     summary = {"config": asdict(cfg), "units": [u.name for u in units], "ranking": [c.name for c in ranked],

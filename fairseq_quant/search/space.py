@@ -94,20 +94,42 @@ def model_units(model: nn.Module, kind: str = "layer") -> list[Unit]:
     return units
 
 
+ACT_FIELDS = ("act_bits", "act_method", "act_granularity", "act_groups")
+
+
+def act_overrides(strategy: Strategy | None, modules) -> dict[str, dict]:
+    """``{module: activation fields}`` for each of ``modules`` that a rule of ``strategy`` decides (its default
+    decides nothing here): the activation settings a search keeps in every strategy it builds, such as an outlier
+    site at 16 bits (``w8a8-out16.yaml``). Weight fields of those rules are ignored: the search allocates them."""
+    if strategy is None:
+        return {}
+    out = {}
+    for m in modules:
+        spec, rule = strategy.lookup(m)
+        if rule is not None:
+            fields = spec.to_dict()
+            out[m] = {k: "fp32" if k == "act_bits" and fields[k] is None else fields[k]
+                      for k in ACT_FIELDS if fields[k] is not None or k == "act_bits"}
+    return out
+
+
 def allocation_strategy(units: list[Unit], allocation: dict[str, int], act_bits, description: str = "",
-                        granularity: str = "channel", weight_method: str = "lsq") -> Strategy:
-    """A strategy giving each unit's modules its allocated weight bits (activations ``act_bits``)."""
+                        granularity: str = "channel", weight_method: str = "lsq",
+                        act_rules: dict[str, dict] | None = None) -> Strategy:
+    """A strategy giving each unit's modules its allocated weight bits (activations ``act_bits``, but for the
+    modules of ``act_rules``, :func:`act_overrides`, which keep their activation fields at any weight width)."""
     missing = [u.name for u in units if u.name not in allocation]
     if missing:
         raise SearchError(f"allocation has no bits for units {missing[:3]}")
+    act_rules = act_rules or {}
     bits = [allocation[u.name] for u in units]
     default_bits = max(set(bits), key=lambda b: (bits.count(b), b))  # the commonest width
     rules = []
     for unit in units:
-        if allocation[unit.name] == default_bits:
-            continue
         for m in unit.modules:
-            rules.append({"match": f"re:{re.escape(m)}(\\..*)?", "weight_bits": allocation[unit.name]})
+            if allocation[unit.name] != default_bits or m in act_rules:
+                rules.append({"match": f"re:{re.escape(m)}(\\..*)?", "weight_bits": allocation[unit.name],
+                              **act_rules.get(m, {})})
     data = {"description": description or "searched allocation",
             "default": {"weight_bits": default_bits, "act_bits": act_bits, "granularity": granularity,
                         "weight_method": weight_method, "act_method": "minmax"},
