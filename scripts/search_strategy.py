@@ -83,10 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a multi-precision co-trained checkpoint (criterion --co-precisions): evaluate every candidate "
                         "on it at the candidate's precisions, without calibrating or retraining (--bits among its "
                         "precisions); --checkpoint (its fp32 start) still gives the costs and proxies")
-    p.add_argument("--act-rules", default=None, metavar="YAML",
-                   help="a strategy whose rules' activation fields every candidate keeps at any weight width, e.g. "
-                        "recipes/librispeech/strategies/w8a8-out16.yaml (the outlier site at 16 bits); its default and "
-                        "weight fields are ignored")
+    p.add_argument("--base-strategy", default=None, metavar="YAML",
+                   help="a strategy every candidate builds on: its default's weight method (per channel, activations "
+                        "--act-bits) and its rules' activation fields, kept at any weight width; e.g. "
+                        "recipes/librispeech/strategies/w2a8-balanced-out16.yaml (balanced grids, the outlier site at "
+                        "16 bits). Its weight bits are ignored: the search allocates them")
     p.add_argument("--out", required=True)
     return p
 
@@ -109,13 +110,13 @@ def main(argv=None) -> int:
                        threads=args.threads, ray_address=args.ray_address, greedy=args.greedy,
                        compare=tuple(args.compare), co_trained=args.co_trained)
     try:
-        if args.act_rules:
+        if args.base_strategy:
             if args.co_trained:
-                raise SearchError("--act-rules: a co-trained checkpoint keeps the activation settings it was trained "
-                                  "with; put the rules in its strategy instead")
+                raise SearchError("--base-strategy: a co-trained checkpoint keeps the quantizers it was trained with; "
+                                  "put the settings in its strategy instead")
             from fairseq_quant.quant import Strategy
 
-            cfg.act_rules = Strategy.from_yaml(args.act_rules).to_dict()
+            cfg.base_strategy = Strategy.from_yaml(args.base_strategy).to_dict()
         run_search(cfg)
     except (FairseqQuantError, FileNotFoundError) as err:
         print(f"search_strategy: error: {err}", file=sys.stderr)

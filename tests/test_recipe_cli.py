@@ -204,9 +204,10 @@ def test_the_demo_and_the_benchmark_report_the_unseen_synthesizer(tmp_path):
     # the rows start from the shipped bundle's model (the preview named a checkpoint the demo never trains)
     fp32_eval = lines[lines.index("# stage eval fp32") + 1]
     assert f"--checkpoint {ROOT / 'recipes/librispeech/reference/model.pt'} " in fp32_eval
-    # the searched row's candidates keep the outlier site's input at 16 bits (w8a8-out16's activation rule)
+    # the searched row's candidates have balanced grids and the outlier site's input at 16 bits
     search = lines[lines.index("# stage search qat-searched") + 1]
-    assert f"--act-rules {ROOT / 'recipes/librispeech/strategies/w8a8-out16.yaml'} --budget-bits 2.3 " in search
+    assert f"--base-strategy {ROOT / 'recipes/librispeech/strategies/w2a8-balanced-out16.yaml'} --budget-bits 2.3 " \
+        in search
     assert SIZES["default"].eval_subsets == ("test-clean", "test-other", "test-unseen-synth")
     assert SIZES["benchmark"].eval_subsets == ("dev-clean", "dev-other", "test-clean", "test-other",
                                                "test-unseen-synth")

@@ -21,7 +21,7 @@ from conftest import ROOT, build_tiny, run
 from fairseq_quant.quant import Strategy, build_report, quantize_model
 from fairseq_quant.search import (SearchError, UnitCosts, allocation_strategy, model_units, pareto_front,
                                   solve_allocations, spearman, unit_costs)
-from fairseq_quant.search.runner import SearchConfig, unit_act_rules, unit_strategy
+from fairseq_quant.search.runner import SearchConfig, candidate_strategy, unit_act_rules, unit_strategy
 from fairseq_quant.search.space import act_overrides
 from fairseq_quant.search.proxy import hutchinson_traces
 
@@ -112,38 +112,48 @@ def test_unit_sizes_add_up_to_the_quantization_report(dict_dir, kind):
     assert names[-1] == "decoder.fc_out" and len(names) == {"layer": 10, "block": 16, "module": 22}[kind]
 
 
-def test_act_rules_keep_their_activation_bits_at_every_weight_width(dict_dir):
-    """--act-rules: the outlier site's 16-bit input survives the allocation, whatever width it gives the module."""
+def test_a_base_strategy_gives_every_candidate_its_weight_method_and_activation_rules(dict_dir):
+    """--base-strategy: balanced grids everywhere (binary at 1 bit), and the outlier site's 16-bit input survives
+    the allocation, whatever width it gives the module."""
     torch.manual_seed(0)
     model = build_tiny(dict_dir, "vggtransformer_small")[1]
     units = model_units(model, "layer")
     modules = [m for u in units for m in u.modules]
-    act = Strategy.from_dict({"default": {"weight_bits": 8, "act_bits": 8},
-                              "rules": [{"match": "decoder.fc_out", "act_bits": 16, "weight_bits": 2}]})
-    rules = act_overrides(act, modules)
+    base = Strategy.from_dict({"default": {"weight_bits": 2, "act_bits": 8, "weight_method": "balanced"},
+                               "rules": [{"match": "decoder.fc_out", "act_bits": 16, "weight_bits": 8}]})
+    rules = act_overrides(base, modules)
     assert rules == {"decoder.fc_out": {"act_bits": 16, "act_method": "minmax", "act_granularity": "tensor"}}
-    for fc_out_bits in (2, 4):  # the default width (2) and another one
+    cfg = SearchConfig(checkpoint="-", data="-", out="-", budget_bits=3, base_strategy=base.to_dict())
+    assert unit_act_rules(cfg, units) == rules
+    for fc_out_bits in (2, 4, 1):  # the default width (2) and others
         allocation = {u.name: fc_out_bits if u.name == "decoder.fc_out" else 2 for u in units}
-        strategy = allocation_strategy(units, allocation, 8, act_rules=rules)
-        assert strategy.default.weight_bits == 2 and strategy.default.act_bits == 8
-        assert [(r.pattern, r.spec.weight_bits, r.spec.act_bits) for r in strategy.rules] == [
-            ("re:decoder\\.fc_out(\\..*)?", fc_out_bits, 16)]
+        strategy = candidate_strategy(units, allocation, cfg)
+        assert (strategy.default.weight_bits, strategy.default.weight_method, strategy.default.act_bits) == (
+            2, "balanced", 8)
+        assert [(r.pattern, r.spec.weight_bits, r.spec.weight_method, r.spec.act_bits) for r in strategy.rules] == [
+            ("re:decoder\\.fc_out(\\..*)?", fc_out_bits, "binary" if fc_out_bits == 1 else "balanced", 16)]
         fresh = build_tiny(dict_dir, "vggtransformer_small")[1]
         quantize_model(fresh, strategy)
         fc_out = dict(fresh.named_modules())["decoder.fc_out"]
         assert (fc_out.weight_quantizer.bits, fc_out.input_quantizer.bits) == (fc_out_bits, 16)
         other = dict(fresh.named_modules())["decoder.layers.0.fc1"]
-        assert (other.weight_quantizer.bits, other.input_quantizer.bits) == (2, 8)
+        assert (other.weight_quantizer.bits, other.weight_quantizer.method, other.input_quantizer.bits) == (
+            2, "balanced", 8)
     # the one-unit strategies of the sensitivity pass carry them too
     unit = next(u for u in units if u.name == "decoder.fc_out")
-    assert unit_strategy(unit, 4, 8, rules)["rules"][0]["act_bits"] == 16
+    assert unit_strategy(unit, 4, 8, rules, "balanced")["rules"][0] == {
+        "match": "re:decoder\\.fc_out(\\..*)?", "weight_bits": 4, "act_bits": 16, "granularity": "channel",
+        "weight_method": "balanced", "act_method": "minmax", "act_granularity": "tensor"}
     assert unit_strategy(unit, 4, 8)["rules"][0]["act_bits"] == 8
-    # through the search's config, and a rule set that decides none of the searched modules is an error
-    cfg = SearchConfig(checkpoint="-", data="-", out="-", act_rules=act.to_dict())
-    assert unit_act_rules(cfg, units) == rules
-    cfg.act_rules = {"default": {"weight_bits": 8, "act_bits": 8}, "rules": [{"match": "nothing.here", "act_bits": 16}]}
-    with pytest.raises(SearchError, match="act_rules: no rule matches a module of the searched units"):
+    # a base whose rules decide none of the searched modules, or whose activations are not the search's
+    cfg.base_strategy = {"default": {"weight_bits": 8, "act_bits": 8}, "rules": [{"match": "nothing.here",
+                                                                                  "act_bits": 16}]}
+    with pytest.raises(SearchError, match="base strategy: no rule matches a module of the searched units"):
         unit_act_rules(cfg, units)
+    cfg.base_strategy = {"default": {"weight_bits": 2, "act_bits": 6}}
+    with pytest.raises(SearchError, match="base strategy: its default must be per-channel weights with 8-bit "
+                                          "activations \\(the search's --act-bits\\), got channel weights, 6-bit"):
+        cfg.check()
 
 
 # -- the search on a real (tiny) checkpoint ---------------------------------------------------------------
@@ -293,9 +303,9 @@ def test_ray_gives_the_same_ranking_as_local_workers(fast_run, smoke, tmp_path):
     (["--budget-bits", "0.1", "--bits", "2,9"], "unknown weight bit width 9; candidate widths are integers 1..8"),
     (["--budget-mb", "-1"], "invalid budget -1.0 MB: must be positive"),
     ([], "give a budget: --budget-bits (average weight bits) and/or --budget-mb"),
-    (["--budget-bits", "3", "--act-rules", str(ROOT / "recipes/librispeech/strategies/w8a8-out16.yaml"),
-      "--co-trained", "co.pt"], "--act-rules: a co-trained checkpoint keeps the activation settings it was trained "
-                                "with; put the rules in its strategy instead"),
+    (["--budget-bits", "3", "--base-strategy", str(ROOT / "recipes/librispeech/strategies/w8a8-out16.yaml"),
+      "--co-trained", "co.pt"], "--base-strategy: a co-trained checkpoint keeps the quantizers it was trained with; "
+                                "put the settings in its strategy instead"),
 ])
 def test_bad_input_is_one_clear_line(smoke, tmp_path, capsys, args, message):
     import importlib.util

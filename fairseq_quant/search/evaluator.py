@@ -146,7 +146,8 @@ class Evaluator:
 
         model, _ = self.fp32_model()
         units = model_units(model, task["unit"])
-        costs = unit_costs(lambda: self.fp32_model()[0], units, task["bits"], task["act_bits"])
+        costs = unit_costs(lambda: self.fp32_model()[0], units, task["bits"], task["act_bits"],
+                           task.get("weight_method", "lsq"))
         return {"units": [[u.name, list(u.modules)] for u in units], "costs": costs.to_dict()}
 
     def _proxy(self, task):

@@ -57,9 +57,10 @@ class SearchConfig:
     ray_address: str | None = None
     greedy: bool = False
     compare: tuple = ()  # strategy YAML files evaluated in the same table (e.g. a hand-written one)
-    # a strategy (as Strategy.to_dict) whose rules' activation fields every candidate keeps, whatever its weight
-    # bits: e.g. w8a8-out16.yaml's outlier site at 16 bits (space.act_overrides)
-    act_rules: dict | None = None
+    # a strategy (as Strategy.to_dict) every candidate builds on: its default's weight method (per channel, at
+    # act_bits) and its rules' activation fields, kept whatever weight bits the search gives a module: e.g.
+    # w2a8-balanced-out16.yaml, balanced grids and the outlier site at 16 bits (space.act_overrides)
+    base_strategy: dict | None = None
     # a multi-precision co-trained checkpoint: candidates are evaluated on it at their allocation (its own
     # activation ranges, no calibration, no retraining) instead of quantizing `checkpoint` post-training
     co_trained: str | None = None
@@ -84,6 +85,14 @@ class SearchConfig:
                               f"candidate width {min(self.bits)}")
         if self.budget_mb is not None and not self.budget_mb > 0:
             raise SearchError(f"invalid budget {self.budget_mb} MB: must be positive")
+        if self.base_strategy is not None:
+            from ..quant import Strategy
+
+            default = Strategy.from_dict(self.base_strategy, source="base strategy").default
+            if default.granularity != "channel" or default.act_bits != self.act_bits:
+                raise SearchError(f"base strategy: its default must be per-channel weights with {self.act_bits or 'fp32'}"
+                                  f"-bit activations (the search's --act-bits), got {default.granularity} weights, "
+                                  f"{default.act_bits or 'fp32'}-bit activations")
         if self.objective is None:
             self.objective = "wer" if self.mode == "full" else "loss"
         if self.objective not in OBJECTIVES:
@@ -229,13 +238,15 @@ def subset_data_dir(data: Path, subset: str, n: int | None, out: Path) -> Path:
     return target
 
 
-def unit_strategy(unit: Unit, bits: int, act_bits, act_rules: dict[str, dict] | None = None) -> dict:
-    """Only ``unit`` quantized (weights ``bits``, its activations ``act_bits`` but where ``act_rules`` say
-    otherwise), everything else fp32."""
+def unit_strategy(unit: Unit, bits: int, act_bits, act_rules: dict[str, dict] | None = None,
+                  weight_method: str = "lsq") -> dict:
+    """Only ``unit`` quantized (weights ``bits`` with ``weight_method``, binary at 1 bit; its activations
+    ``act_bits`` but where ``act_rules`` say otherwise), everything else fp32."""
     act_rules = act_rules or {}
     return {"default": {"weight_bits": "fp32", "act_bits": "fp32"},
             "rules": [{"match": f"re:{re.escape(m)}(\\..*)?", "weight_bits": bits, "act_bits": act_bits,
-                       "granularity": "channel", "weight_method": "lsq", **act_rules.get(m, {})}
+                       "granularity": "channel", "weight_method": "binary" if bits == 1 else weight_method,
+                       **act_rules.get(m, {})}
                       for m in unit.modules]}
 
 
@@ -263,12 +274,13 @@ def run_search(cfg: SearchConfig) -> dict:
     data = subset_data_dir(Path(cfg.data), cfg.dev_subset, cfg.dev_utts, out)
     wcfg = cfg.worker_config(str(data))
     state = State(out / "state.json", {**wcfg, "bits": list(cfg.bits), "act_bits": cfg.act_bits, "unit": cfg.unit,
-                                       **({"act_rules": cfg.act_rules} if cfg.act_rules else {}),
+                                       **({"base_strategy": cfg.base_strategy} if cfg.base_strategy else {}),
                                        "probes": cfg.probes, "proxy_batches": cfg.proxy_batches})
     ex = Executor(wcfg, cfg.workers, cfg.ray_address)
     decode = cfg.mode != "proxy"
     try:
-        costs_res = ex.run([{"kind": "costs", "unit": cfg.unit, "bits": sorted(cfg.bits), "act_bits": cfg.act_bits}],
+        costs_res = ex.run([{"kind": "costs", "unit": cfg.unit, "bits": sorted(cfg.bits), "act_bits": cfg.act_bits,
+                             **({"weight_method": weight_method(cfg)} if cfg.base_strategy else {})}],
                            state, "sizes")[0]
         units = [Unit(n, tuple(m)) for n, m in costs_res["units"]]
         act_rules = unit_act_rules(cfg, units)
@@ -277,7 +289,8 @@ def run_search(cfg: SearchConfig) -> dict:
                          "batches": cfg.proxy_batches, "seed": cfg.seed}], state, "proxies")[0]
         # sensitivities: one unit at a time, post-training, calibrated
         base = ex.run([{"kind": "eval", "name": "fp32", "strategy": None, "decode": decode}], state, "fp32")[0]
-        sens_tasks = [{"kind": "eval", "name": f"{u.name}@w{b}", "strategy": unit_strategy(u, b, cfg.act_bits, act_rules),
+        sens_tasks = [{"kind": "eval", "name": f"{u.name}@w{b}", "strategy": unit_strategy(u, b, cfg.act_bits, act_rules,
+                                                                                       weight_method(cfg)),
                        "decode": cfg.mode == "full"} for u in units for b in cfg.bits]
         sens_res = ex.run(sens_tasks, state, "sensitivity")
         sens = sensitivities(units, cfg, costs, proxy, base, sens_res)
@@ -317,20 +330,32 @@ def run_search(cfg: SearchConfig) -> dict:
     return summary
 
 
+def weight_method(cfg: SearchConfig) -> str:
+    """The weight method of every candidate: the base strategy's default's, else LSQ."""
+    if not cfg.base_strategy:
+        return "lsq"
+    from ..quant import Strategy
+
+    return Strategy.from_dict(cfg.base_strategy, source="base strategy").default.weight_method
+
+
 def unit_act_rules(cfg: SearchConfig, units) -> dict[str, dict]:
-    """The activation fields ``cfg.act_rules`` gives the units' modules (none without act_rules)."""
-    if not cfg.act_rules:
+    """The activation fields the base strategy's rules give the units' modules (none without a base strategy;
+    one whose rules decide none of them is an error)."""
+    if not cfg.base_strategy:
         return {}
     from ..quant import Strategy
 
-    rules = act_overrides(Strategy.from_dict(cfg.act_rules, source="act_rules"), [m for u in units for m in u.modules])
-    if not rules:
-        raise SearchError("act_rules: no rule matches a module of the searched units")
+    base = Strategy.from_dict(cfg.base_strategy, source="base strategy")
+    rules = act_overrides(base, [m for u in units for m in u.modules])
+    if base.rules and not rules:
+        raise SearchError("base strategy: no rule matches a module of the searched units")
     return rules
 
 
 def candidate_strategy(units, allocation: dict, cfg: SearchConfig, description: str = "") -> Strategy:
-    return allocation_strategy(units, allocation, cfg.act_bits, description, act_rules=unit_act_rules(cfg, units))
+    return allocation_strategy(units, allocation, cfg.act_bits, description, weight_method=weight_method(cfg),
+                               act_rules=unit_act_rules(cfg, units))
 
 
 def eval_task(c: Candidate, units, cfg: SearchConfig, decode: bool) -> dict:

@@ -100,7 +100,8 @@ ACT_FIELDS = ("act_bits", "act_method", "act_granularity", "act_groups")
 def act_overrides(strategy: Strategy | None, modules) -> dict[str, dict]:
     """``{module: activation fields}`` for each of ``modules`` that a rule of ``strategy`` decides (its default
     decides nothing here): the activation settings a search keeps in every strategy it builds, such as an outlier
-    site at 16 bits (``w8a8-out16.yaml``). Weight fields of those rules are ignored: the search allocates them."""
+    site at 16 bits (``w2a8-balanced-out16.yaml``). Weight fields of those rules are ignored: the search allocates
+    them."""
     if strategy is None:
         return {}
     out = {}
@@ -128,11 +129,12 @@ def allocation_strategy(units: list[Unit], allocation: dict[str, int], act_bits,
     for unit in units:
         for m in unit.modules:
             if allocation[unit.name] != default_bits or m in act_rules:
-                rules.append({"match": f"re:{re.escape(m)}(\\..*)?", "weight_bits": allocation[unit.name],
-                              **act_rules.get(m, {})})
+                b = allocation[unit.name]
+                rules.append({"match": f"re:{re.escape(m)}(\\..*)?", "weight_bits": b,
+                              "weight_method": "binary" if b == 1 else weight_method, **act_rules.get(m, {})})
     data = {"description": description or "searched allocation",
             "default": {"weight_bits": default_bits, "act_bits": act_bits, "granularity": granularity,
-                        "weight_method": weight_method, "act_method": "minmax"},
+                        "weight_method": "binary" if default_bits == 1 else weight_method, "act_method": "minmax"},
             "rules": rules}
     return Strategy.from_dict(data, source="search")
 
@@ -172,15 +174,16 @@ class UnitCosts:
         return cls(dict(d["numel"]), conv(d["bytes"]), d["constant_bytes"], conv(d["sq_error"]))
 
 
-def unit_costs(build_model, units: list[Unit], bits: list[int], act_bits) -> UnitCosts:
+def unit_costs(build_model, units: list[Unit], bits: list[int], act_bits, weight_method: str = "lsq") -> UnitCosts:
     """Sizes and quantization errors of every unit at every width. ``build_model()`` returns a fresh float
-    model with the trained weights; it is quantized uniformly at each width in turn."""
+    model with the trained weights; it is quantized uniformly at each width in turn (per channel, with
+    ``weight_method``)."""
     import torch
 
     numel, nbytes, sq_error, constant = {}, {u.name: {} for u in units}, {u.name: {} for u in units}, None
     for b in bits:
         model = build_model()
-        report = quantize_model(model, Strategy.uniform(b, act_bits))
+        report = quantize_model(model, Strategy.uniform(b, act_bits, weight_method="binary" if b == 1 else weight_method))
         total = 0.0
         for unit in units:
             n, size, err = 0, 0.0, 0.0

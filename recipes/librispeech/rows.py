@@ -21,8 +21,8 @@ class Row:
     #           "coqat" (the multi-precision co-trained model of a co strategy, collapsed to `deploy` bits),
     #           "co_search" (the search over that co-trained model under a budget, its best allocation collapsed)
     strategy: str | None = None  # qat, ptq_calibrated, coqat: a strategy name in strategies/ or a YAML path;
-    #                              search_qat: "BUDGET" or "BUDGET:ACT_RULES" (a strategy whose activation
-    #                              rules every candidate keeps: search_strategy.py --act-rules);
+    #                              search_qat: "BUDGET" or "BUDGET:BASE" (a strategy whose weight method and
+    #                              activation rules every candidate keeps: search_strategy.py --base-strategy);
     #                              co_search: "BUDGET:CO_STRATEGY"
     ptq: tuple | None = None  # ptq: (weight bits, granularity, weight method); activations stay fp32
     kd: bool = True  # qat: distillation from the fp32 model
@@ -79,9 +79,9 @@ ROWS = {r.name: r for r in [
     Row("co-w1", "coqat", "w8-co4-2-1", deploy=1),
     Row("co-searched", "co_search", "2.3:w8a8-co4-2-1"),  # the search over the co-trained a8 model at 2.3 bits
     Row("qat-mixed2a8", "qat", "mixed2a8"),
-    # fast search at 2.3 average weight bits, then QAT of its best; every candidate keeps w8a8-out16's activation
-    # rule (the outlier site at 16 bits)
-    Row("qat-searched", "search_qat", "2.3:w8a8-out16"),
+    # fast search at 2.3 average weight bits, then QAT of its best; every candidate has balanced weight grids and
+    # the outlier site's input at 16 bits (w2a8-balanced-out16)
+    Row("qat-searched", "search_qat", "2.3:w2a8-balanced-out16"),
     Row("runtime-w8a8", "runtime", "w8a8"),
     Row("runtime-w4a8", "runtime", "w4a8"),
     Row("runtime-mixed2a8", "runtime", "mixed2a8"),
@@ -282,7 +282,7 @@ def search_command(row: Row, data: Path, out: Path, fp32_ckpt: Path, cfg: Recipe
     budget, _, extra = row.strategy.partition(":")
     co = ["--co-trained", str(co_trained), "--bits", "1,2,4,8"] if co_trained is not None else []
     if row.kind == "search_qat" and extra:
-        co = ["--act-rules", str(strategy_path(extra))]
+        co = ["--base-strategy", str(strategy_path(extra))]
     return [sys.executable, str(Path(__file__).parents[2] / "scripts" / "search_strategy.py"),
             "--checkpoint", str(fp32_ckpt), "--data", str(data), "--dev-subset", "dev-clean", *co,
             "--budget-bits", budget, "--mode", "fast", "--top-k", "3", "--beam", str(cfg.beam),
