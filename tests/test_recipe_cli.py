@@ -180,8 +180,8 @@ def test_a_workdir_with_another_corpus_is_one_line(tmp_path):
 def test_rows_start_longest_first_and_the_table_keeps_its_order():
     rows = [ROWS[name] for name in SIZES["default"].rows if ROWS[name].kind != "runtime"]
     order = longest_first(rows)
-    assert [rows[i].name for i in order] == ["qat-searched", "qat-fp32", "qat-w2a8", "fp32", "ptq-w2-sym-channel",
-                                             "dynamic-int8"]
+    assert [rows[i].name for i in order] == ["qat-searched", "qat-fp32", "qat-w2a8-balanced-out16", "fp32",
+                                             "ptq-w2-sym-channel", "dynamic-int8", "ptq-w8a8-out16"]
     assert sorted(order) == list(range(len(rows)))
 
 

@@ -66,6 +66,7 @@ ROWS = {r.name: r for r in [
     Row("qat-w2a8-nokd", "qat", "w2a8", kd=False),
     Row("qat-w2a8", "qat", "w2a8"),
     Row("qat-w2a8-out16", "qat", "w2a8-out16"),  # the same with the outlier site's input at 16 bits
+    Row("qat-w2a8-balanced-out16", "qat", "w2a8-balanced-out16"),  # and balanced 2-bit grids (the recipe's 2 bits)
     # binary body weights (first and last layers at 8 bits, as the 1-bit papers keep them), with and without
     # quantized activations
     Row("qat-w1a8", "qat", "w1a8"),
@@ -92,10 +93,11 @@ ROWS = {r.name: r for r in [
 ]}
 # the main job's essential rows (at most 30 min on 2 cores: 17.6 min measured fresh; with ptq-w4-sym-channel, qat-w4a8
 # and qat-mixed2a8 added it took 34.4 min): the reference model, what users get without the
-# plugin (post-training 2-bit weights, PyTorch's dynamic int8), the QAT control, uniform and searched ~2-bit QAT,
-# and the searched model exported and decoded without torch; `--size benchmark` runs every row
-DEMO_ROWS = ("fp32", "ptq-w2-sym-channel", "dynamic-int8", "qat-fp32", "qat-w2a8", "qat-searched",
-             "runtime-searched")
+# plugin (post-training 2-bit weights, PyTorch's dynamic int8), calibrated 8-bit PTQ with the outlier remedy, the QAT
+# control, uniform and searched ~2-bit QAT (balanced grids, the outlier site at 16 bits), and the searched model
+# exported and decoded without torch; `--size benchmark` runs every row
+DEMO_ROWS = ("fp32", "ptq-w2-sym-channel", "dynamic-int8", "ptq-w8a8-out16", "qat-fp32", "qat-w2a8-balanced-out16",
+             "qat-searched", "runtime-searched")
 TEST_SUBSETS = ("test-clean", "test-other")
 # the test sets of the multi-synthesizer corpus: new voices of the trained synthesizer families, and a family that
 # training never heard (generate_corpus.HELD_OUT_FAMILY)
@@ -155,7 +157,8 @@ SIZES = {
                                 "runtime-mixed2a8")),
     # a few minutes: the plumbing from the reference model, far too short to mean anything
     "quick": RecipeConfig(**{**REFERENCE, "qat_updates": 20}, synth_train=400, calib_batches=4,
-                          eval_subsets=SYNTH_TEST_SUBSETS, rows=("fp32", "ptq-w2-sym-channel", "qat-w2a8")),
+                          eval_subsets=SYNTH_TEST_SUBSETS,
+                          rows=("fp32", "ptq-w2-sym-channel", "qat-w2a8-balanced-out16")),
     # the main job (README): the reference model, its baselines and QAT, test sets, at most 30 min on 2 cores
     "default": RecipeConfig(**REFERENCE, synth_train=4000, eval_subsets=SYNTH_TEST_SUBSETS),
     # every row (make benchmark): the main job's corpus with 30 new-voice speakers added to each evaluation subset
