@@ -24,8 +24,11 @@ def co_model(dict_dir):
     return task, model
 
 
-def test_every_precision_of_the_shared_weights_is_on_its_own_grid(co_model):
-    task, model = co_model
+@pytest.mark.parametrize("method", ["lsq", "balanced"])
+def test_every_precision_of_the_shared_weights_is_on_its_own_grid(dict_dir, method):
+    task, model, _ = build_tiny(dict_dir, extra=[*CO, "--quant-weight-method", method])
+    calibrate_tiny(model, seeds=(0,))
+    model.eval()
     assert co_precisions(model) == [4, 2, 1]
     sample = sample_for(task)
     outputs = {}
@@ -39,6 +42,10 @@ def test_every_precision_of_the_shared_weights_is_on_its_own_grid(co_model):
                 groups = q.granularity.group_view(w)
                 assert not q.last_grid.off_grid(groups).any(), name
                 assert max(len(torch.unique(row)) for row in groups) <= 2 ** bits, name
+                if bits > 1:  # balanced grids: no level at zero, as many levels above it as below
+                    levels = (q.last_grid.offset / q.last_grid.scale).reshape(-1)
+                    expected = -(2 ** bits - 1) / 2 if method == "balanced" else 0.0
+                    assert torch.allclose(levels, torch.full_like(levels, expected)), name
     assert all(q.active_bits == 8 for q in weight_quantizers(model).values())  # restored on exit
     from conftest import fbank_batch
 
@@ -50,7 +57,7 @@ def test_every_precision_of_the_shared_weights_is_on_its_own_grid(co_model):
         assert report.violations == [] and report.op_counts()["linear"] > 10
     for low in (4, 2, 1):  # lower precisions compute other functions of the same weights
         assert (outputs[low] - outputs[8]).abs().max() > 1e-3
-    # under lsq every multi-bit precision learns its own step; 1 bit is binary (mean |w|), with none
+    # under lsq (and balanced) every multi-bit precision learns its own step; 1 bit is binary (mean |w|), with none
     names = {k.rsplit(".", 1)[-1] for k in model.state_dict() if ".weight_quantizer." in k}
     assert {"step", "step_w4", "step_w2", "initialized_w4", "initialized_w2"} <= names
     assert not any(k.endswith("step_w1") for k in model.state_dict())
