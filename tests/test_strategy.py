@@ -317,7 +317,7 @@ def test_fp32_attention_with_a_quantized_projection_inside(dict_dir, tmp_path):
     (["--quant-weight-bits", "4", "--quant-act-method", "kl"],
      "--quant-act-method kl: unknown act_method 'kl'; expected one of ('minmax', 'percentile', 'mse', 'pact', 'lsq')"),
     (["--quant-weight-bits", "4", "--quant-weight-method", "gptq"],
-     "--quant-weight-method gptq: unknown weight_method 'gptq'; expected one of ('minmax', 'symmetric', 'lsq', 'binary')"),
+     "--quant-weight-method gptq: unknown weight_method 'gptq'; expected one of ('minmax', 'symmetric', 'lsq', 'balanced', 'binary')"),
     (["--quant-weight-bits", "4", "--quant-granularity", "group"],
      "--quant-granularity group: granularity 'group' needs group_size"),
     (["--quant-weight-bits", "4", "--quant-granularity", "group", "--quant-group-size", "0"],
