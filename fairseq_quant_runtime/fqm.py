@@ -287,5 +287,5 @@ def read(path: str | os.PathLike) -> ModelFile:
     return decode(payload, str(path))
 
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "READABLE_VERSIONS", "balanced_offset", "ModelFile", "ModelFileError", "QuantTensor", "decode", "encode",
-           "pack_bits", "packed_nbytes", "read", "unpack_bits", "write"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "READABLE_VERSIONS", "ModelFile", "ModelFileError", "QuantTensor",
+           "balanced_offset", "decode", "encode", "pack_bits", "packed_nbytes", "read", "unpack_bits", "write"]

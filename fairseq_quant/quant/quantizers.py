@@ -211,10 +211,15 @@ def balanced_grid(scale: torch.Tensor, bits: int) -> "Grid":
     return Grid(scale, scale * (-levels / 2), 0, levels, bits)
 
 
+def top_level(bits: int, balanced: bool = False) -> float:
+    """The largest level of a grid in steps: ``(2^b - 1)/2`` balanced, ``2^(b-1) - 1`` signed (at least 1)."""
+    return (2**bits - 1) / 2 if balanced else max(signed_range(bits)[1], 1)
+
+
 def mse_scale_search(groups: torch.Tensor, bits: int, candidates: int = 64, balanced: bool = False) -> torch.Tensor:
     """Per-row scale minimising the squared quantization error (rows are groups) on the signed symmetric grid,
     or on the balanced one."""
-    qmax = (2**bits - 1) / 2 if balanced else 2 ** (bits - 1) - 1 if bits > 1 else 1
+    qmax = top_level(bits, balanced)
     quantize = fake_quant_balanced if balanced else fake_quant_symmetric
     max_abs = groups.abs().amax(dim=1).clamp(min=1e-8)
     best_err = torch.full_like(max_abs, float("inf"))
@@ -323,8 +328,7 @@ class WeightQuantizer(nn.Module):
             with torch.no_grad():
                 step.copy_(mse_scale_search(groups.detach(), bits, balanced=balanced))
                 initialized.fill_(True)
-        qmax = (2**bits - 1) / 2 if balanced else signed_range(bits)[1]
-        g = 1.0 / math.sqrt(groups.shape[1] * max(qmax, 1))
+        g = 1.0 / math.sqrt(groups.shape[1] * top_level(bits, balanced))
         scaled = grad_scale(step, g).abs().clamp(min=1e-8).unsqueeze(1)
         if balanced:
             self.last_grid = balanced_grid(scaled, bits)

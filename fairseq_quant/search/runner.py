@@ -85,14 +85,11 @@ class SearchConfig:
                               f"candidate width {min(self.bits)}")
         if self.budget_mb is not None and not self.budget_mb > 0:
             raise SearchError(f"invalid budget {self.budget_mb} MB: must be positive")
-        if self.base_strategy is not None:
-            from ..quant import Strategy
-
-            default = Strategy.from_dict(self.base_strategy, source="base strategy").default
-            if default.granularity != "channel" or default.act_bits != self.act_bits:
-                raise SearchError(f"base strategy: its default must be per-channel weights with {self.act_bits or 'fp32'}"
-                                  f"-bit activations (the search's --act-bits), got {default.granularity} weights, "
-                                  f"{default.act_bits or 'fp32'}-bit activations")
+        base = self.base()
+        if base is not None and (base.default.granularity != "channel" or base.default.act_bits != self.act_bits):
+            raise SearchError(f"base strategy: its default must be per-channel weights with {self.act_bits or 'fp32'}"
+                              f"-bit activations (the search's --act-bits), got {base.default.granularity} weights, "
+                              f"{base.default.act_bits or 'fp32'}-bit activations")
         if self.objective is None:
             self.objective = "wer" if self.mode == "full" else "loss"
         if self.objective not in OBJECTIVES:
@@ -112,6 +109,14 @@ class SearchConfig:
             raise SearchError(f"co-trained checkpoint not found: {self.co_trained}")
         if not (Path(self.data) / f"{self.dev_subset}.json").is_file():
             raise SearchError(f"no manifest {Path(self.data) / (self.dev_subset + '.json')} in the data directory")
+
+    def base(self):
+        """The base strategy (a :class:`fairseq_quant.quant.Strategy`), or None."""
+        if self.base_strategy is None:
+            return None
+        from ..quant import Strategy
+
+        return Strategy.from_dict(self.base_strategy, source="base strategy")
 
     def worker_config(self, data: str) -> dict:
         """What a measurement depends on (and the key of the state file)."""
@@ -289,8 +294,8 @@ def run_search(cfg: SearchConfig) -> dict:
                          "batches": cfg.proxy_batches, "seed": cfg.seed}], state, "proxies")[0]
         # sensitivities: one unit at a time, post-training, calibrated
         base = ex.run([{"kind": "eval", "name": "fp32", "strategy": None, "decode": decode}], state, "fp32")[0]
-        sens_tasks = [{"kind": "eval", "name": f"{u.name}@w{b}", "strategy": unit_strategy(u, b, cfg.act_bits, act_rules,
-                                                                                       weight_method(cfg)),
+        sens_tasks = [{"kind": "eval", "name": f"{u.name}@w{b}",
+                       "strategy": unit_strategy(u, b, cfg.act_bits, act_rules, weight_method(cfg)),
                        "decode": cfg.mode == "full"} for u in units for b in cfg.bits]
         sens_res = ex.run(sens_tasks, state, "sensitivity")
         sens = sensitivities(units, cfg, costs, proxy, base, sens_res)
@@ -332,21 +337,16 @@ def run_search(cfg: SearchConfig) -> dict:
 
 def weight_method(cfg: SearchConfig) -> str:
     """The weight method of every candidate: the base strategy's default's, else LSQ."""
-    if not cfg.base_strategy:
-        return "lsq"
-    from ..quant import Strategy
-
-    return Strategy.from_dict(cfg.base_strategy, source="base strategy").default.weight_method
+    base = cfg.base()
+    return "lsq" if base is None else base.default.weight_method
 
 
 def unit_act_rules(cfg: SearchConfig, units) -> dict[str, dict]:
     """The activation fields the base strategy's rules give the units' modules (none without a base strategy;
     one whose rules decide none of them is an error)."""
-    if not cfg.base_strategy:
+    base = cfg.base()
+    if base is None:
         return {}
-    from ..quant import Strategy
-
-    base = Strategy.from_dict(cfg.base_strategy, source="base strategy")
     rules = act_overrides(base, [m for u in units for m in u.modules])
     if base.rules and not rules:
         raise SearchError("base strategy: no rule matches a module of the searched units")

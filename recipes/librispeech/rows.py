@@ -282,12 +282,13 @@ def search_command(row: Row, data: Path, out: Path, fp32_ckpt: Path, cfg: Recipe
     """The fast strategy search of a ``search_qat`` row: teacher-forced and Hessian/Fisher sensitivities of every
     layer at 2, 3, 4 and 8 bits, the 3 best allocations under the budget decoded on dev-clean (resumable). With
     ``co_trained`` (a ``co_search`` row) the candidates are that model at its precisions (8, 4, 2, 1)."""
-    budget, _, extra = row.strategy.partition(":")
-    co = ["--co-trained", str(co_trained), "--bits", "1,2,4,8"] if co_trained is not None else []
-    if row.kind == "search_qat" and extra:
-        co = ["--base-strategy", str(strategy_path(extra))]
+    budget, _, base = row.strategy.partition(":")
+    if co_trained is not None:
+        start = ["--co-trained", str(co_trained), "--bits", "1,2,4,8"]
+    else:
+        start = ["--base-strategy", str(strategy_path(base))] if base else []
     return [sys.executable, str(Path(__file__).parents[2] / "scripts" / "search_strategy.py"),
-            "--checkpoint", str(fp32_ckpt), "--data", str(data), "--dev-subset", "dev-clean", *co,
+            "--checkpoint", str(fp32_ckpt), "--data", str(data), "--dev-subset", "dev-clean", *start,
             "--budget-bits", budget, "--mode", "fast", "--top-k", "3", "--beam", str(cfg.beam),
             "--max-len-a", str(cfg.max_len_a), "--max-len-b", str(cfg.max_len_b),
             "--calib-batches", str(cfg.calib_batches), "--threads", str(threads_per_job(cfg)), "--out", str(out)]

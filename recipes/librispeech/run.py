@@ -393,9 +393,13 @@ def main(argv=None) -> int:
         parser.error(f"--librispeech-root {root}: not a directory; expected the LibriSpeech directory that holds "
                      f"{', '.join(cfg.train_subsets + EVAL_SUBSETS)}")
     for row in (ROWS[name] for name in cfg.rows):
-        strategy = row.strategy.split(":")[-1] if row.kind in ("co_search", "search_qat") else row.strategy
-        if (row.kind in ("qat", "coqat", "co_search") or ":" in (row.strategy or "")) \
-                and not strategy_path(strategy).is_file():
+        if row.kind in ("qat", "coqat"):
+            strategy = row.strategy
+        elif row.kind in ("co_search", "search_qat"):  # "BUDGET:STRATEGY" (search_qat: the strategy is optional)
+            strategy = row.strategy.partition(":")[2]
+        else:
+            strategy = None
+        if strategy and not strategy_path(strategy).is_file():
             parser.error(f"strategy not found: {strategy_path(strategy)}")
     from_reference = cfg.reference and not args.train_fp32
     if from_reference and root is not None:
