@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT, run
 
 from recipes.librispeech.memory import arch_config, batch_memory
-from recipes.librispeech.rows import ROWS, SIZES, longest_first
+from recipes.librispeech.rows import ROWS, SIZES, Row, longest_first, row_config, shared_search_problem
 
 MEMORY = re.compile(r"^#   (fp32|qat) vggtransformer_2_ctc: (\d+) x 35 s: activations ([\d.]+) GB \+ model state "
                     r"\([^)]*\) ([\d.]+) GB = ([\d.]+) GB$")
@@ -46,7 +46,9 @@ def test_dry_run_of_the_paper_recipe_prints_every_stage_and_fits_an_80_gb_gpu(tm
         select = [f"select {row.name} start", f"select {row.name} trained"]
         expected += {"qat": [f"calibrate {row.name}", f"qat {row.name}", *select],
                      "ptq_calibrated": [f"calibrate {row.name}"],
-                     "search_qat": [f"search {row.name}", f"calibrate {row.name}", f"qat {row.name}", *select]}.get(
+                     # a row with search_from reuses that row's search (run once, above it)
+                     "search_qat": [*([] if row.search_from else [f"search {row.name}"]), f"calibrate {row.name}",
+                                    f"qat {row.name}", *select]}.get(
             row.kind, []) + [f"eval {row.name}"]
     assert stages == expected
     assert "eval ptq-w2-sym-channel" in stages and "qat qat-w4a8-nokd" in stages and "eval ptq-w8a8" in stages
@@ -76,6 +78,12 @@ def test_dry_run_of_the_paper_recipe_prints_every_stage_and_fits_an_80_gb_gpu(tm
     select = commands["select qat-w2a8 start"]
     assert select[select.index("--checkpoint") + 1] == start and select[select.index("--subsets") + 1] == \
         "dev-clean,dev-other"
+    for stage, updates in (("qat qat-w2a8", "20000"), ("qat qat-w2a8-balanced-out16-4x", "80000"),
+                           ("qat qat-searched", "20000"), ("qat qat-searched-4x", "80000")):
+        assert commands[stage][commands[stage].index("--max-update") + 1] == updates
+    # both searched rows train the one searched allocation
+    assert commands["calibrate qat-searched-4x"][commands["calibrate qat-searched-4x"].index("--strategy") + 1] == \
+        str(work.resolve() / "search" / "qat-searched" / "strategies" / "best.yaml")
     co_train = commands["co-train w8a8-co4-2-1"]  # one co-trained model for the four a8 co rows and the search
     assert stages.count("co-train w8a8-co4-2-1") == 1 and co_train[co_train.index("--co-precisions") + 1] == "4,2,1"
     co_ckpt = str(work.resolve() / "qat" / "co-w8a8-co4-2-1" / "checkpoint_best.pt")
@@ -183,6 +191,17 @@ def test_rows_start_longest_first_and_the_table_keeps_its_order():
     assert [rows[i].name for i in order] == ["qat-searched", "qat-fp32", "qat-w2a8-balanced-out16", "fp32",
                                              "ptq-w2-sym-channel", "dynamic-int8", "ptq-w8a8-out16"]
     assert sorted(order) == list(range(len(rows)))
+
+
+def test_a_row_shares_only_the_search_of_a_search_row_of_the_same_budget_and_base():
+    assert shared_search_problem(ROWS["qat-searched-4x"]) is None and shared_search_problem(ROWS["qat-searched"]) is None
+    for bad in (Row("x", "search_qat", "2.3", search_from="qat-searched"),  # another base
+                Row("x", "search_qat", "2.3:w2a8-balanced-out16", search_from="qat-w2a8"),  # not a search row
+                Row("x", "search_qat", "2.3:w2a8-balanced-out16", search_from="nope")):
+        assert shared_search_problem(bad) == (f"row x: search_from {bad.search_from!r} must name a search_qat row with "
+                                              f"the same budget and base ({bad.strategy!r})")
+    assert row_config(ROWS["qat-searched-4x"], SIZES["benchmark"]).qat_updates == 1600
+    assert row_config(ROWS["qat-searched"], SIZES["benchmark"]) is SIZES["benchmark"]
 
 
 def test_the_benchmark_runs_every_row_but_the_distillation_ablation_and_the_demo_a_subset_from_fp32():

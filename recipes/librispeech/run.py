@@ -26,9 +26,10 @@ from recipes.librispeech.report import ModelResult, plot_results, pooled_wer, re
 from recipes.librispeech.rows import (
     EVAL_SUBSETS, ROWS, RecipeConfig, Row, SELECTED, SIZES, STRATEGY_DIR, calibrate_command, co_qat_command,
     co_train_dir, dev_subsets, eval_command, export_command, fp32_command, longest_first, memory_lines, prepared_subsets,
-    qat_command, runtime_command, runtime_model_file, runtime_source, search_command, strategy_path, threads_per_job,
+    qat_command, row_config, runtime_command, runtime_model_file, runtime_source, search_command, search_dir,
+    shared_search_problem, strategy_path, threads_per_job,
 )
-from recipes.librispeech.stages import done_marker, logger, mark_done, parallel, run_logged, train_env
+from recipes.librispeech.stages import done_marker, file_lock, logger, mark_done, parallel, run_logged, train_env
 
 
 def train_fp32(data: Path, out: Path, cfg: RecipeConfig) -> Path:
@@ -117,16 +118,16 @@ def make_checkpoint(row: Row, data: Path, work: Path, fp32_ckpt: Path, cfg: Reci
     if row.kind == "ptq_calibrated":
         return calibrated_checkpoint(data, work, strategy_path(row.strategy), fp32_ckpt, cfg)
     if row.kind == "qat":
-        return train_qat(data, work / "qat" / row.name, strategy_path(row.strategy), fp32_ckpt, cfg, row.kd,
-                         tag=row.name, work=work)
+        return train_qat(data, work / "qat" / row.name, strategy_path(row.strategy), fp32_ckpt, row_config(row, cfg),
+                         row.kd, tag=row.name, work=work)
     if row.kind == "search_qat":
-        out = work / "search" / row.name
-        if not (out / "summary.json").exists():
-            out.mkdir(parents=True, exist_ok=True)
-            run_logged(search_command(row, data, out, fp32_ckpt, cfg), out / "search.log",
-                       train_env(threads_per_job(cfg)), tag=f"search {row.name}")
-        return train_qat(data, work / "qat" / row.name, out / "strategies" / "best.yaml", fp32_ckpt, cfg, row.kd,
-                         tag=row.name, work=work)
+        out = search_dir(row, work)
+        with file_lock(out):  # two rows sharing one search (search_from) run it once
+            if not (out / "summary.json").exists():
+                run_logged(search_command(row, data, out, fp32_ckpt, cfg), out / "search.log",
+                           train_env(threads_per_job(cfg)), tag=f"search {out.name}")
+        return train_qat(data, work / "qat" / row.name, out / "strategies" / "best.yaml", fp32_ckpt,
+                         row_config(row, cfg), row.kd, tag=row.name, work=work)
     if row.kind == "coqat":
         return collapsed_checkpoint(row.name, co_trained_checkpoint(row.strategy, data, work, fp32_ckpt, cfg), work,
                                     precision=row.deploy)
@@ -145,12 +146,8 @@ def make_checkpoint(row: Row, data: Path, work: Path, fp32_ckpt: Path, cfg: Reci
 def co_trained_checkpoint(strategy: str, data: Path, work: Path, fp32_ckpt: Path, cfg: RecipeConfig) -> Path:
     """The multi-precision co-trained model of ``strategy``: calibrated, then trained with the co-training options
     (once; the rows that collapse it share it; a lock keeps two parallel rows from training it twice)."""
-    import fcntl
-
     out = co_train_dir(strategy, work)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(out):
         if not done_marker(out).exists():
             start = calibrated_checkpoint(data, work, strategy_path(strategy), fp32_ckpt, cfg)
             began = time.perf_counter()
@@ -288,18 +285,20 @@ def dry_run(work: Path, root: Path | None, stages: set, cfg: RecipeConfig, seed:
                 ckpt = start
             if row.kind == "qat":
                 trained = work / "qat" / row.name / "checkpoint_best.pt"
-                plan.append((f"qat {row.name}", qat_command(data, trained.parent, strategy, fp32_ckpt, cfg, row.kd,
-                                                            start)))
+                plan.append((f"qat {row.name}", qat_command(data, trained.parent, strategy, fp32_ckpt,
+                                                            row_config(row, cfg), row.kd, start)))
                 plan += select_plan(row.name, start, trained, data, work, cfg)
                 ckpt = trained.parent / SELECTED
             elif row.kind == "search_qat":
                 ckpt = work / "qat" / row.name / "checkpoint_best.pt"
-                search_out = work / "search" / row.name
+                search_out = search_dir(row, work)
                 best = search_out / "strategies" / "best.yaml"
                 start = work / "calib" / f"{row.name}-start.pt"
-                plan.append((f"search {row.name}", search_command(row, data, search_out, fp32_ckpt, cfg)))
+                if not any(stage == f"search {search_out.name}" for stage, _ in plan):
+                    plan.append((f"search {search_out.name}", search_command(row, data, search_out, fp32_ckpt, cfg)))
                 plan.append((f"calibrate {row.name}", calibrate_command(fp32_ckpt, data, best, start, cfg)))
-                plan.append((f"qat {row.name}", qat_command(data, ckpt.parent, best, fp32_ckpt, cfg, row.kd, start)))
+                plan.append((f"qat {row.name}", qat_command(data, ckpt.parent, best, fp32_ckpt, row_config(row, cfg),
+                                                            row.kd, start)))
                 plan += select_plan(row.name, start, ckpt, data, work, cfg)
                 ckpt = ckpt.parent / SELECTED
             elif row.kind in ("coqat", "co_search"):
@@ -401,6 +400,9 @@ def main(argv=None) -> int:
             strategy = None
         if strategy and not strategy_path(strategy).is_file():
             parser.error(f"strategy not found: {strategy_path(strategy)}")
+        problem = shared_search_problem(row)
+        if problem:
+            parser.error(problem)
     from_reference = cfg.reference and not args.train_fp32
     if from_reference and root is not None:
         parser.error(f"--size {args.size} starts from the reference model of the generated corpus; "

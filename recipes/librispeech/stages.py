@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from fairseq_quant_runtime.files import atomic_write
@@ -13,6 +14,18 @@ from fairseq_quant_runtime.files import atomic_write
 LOG_LINE = re.compile(r"\| (train_inner|valid on|train \||.*valid on|.*: WER )|^\[search\] ")
 
 logger = logging.getLogger("recipe")
+
+
+@contextmanager
+def file_lock(directory: Path):
+    """Hold an exclusive lock on ``directory`` (created if missing) while the block runs: parallel rows that share
+    a stage (one co-trained model, one strategy search) run it once; the others wait, then reuse its result."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def done_marker(path: Path) -> Path:
