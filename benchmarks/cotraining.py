@@ -30,6 +30,7 @@ VARIANTS = {
     "co4-2-kd1": ("w8a8-co4-2", ("--co-precisions", "4,2", "--co-kd-weight", "1.0")),
     "co4-2-kd1-stoch": ("w8a8-co4-2", ("--co-precisions", "4,2", "--co-kd-weight", "1.0", "--co-stochastic")),
     "co4-2-nokd": ("w8a8-co4-2", ("--co-precisions", "4,2")),
+    "co4-2-kd1-balanced-out16": ("w8a8-co4-2-balanced-out16", ("--co-precisions", "4,2", "--co-kd-weight", "1.0")),
     "co4-2-1-kd1": ("w8a8-co4-2-1", ("--co-precisions", "4,2,1", "--co-kd-weight", "1.0")),
     "co4-2-1-kd1-prog": ("w8a8-co4-2-1", ("--co-precisions", "4,2,1", "--co-kd-weight", "1.0",
                                           "--co-schedule", "2:100,1:200")),

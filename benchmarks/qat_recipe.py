@@ -41,6 +41,7 @@ VARIANTS = {
     "w2a8-out16": ("w2a8-out16", {}),  # the outlier site at 16 bits (w2a8 strategies)
     "w2a8-balanced-out16": ("w2a8-balanced-out16", {}),  # and the balanced 2-bit grid
     "w2a8-balanced-out16-lr1e-3": ("w2a8-balanced-out16", dict(qat_lr=1e-3)),
+    "w2-balanced": ("w2-balanced", {}),  # weight-only: the same 2-bit grid with fp32 activations
     "control-lr5e-5": ("fp32", dict(qat_lr=5e-5)),  # the same training with nothing quantized
     "control-lr5e-5-nodrop": ("fp32", dict(qat_lr=5e-5, qat_dropout=0.0)),
 }
