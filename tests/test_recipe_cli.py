@@ -4,6 +4,7 @@ processes prepare uses, and the README's real-LibriSpeech commands."""
 import json
 import re
 import shlex
+import shutil
 import sys
 
 import pytest
@@ -30,6 +31,8 @@ def test_dry_run_of_the_paper_recipe_prints_every_stage_and_fits_an_80_gb_gpu(tm
     stages = [line[len("# stage "):] for line in lines if line.startswith("# stage ")]
     expected = ["prepare", "fp32"]
     for row in ROWS.values():  # every row of the paper preset: its QAT run, if any, then its evaluation
+        if row.kind == "fp32_bundle":  # fp32 models of the generated corpus: not in a real-LibriSpeech run
+            continue
         if row.kind == "runtime":  # export a QAT row's checkpoint, decode each subset with the runtime
             expected += [f"export {row.name}"] + [f"runtime {row.name} {s}" for s in
                                                   ("dev-clean", "dev-other", "test-clean", "test-other")]
@@ -202,6 +205,36 @@ def test_a_row_shares_only_the_search_of_a_search_row_of_the_same_budget_and_bas
                                               f"the same budget and base ({bad.strategy!r})")
     assert row_config(ROWS["qat-searched-4x"], SIZES["benchmark"]).qat_updates == 1600
     assert row_config(ROWS["qat-searched"], SIZES["benchmark"]) is SIZES["benchmark"]
+
+
+def test_a_bundle_row_is_checked_before_anything_runs(tmp_path, monkeypatch, capsys):
+    from recipes.librispeech import run as recipe
+    from recipes.librispeech.reference import DEFAULT_BUNDLE
+
+    bundle = tmp_path / "narrow"
+    work = tmp_path / "exp"
+    monkeypatch.setitem(ROWS, "fp32-narrow", Row("fp32-narrow", "fp32_bundle", bundle=str(bundle)))
+
+    def error(*rows):
+        with pytest.raises(SystemExit) as exit_:
+            recipe.main(["--size", *rows, "--workdir", str(work)])
+        assert exit_.value.code == 2 and not work.exists()  # nothing generated, nothing written
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    quick = ("quick", "--rows", "fp32,fp32-narrow")
+    assert error(*quick) == (f"run: error: row fp32-narrow: {bundle}: no manifest.json (not a reference bundle; "
+                             "train one with python -m recipes.librispeech.train_reference)")
+    shutil.copytree(DEFAULT_BUNDLE, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["corpus"]["seed"] = 7
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert "the reference model was trained on corpus {" in error(*quick) and "'seed': 7" in error(*quick)
+    with open(bundle / "model.pt", "r+b") as f:  # a corrupted model file
+        f.seek(1000)
+        f.write(b"\0" * 8)
+    assert error(*quick) == (f"run: error: row fp32-narrow: {bundle / 'model.pt'}: sha256 does not match "
+                             "manifest.json (corrupted or replaced file)")
+    assert "compare only in a run from that reference" in error("smoke", "--rows", "fp32,fp32-narrow")
 
 
 def test_the_benchmark_runs_every_row_but_the_distillation_ablation_and_the_demo_a_subset_from_fp32():

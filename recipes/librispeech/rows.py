@@ -19,7 +19,8 @@ class Row:
     #           "runtime" (the qat-<strategy> row's checkpoint exported and decoded by the ONNX Runtime decoder),
     #           "search_qat" (scripts/search_strategy.py picks the strategy under a budget, then QAT as for "qat"),
     #           "coqat" (the multi-precision co-trained model of a co strategy, collapsed to `deploy` bits),
-    #           "co_search" (the search over that co-trained model under a budget, its best allocation collapsed)
+    #           "co_search" (the search over that co-trained model under a budget, its best allocation collapsed),
+    #           "fp32_bundle" (another fp32 model trained on the reference's corpus, shipped as a bundle)
     strategy: str | None = None  # qat, ptq_calibrated, coqat: a strategy name in strategies/ or a YAML path;
     #                              search_qat: "BUDGET" or "BUDGET:BASE" (a strategy whose weight method and
     #                              activation rules every candidate keeps: search_strategy.py --base-strategy);
@@ -30,6 +31,7 @@ class Row:
     deploy: int | None = None  # coqat: the precision the co-trained model is collapsed to
     updates_factor: int = 1  # qat, search_qat: this row's QAT updates as a multiple of the run size's qat_updates
     search_from: str | None = None  # search_qat: the row whose strategy search this row reuses (same budget and base)
+    bundle: str | None = None  # fp32_bundle: another fp32 model shipped as a bundle (a folder beside this file)
 
 
 def _ptq_rows():
@@ -40,6 +42,9 @@ def _ptq_rows():
 
 ROWS = {r.name: r for r in [
     Row("fp32", "fp32"),
+    # the size-matched comparison: a narrow fp32 model whose weights take the bytes of the 2-bit reference (make
+    # reference-narrow), trained on the reference's corpus with the reference's two-phase schedule
+    Row("fp32-narrow", "fp32_bundle", bundle="reference-narrow"),
     *_ptq_rows(),
     Row("ptq-w8a8", "ptq_calibrated", "w8a8"),
     # the shipped reference's outlier site costs +16.7% at 8 bits post-training (dev; 16.7 dB SQNR), nothing at 16
@@ -179,13 +184,19 @@ SIZES = {
                           ctc_weight=0.3, threads=8, jobs=1, num_workers=4,
                           fp32_updates=300000, fp32_lr=1e-4, warmup=8000, qat_updates=20000, qat_lr=5e-5,
                           train_subsets=("train-clean-100", "train-clean-360", "train-other-500"),
-                          rows=tuple(ROWS),
+                          # not the fp32 bundles: they were trained on the generated corpus
+                          rows=tuple(name for name, row in ROWS.items() if row.kind != "fp32_bundle"),
                           # 200 s of audio per batch, 400 s per update: QAT with distillation peaks at about
                           # 40 GB of an 80 GB GPU (--dry-run prints the estimate; recipes/librispeech/memory.py)
                           extra_train_args=("--max-tokens", "20000", "--update-freq", "2")),
 }
 LONGEST_UTTERANCE_FRAMES = 3500  # LibriSpeech segments are at most 35 s (10 ms frames)
 TOKENS_PER_FRAME = 0.05  # upper bound: 5 SentencePiece pieces a second of speech
+
+
+def bundle_dir(row: Row) -> Path:
+    """The folder of an fp32_bundle row's model."""
+    return Path(__file__).parent / row.bundle
 
 
 def row_config(row: Row, cfg: RecipeConfig) -> RecipeConfig:

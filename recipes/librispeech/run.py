@@ -24,7 +24,7 @@ from pathlib import Path
 from fairseq_quant_runtime.files import atomic_output
 from recipes.librispeech.report import ModelResult, plot_results, pooled_wer, results_table
 from recipes.librispeech.rows import (
-    EVAL_SUBSETS, ROWS, RecipeConfig, Row, SELECTED, SIZES, STRATEGY_DIR, calibrate_command, co_qat_command,
+    EVAL_SUBSETS, ROWS, RecipeConfig, Row, SELECTED, SIZES, STRATEGY_DIR, bundle_dir, calibrate_command, co_qat_command,
     co_train_dir, dev_subsets, eval_command, export_command, fp32_command, longest_first, memory_lines, prepared_subsets,
     qat_command, row_config, runtime_command, runtime_model_file, runtime_source, search_command, search_dir,
     shared_search_problem, strategy_path, threads_per_job,
@@ -105,6 +105,8 @@ def make_checkpoint(row: Row, data: Path, work: Path, fp32_ckpt: Path, cfg: Reci
     """The checkpoint a row evaluates: fp32 itself, a post-training quantized copy, or a QAT run."""
     if row.kind in ("fp32", "dynamic_int8"):
         return fp32_ckpt
+    if row.kind == "fp32_bundle":
+        return bundle_checkpoint(row, data)
     if row.kind == "ptq":
         from fairseq_quant.baselines import ptq_checkpoint
         from fairseq_quant.quant import Strategy
@@ -141,6 +143,17 @@ def make_checkpoint(row: Row, data: Path, work: Path, fp32_ckpt: Path, cfg: Reci
                        train_env(threads_per_job(cfg)), tag=f"search {row.name}")
         return collapsed_checkpoint(row.name, co_ckpt, work, strategy=out / "strategies" / "best.yaml")
     raise ValueError(f"unknown row kind {row.kind!r}")
+
+
+def bundle_checkpoint(row: Row, data: Path) -> Path:
+    """An fp32_bundle row's model, after checking that it writes the tokens of the prepared data's dictionary."""
+    from recipes.librispeech.reference import BundleError
+
+    bundle = bundle_dir(row)
+    if (bundle / "dict.txt").read_text() != (data / "dict.txt").read_text():
+        raise BundleError(f"{bundle}: its dict.txt differs from {data / 'dict.txt'}; row {row.name} would decode "
+                          "other token ids (train it with the reference's SentencePiece model)")
+    return bundle / "model.pt"
 
 
 def co_trained_checkpoint(strategy: str, data: Path, work: Path, fp32_ckpt: Path, cfg: RecipeConfig) -> Path:
@@ -320,6 +333,8 @@ def dry_run(work: Path, root: Path | None, stages: set, cfg: RecipeConfig, seed:
                                                       "--checkpoint", str(co_ckpt), *best, "--out", str(ckpt)]))
             elif row.kind == "ptq":
                 ckpt = work / "ptq" / f"{row.name}.pt"
+            elif row.kind == "fp32_bundle":
+                ckpt = bundle_dir(row) / "model.pt"
             elif row.kind == "runtime":
                 out = work / "eval" / row.name
                 model_file = runtime_model_file(row, work)
@@ -404,6 +419,10 @@ def main(argv=None) -> int:
         if problem:
             parser.error(problem)
     from_reference = cfg.reference and not args.train_fp32
+    bundle_rows = [name for name in cfg.rows if ROWS[name].kind == "fp32_bundle"]
+    if bundle_rows and not from_reference:
+        parser.error(f"rows {', '.join(bundle_rows)} are fp32 models trained on the shipped reference's corpus: they "
+                     f"compare only in a run from that reference (--size default or benchmark, without --train-fp32)")
     if from_reference and root is not None:
         parser.error(f"--size {args.size} starts from the reference model of the generated corpus; "
                      "with --librispeech-root use --size paper (or --train-fp32)")
@@ -414,6 +433,15 @@ def main(argv=None) -> int:
                  else work / "fp32" / "checkpoint_best.pt")
         print(dry_run(work, root and root.resolve(), stages, cfg, args.seed, start), end="")
         return 0
+    if bundle_rows:  # before anything runs: each bundle shipped, intact, and trained on this corpus
+        from recipes.librispeech.generate_corpus import size_params
+        from recipes.librispeech.reference import BundleError
+
+        for name in bundle_rows:
+            try:
+                reference_fp32(bundle_dir(ROWS[name]), size_params(cfg.corpus_size, args.seed))
+            except BundleError as err:
+                parser.exit(2, f"run: error: row {name}: {err}\n")
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     timings = {}
