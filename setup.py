@@ -33,10 +33,11 @@ setup(
         "search": ["ray>=2.40"],
         # ray: the search's Ray path is tested against a local Ray instance (a 79 MB wheel, seconds to install)
         "test": ["pytest>=8", "hypothesis>=6.100", "ray>=2.40"],
-        # the on-device runtime (package fairseq_quant_runtime): imports neither torch nor fairseq
+        # the on-device runtime (package fairseq_quant_runtime): imports neither torch, fairseq nor onnx (its graph
+        # edits use protobuf, which onnxruntime needs anyway)
         "runtime": [
             "onnxruntime>=1.20",
-            "onnx>=1.16",
+            "protobuf>=4.22",
             "numpy>=1.26",
             "soundfile>=0.13",
             "sentencepiece>=0.2,<0.3",

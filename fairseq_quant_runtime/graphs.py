@@ -13,9 +13,8 @@ the product in integers.
 from __future__ import annotations
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
 
+from . import onnx_proto
 from .fqm import ModelFile, ModelFileError, QuantTensor, pack_bits
 
 KERNELS = ("fp32", "nbits", "int8")
@@ -61,7 +60,7 @@ def nbits_operands(tensor: QuantTensor) -> tuple[int, np.ndarray, np.ndarray] | 
     return container, u_full.astype(np.uint8), scale_full
 
 
-def matmul_nbits(node: onnx.NodeProto, name: str, tensor: QuantTensor) -> tuple[onnx.NodeProto, list] | None:
+def matmul_nbits(node, name: str, tensor: QuantTensor) -> tuple[object, list] | None:
     operands = nbits_operands(tensor)
     if operands is None:
         return None
@@ -78,11 +77,9 @@ def matmul_nbits(node: onnx.NodeProto, name: str, tensor: QuantTensor) -> tuple[
         return None  # quantization groups smaller than the kernel's blocks
     packed = np.frombuffer(pack_bits(u.reshape(-1), bits), np.uint8).reshape(n, blocks, block * bits // 8)
     b_name, s_name = f"{name}.nbits_B", f"{name}.nbits_scales"
-    inits = [numpy_helper.from_array(packed, b_name),
-             numpy_helper.from_array(np.ascontiguousarray(block_scales[:, :, 0]), s_name)]
-    new = helper.make_node("MatMulNBits", [node.input[0], b_name, s_name], list(node.output), name=node.name + "_nbits",
-                           domain="com.microsoft", K=k, N=n, bits=bits, block_size=block,
-                           accuracy_level=ACCURACY_LEVEL)
+    inits = [onnx_proto.tensor(packed, b_name), onnx_proto.tensor(block_scales[:, :, 0], s_name)]
+    new = onnx_proto.node("MatMulNBits", [node.input[0], b_name, s_name], list(node.output), name=node.name + "_nbits",
+                          domain="com.microsoft", K=k, N=n, bits=bits, block_size=block, accuracy_level=ACCURACY_LEVEL)
     return new, inits
 
 
@@ -105,37 +102,39 @@ def int8_operands(tensor: QuantTensor) -> tuple[np.ndarray, np.ndarray] | None:
     return values.reshape(n, k).astype(np.int8), scale
 
 
-def matmul_int8(node: onnx.NodeProto, name: str, tensor: QuantTensor) -> tuple[onnx.NodeProto, list] | None:
+def matmul_int8(node, name: str, tensor: QuantTensor) -> tuple[object, list] | None:
     operands = int8_operands(tensor)
     if operands is None:
         return None
     q, scale = operands
     b_name, s_name, z_name = f"{name}.int8_B", f"{name}.int8_scale", f"{name}.int8_zero"
-    inits = [numpy_helper.from_array(np.ascontiguousarray(q.T), b_name),  # [K, N]
-             numpy_helper.from_array(scale, s_name),
-             numpy_helper.from_array(np.zeros(scale.shape, np.int8), z_name)]
-    new = helper.make_node("DynamicQuantizeMatMul", [node.input[0], b_name, s_name, z_name], list(node.output),
-                           name=node.name + "_int8", domain="com.microsoft")
+    inits = [onnx_proto.tensor(q.T, b_name),  # [K, N]
+             onnx_proto.tensor(scale, s_name),
+             onnx_proto.tensor(np.zeros(scale.shape, np.int8), z_name)]
+    new = onnx_proto.node("DynamicQuantizeMatMul", [node.input[0], b_name, s_name, z_name], list(node.output),
+                          name=node.name + "_int8", domain="com.microsoft")
     return new, inits
 
 
 LOW_BIT_KERNELS = {"nbits": matmul_nbits, "int8": matmul_int8}
+LOW_BIT_OPS = {"MatMulNBits", "DynamicQuantizeMatMul"}  # the nodes those kernels put in a graph
 
 
-def materialize(model_file: ModelFile, graph: str, kernel: str = "fp32") -> onnx.ModelProto:
-    """A complete ONNX model of ``graph`` ("encoder" or "decoder") with its weights restored."""
+def materialize(model_file: ModelFile, graph: str, kernel: str = "fp32"):
+    """A complete ONNX model of ``graph`` ("encoder" or "decoder") with its weights restored
+    (an :data:`onnx_proto.ModelProto`: ``SerializeToString()`` gives the model ONNX Runtime and ``onnx.load`` read)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
     blob = model_file.blobs.get(f"{graph}.onnx")
     refs = model_file.config.get("graphs", {}).get(graph)
     if blob is None or refs is None:
         raise ModelFileError(f"the model file has no {graph} graph")
-    proto = onnx.load_from_string(blob)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
+    proto = onnx_proto.load_model(blob)
+    consumers: dict[str, list] = {}
     for node in proto.graph.node:
         for inp in node.input:
             consumers.setdefault(inp, []).append(node)
-    replaced: dict[str, tuple[onnx.NodeProto, list]] = {}
+    replaced: dict[str, tuple[object, list]] = {}
     new_inits = []
     for init_name, ref in refs.items():
         tensor_name = ref["tensor"]
@@ -152,7 +151,7 @@ def materialize(model_file: ModelFile, graph: str, kernel: str = "fp32") -> onnx
         value = model_file.float_tensor(tensor_name)
         if ref.get("transpose"):
             value = np.ascontiguousarray(value.T)
-        new_inits.append(numpy_helper.from_array(value.astype(np.float32), init_name))
+        new_inits.append(onnx_proto.tensor(value.astype(np.float32), init_name))
     nodes = []
     for node in proto.graph.node:
         key = node.name or node.output[0]
@@ -166,11 +165,11 @@ def materialize(model_file: ModelFile, graph: str, kernel: str = "fp32") -> onnx
     proto.graph.node.extend(nodes)
     proto.graph.initializer.extend(new_inits)
     if replaced and not any(op.domain == "com.microsoft" for op in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        proto.opset_import.append(onnx_proto.opset("com.microsoft", 1))
     return proto
 
 
-def count_kernels(proto: onnx.ModelProto) -> dict[str, int]:
+def count_kernels(proto) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in proto.graph.node:
         if node.op_type in ("MatMul", "MatMulNBits", "DynamicQuantizeMatMul", "Conv", "Gather"):
@@ -178,5 +177,5 @@ def count_kernels(proto: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
-__all__ = ["AUTO_KERNELS", "KERNELS", "count_kernels", "int8_operands", "materialize", "matmul_int8", "matmul_nbits",
+__all__ = ["AUTO_KERNELS", "KERNELS", "LOW_BIT_OPS", "count_kernels", "int8_operands", "materialize", "matmul_int8", "matmul_nbits",
            "nbits_operands"]

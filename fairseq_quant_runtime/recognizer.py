@@ -15,7 +15,7 @@ import sentencepiece as spm
 from .ctc import CTCPrefixScorer, joint_scores, pre_beam_size
 from .decoding import BATCH_FRAMES, DecodingConfig, length_batches
 from .fqm import ModelFile, ModelFileError, read
-from .graphs import AUTO_KERNELS, KERNELS, materialize
+from .graphs import AUTO_KERNELS, KERNELS, LOW_BIT_OPS, count_kernels, materialize
 from .segment import SegmentConfig, segments
 
 
@@ -92,19 +92,20 @@ class Recognizer:
         step_options.inter_op_num_threads = 1
         step_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
-        def session(graph: str, kernel: str):
-            proto = materialize(self.file, graph + suffix, kernel)
-            opts = options if graph == "encoder" else step_options
-            return proto, ort.InferenceSession(proto.SerializeToString(), opts, providers=providers)
-
         self.kernels = {}
         for graph, kernel in (("encoder", encoder_kernel), ("decoder", decoder_kernel)):
             # exact activations: auto keeps the fp32 kernels, the low-bit ones requantize their inputs
             auto = ("fp32",) if suffix else AUTO_KERNELS
-            candidates = auto if kernel == "auto" else (kernel,)
+            candidates = []
+            for k in (auto if kernel == "auto" else (kernel,)):
+                proto = materialize(self.file, graph + suffix, k)
+                if kernel == "auto" and k != "fp32" and not set(count_kernels(proto)) & LOW_BIT_OPS:
+                    continue  # no weight this kernel can take (an fp32 export): the fp32 graph again, nothing to time
+                candidates.append((k, proto))
+            opts = options if graph == "encoder" else step_options
             best = None  # (seconds, kernel, proto, session): the fastest so far; the others are freed at once,
-            for k in candidates:  # so that at most two sessions of a graph are alive (peak memory)
-                proto, sess = session(graph, k)
+            for k, proto in candidates:  # so that at most two sessions of a graph are alive (peak memory)
+                sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=providers)
                 seconds = self._time(graph, k, sess) if len(candidates) > 1 else 0.0
                 if best is None or seconds < best[0]:
                     best = (seconds, k, proto, sess)

@@ -113,6 +113,27 @@ def test_auto_keeps_the_kernel_that_times_faster(tiny_model_file, monkeypatch, f
         assert "DynamicQuantizeMatMul" not in kernels
 
 
+def test_auto_times_nothing_on_an_fp32_export(dict_dir, tmp_path, monkeypatch):
+    """An fp32 export has no weight a low-bit kernel can take: ``auto`` builds each graph once and times nothing
+    (timing two identical graphs cost 0.3 s of every load)."""
+    from conftest import ROOT, build_tiny
+
+    from fairseq_quant.export.exporter import build_model_file, decode_only_spm
+    from fairseq_quant_runtime import fqm
+
+    task, model, _ = build_tiny(dict_dir, extra=["--quant-weight-bits", "fp32", "--quant-act-bits", "fp32"])
+    d = task.target_dictionary
+    special = {"eos": d.eos(), "pad": d.pad(), "unk": d.unk(), "bos": d.bos()}
+    file, summary = build_model_file(model.eval(), list(d.symbols), decode_only_spm(
+        ROOT / "recipes/librispeech/reference/spm.model"), special, {}, {})
+    assert summary["quantized"] == {}
+    fqm.write(tmp_path / "fp32.fqm", file)
+    timed = []
+    monkeypatch.setattr(Recognizer, "_time", lambda self, graph, kernel, sess: timed.append(kernel) or 1.0)
+    rec = Recognizer(tmp_path / "fp32.fqm", "auto", "auto")
+    assert rec.kernels == {"encoder": "fp32", "decoder": "fp32"} and timed == []
+
+
 def test_length_batches_sort_by_length_and_bound_the_padded_frames():
     from fairseq_quant_runtime.decoding import length_batches
 

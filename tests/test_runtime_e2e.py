@@ -10,7 +10,8 @@ from conftest import ROOT, run
 from fairseq_quant.stats import read_utterances
 
 SUBSETS = ("dev-clean", "dev-other", "test-clean", "test-other")
-BLOCK = "import sys; sys.modules['torch'] = None; sys.modules['fairseq'] = None; sys.modules['torchaudio'] = None; "
+BLOCK = ("import sys; sys.modules['torch'] = None; sys.modules['fairseq'] = None; sys.modules['torchaudio'] = None; "
+         "sys.modules['onnx'] = None; ")
 
 
 def test_the_main_job_exports_and_decodes_with_the_runtime(smoke):
@@ -33,7 +34,7 @@ def test_the_main_job_exports_and_decodes_with_the_runtime(smoke):
         assert 0 < result["rtf"] < 1
 
 
-def test_the_runtime_cli_decodes_without_torch_or_fairseq(smoke):
+def test_the_runtime_cli_decodes_without_torch_fairseq_or_onnx(smoke):
     work, _ = smoke
     model = work / "export" / "mixed2a8.fqm"
     manifest = json.loads((work / "data" / "test-clean.json").read_text())["utts"]

@@ -1,4 +1,4 @@
-"""Each side installs and works alone: the runtime package imports neither torch nor fairseq even where both are
+"""Each side installs and works alone: the runtime package imports neither torch, fairseq nor onnx even where they are
 installed (torch-free by construction, not by blocking), and the fairseq plugin's evaluation and export import
 nothing that only the runtime extra installs (onnxruntime, soxr)."""
 import json
@@ -6,7 +6,9 @@ import sys
 
 from conftest import ROOT, run
 
-FRAMEWORKS = ("torch", "torchaudio", "fairseq", "fairseq_quant")
+# onnx too: the runtime edits graphs with protobuf alone (fairseq_quant_runtime.onnx_proto); `import onnx` took
+# 0.6-1.2 s of every decoding process
+FRAMEWORKS = ("torch", "torchaudio", "fairseq", "fairseq_quant", "onnx")
 RUNTIME_ONLY = ("onnxruntime", "soxr")
 
 
@@ -24,7 +26,7 @@ def test_every_runtime_module_imports_without_torch_or_fairseq_in_the_full_envir
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {"fairseq_quant_runtime.__main__", "fairseq_quant_runtime.recognizer", "fairseq_quant_runtime.audio",
             "fairseq_quant_runtime.fqm", "fairseq_quant_runtime.ctc"} <= set(result["modules"])
-    assert result["frameworks"] == []  # torch and fairseq are installed here: nothing imported them
+    assert result["frameworks"] == []  # torch, fairseq and onnx are installed here: nothing imported them
     help_text = run([sys.executable, "-m", "fairseq_quant_runtime", "--help"])
     assert help_text.returncode == 0 and "usage: python -m fairseq_quant_runtime" in help_text.stdout
 
