@@ -89,16 +89,18 @@ def read_audio(path: str | os.PathLike) -> np.ndarray:
         raise AudioError(f"{path}: not a file, expected a wav or flac file")
     if path.stat().st_size == 0:
         raise AudioError(f"{path}: audio file is empty (0 bytes)")
-    try:
-        info = sf.info(str(path))
+    try:  # opened once: its header (format, frames, rate), then its samples
+        audio = sf.SoundFile(str(path))
     except (sf.LibsndfileError, RuntimeError, TypeError) as err:
         raise AudioError(f"{path}: not a readable audio file, expected wav or flac "
                          f"(libsndfile: {_reason(err)})") from None
-    try:
-        data, rate = sf.read(str(path), dtype="float64", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
-        raise AudioError(f"{path}: corrupt or truncated {info.format} audio "
-                         f"(libsndfile: {_reason(err)})") from None
+    with audio:
+        info, rate = audio, audio.samplerate
+        try:
+            data = audio.read(dtype="float64", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError, TypeError) as err:
+            raise AudioError(f"{path}: corrupt or truncated {info.format} audio "
+                             f"(libsndfile: {_reason(err)})") from None
     announced = _wav_data_frames(path, info) if info.format == "WAV" else info.frames
     if announced is not None and data.shape[0] < announced:  # libsndfile reads a cut-off WAV silently
         raise AudioError(f"{path}: truncated {info.format} audio: {data.shape[0]} of the {announced} samples its "
