@@ -68,6 +68,7 @@ ROWS = {r.name: r for r in [
     Row("qat-w8a6-out16", "qat", "w8a6-out16"),
     Row("qat-w4", "qat", "w4"),  # weight-only: what the weights cost, apart from the activations
     Row("qat-w2", "qat", "w2"),
+    Row("qat-w2-balanced", "qat", "w2-balanced"),  # weight-only on the recipe's 2-bit grid: the papers' setting
     Row("qat-w4a8-nokd", "qat", "w4a8", kd=False),
     Row("qat-w4a8", "qat", "w4a8"),
     Row("qat-w2a8-nokd", "qat", "w2a8", kd=False),
