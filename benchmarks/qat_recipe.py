@@ -5,7 +5,8 @@ same calibrated post-training-quantized checkpoint, with the fp32 model and that
     python benchmarks/qat_recipe.py --data exp/benchmark/data --work exp/qat_recipe --strategy w8a8 \
         --variants lr5e-5,lr5e-5-nodrop,lr5e-5-frozen,lr5e-5-nodrop-frozen --subsets dev-clean,dev-other
 
-Every variant changes one thing against the recipe's QAT schedule (400 updates of 16 utterances, cosine,
+``--baseline NAME=CKPT`` adds checkpoints trained elsewhere (the size-matched fp32 bundle, a longer schedule's
+model) to the same table. Every variant changes one thing against the recipe's QAT schedule (400 updates of 16 utterances, cosine,
 distillation 0.5 at T=2, CTC 1.0). Tune on dev subsets; the table's intervals resample speakers (paired for
 relative changes). Resumable: finished trainings and evaluations are reused.
 """
@@ -62,6 +63,9 @@ def main(argv=None) -> int:
     parser.add_argument("--subsets", default="dev-clean,dev-other")
     parser.add_argument("--updates", type=int, default=None, help="QAT updates (default: the benchmark size's)")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--baseline", action="append", default=[], metavar="NAME=CKPT",
+                        help="another checkpoint decoded in the same table (e.g. an fp32 bundle of the same bytes, a "
+                             "longer schedule's checkpoint); repeatable")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")
     names = [v for v in args.variants.split(",") if v]
@@ -69,6 +73,12 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     subsets = tuple(s for s in args.subsets.split(",") if s)
+    extra = []
+    for spec in args.baseline:
+        name, _, path = spec.partition("=")
+        if not name or not Path(path).is_file():
+            parser.error(f"--baseline {spec!r}: expected NAME=CHECKPOINT with an existing checkpoint file")
+        extra.append((name, Path(path).resolve()))
     # the trained checkpoints themselves: the recipe's choice between them and their start is not under study here
     base = replace(SIZES["benchmark"], arch="vggtransformer_ref_ctc", eval_subsets=subsets, jobs=args.jobs,
                    qat_select=False,
@@ -86,7 +96,8 @@ def main(argv=None) -> int:
 
     fixed = parallel(args.jobs, [(evaluate_model, "fp32", fp32, data, work / "eval" / "fp32", base),
                                  (evaluate_model, f"ptq-{strategy.stem}", ptq, data, work / "eval" / "ptq", base)])
-    results = fixed + parallel(args.jobs, [(row, n) for n in names])
+    baselines = [(evaluate_model, name, path, data, work / "eval" / name, base) for name, path in extra]
+    results = fixed + parallel(args.jobs, [(row, n) for n in names] + baselines)
     table = results_table(results, subsets)
     ptq_table = results_table(results[1:], subsets)
     out = f"## {strategy.stem}: against fp32\n\n{table}\n## against ptq-{strategy.stem} (the QAT start)\n\n{ptq_table}"
