@@ -194,6 +194,11 @@ def test_rows_start_longest_first_and_the_table_keeps_its_order():
     assert [rows[i].name for i in order] == ["qat-searched", "qat-fp32", "qat-w2a8-balanced-out16", "fp32",
                                              "ptq-w2-sym-channel", "dynamic-int8", "ptq-w8a8-out16"]
     assert sorted(order) == list(range(len(rows)))
+    rows = [ROWS[name] for name in ("fp32", "qat-w2a8-balanced-out16", "qat-w2a8-balanced-out16-4x", "qat-searched",
+                                    "qat-searched-4x")]
+    assert [rows[i].name for i in longest_first(rows)] == ["qat-searched-4x", "qat-searched",
+                                                           "qat-w2a8-balanced-out16-4x", "qat-w2a8-balanced-out16",
+                                                           "fp32"]
 
 
 def test_a_row_shares_only_the_search_of_a_search_row_of_the_same_budget_and_base():

@@ -367,9 +367,10 @@ def runtime_source(row: Row, work: Path) -> tuple[Row, Path]:
 
 def longest_first(rows: list[Row]) -> list[int]:
     """The order in which to start the rows so that parallel jobs finish together: a strategy search and its
-    QAT first, then QAT trainings, then rows that only evaluate (stable within a kind); indices into rows."""
+    QAT first, then QAT trainings (longer schedules first), then rows that only evaluate (stable within a kind);
+    indices into rows."""
     cost = {"co_search": 0, "coqat": 0, "search_qat": 0, "qat": 1}
-    return sorted(range(len(rows)), key=lambda i: cost.get(rows[i].kind, 2))
+    return sorted(range(len(rows)), key=lambda i: (cost.get(rows[i].kind, 2), -rows[i].updates_factor))
 
 
 def memory_lines(cfg: RecipeConfig) -> list[str]:
