@@ -66,6 +66,8 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", action="append", default=[], metavar="NAME=CKPT",
                         help="another checkpoint decoded in the same table (e.g. an fp32 bundle of the same bytes, a "
                              "longer schedule's checkpoint); repeatable")
+    parser.add_argument("--against", default=None, metavar="NAME",
+                        help="also a table of every row paired against this one (e.g. a --baseline)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")
     names = [v for v in args.variants.split(",") if v]
@@ -101,6 +103,12 @@ def main(argv=None) -> int:
     table = results_table(results, subsets)
     ptq_table = results_table(results[1:], subsets)
     out = f"## {strategy.stem}: against fp32\n\n{table}\n## against ptq-{strategy.stem} (the QAT start)\n\n{ptq_table}"
+    if args.against:
+        first = [r for r in results if r.name == args.against]
+        if not first:
+            parser.error(f"--against {args.against}: no such row ({', '.join(r.name for r in results)})")
+        others = [r for r in results if r.name != args.against and not r.name.startswith("ptq-")]
+        out += f"\n## against {args.against}\n\n{results_table(first + others, subsets)}"
     (work / "results.md").write_text(out)
     print(out)
     return 0

@@ -34,7 +34,7 @@ def table_subsets(subsets) -> list[str]:
 
 def results_table(results: list[ModelResult], subsets=EVAL_SUBSETS) -> str:
     """Markdown: model, bits, MB, WER per subset, pooled WER with its 95% bootstrap interval, and the
-    relative change against fp32 (the first row) with its 95% paired bootstrap interval; with `test-unseen-synth`
+    relative change against the first row (fp32, where it is) with its 95% paired bootstrap interval; with `test-unseen-synth`
     among the subsets, also the relative change on it alone (what quantization costs on an unheard synthesizer)."""
     from fairseq_quant.stats import paired_relative_change, read_utterances, speaker_of, wer_interval
 
@@ -48,9 +48,9 @@ def results_table(results: list[ModelResult], subsets=EVAL_SUBSETS) -> str:
     control = next((r for r in results if r.name == CONTROL_ROW), None)
     label = "+".join(pooled)
     head = ("| model | avg weight bits | model MB | " + " | ".join(subsets)
-            + f" | WER {label} [95% CI] | rel. change vs fp32 [95% CI] |"
+            + f" | WER {label} [95% CI] | rel. change vs {base.name} [95% CI] |"
             + (f" vs {CONTROL_ROW} (same training) [95% CI] |" if control else "")
-            + (f" {UNSEEN_SYNTH_SUBSET}: rel. change vs fp32 [95% CI] |" if unseen else ""))
+            + (f" {UNSEEN_SYNTH_SUBSET}: rel. change vs {base.name} [95% CI] |" if unseen else ""))
     lines = [head, "|---|---:|---:|" + "---:|" * len(subsets) + "---:|---:|" + ("---:|" if control else "")
              + ("---:|" if unseen else "")]
 
