@@ -242,6 +242,12 @@ def test_a_bundle_row_is_checked_before_anything_runs(tmp_path, monkeypatch, cap
     assert "compare only in a run from that reference" in error("smoke", "--rows", "fp32,fp32-narrow")
 
 
+def test_every_row_kind_has_a_colour_in_the_plot():
+    from recipes.librispeech.report import KIND_COLORS
+
+    assert {row.kind for row in ROWS.values()} <= set(KIND_COLORS)  # fp32_bundle had none: the plot crashed
+
+
 def test_the_benchmark_runs_every_row_but_the_distillation_ablation_and_the_demo_a_subset_from_fp32():
     # the -nokd rows (QAT without distillation) stay available through --rows
     assert set(SIZES["benchmark"].rows) == set(ROWS) - {"qat-w4a8-nokd", "qat-w2a8-nokd"}

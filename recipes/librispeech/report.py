@@ -79,6 +79,12 @@ def results_table(results: list[ModelResult], subsets=EVAL_SUBSETS) -> str:
     return "\n".join(lines) + "\n"
 
 
+# the plot's colour of each row kind (recipes/librispeech/rows.py); every kind has one (a test)
+KIND_COLORS = {"fp32": "black", "fp32_bundle": "tab:gray", "ptq": "tab:red", "ptq_calibrated": "tab:brown",
+               "dynamic_int8": "tab:orange", "qat": "tab:blue", "search_qat": "tab:purple", "runtime": "tab:green",
+               "coqat": "tab:cyan", "co_search": "tab:pink"}
+
+
 def plot_results(results: list[ModelResult], subsets, path: Path) -> Path:
     """PNG of pooled test WER (with 95% intervals) against model size, one labelled point per row."""
     import matplotlib
@@ -90,18 +96,16 @@ def plot_results(results: list[ModelResult], subsets, path: Path) -> Path:
 
     pooled = table_subsets(subsets)
     fig, ax = plt.subplots(figsize=(8, 5))
-    colors = {"fp32": "black", "ptq": "tab:red", "ptq_calibrated": "tab:brown", "dynamic_int8": "tab:orange", "qat": "tab:blue",
-              "search_qat": "tab:purple", "runtime": "tab:green", "coqat": "tab:cyan", "co_search": "tab:pink"}
     for r in results:
         kind = ROWS[r.name].kind if r.name in ROWS else "qat"
         ci = wer_interval([read_utterances(Path(r.eval_dir) / f"{s}.utt.tsv") for s in pooled])
         ax.errorbar(r.model_mb, ci.value, yerr=[[ci.value - ci.lo], [ci.hi - ci.value]], fmt="o",
-                    color=colors[kind], capsize=3)
+                    color=KIND_COLORS[kind], capsize=3)
         ax.annotate(r.name, (r.model_mb, ci.value), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("model size, MB (packed weights + scales; log scale)")
     ax.set_ylabel(f"WER % ({'+'.join(pooled)}), 95% CI")
-    ax.set_title("WER against size: fp32 (black), post-training weights (red) and calibrated weights + activations "
+    ax.set_title("WER against size: fp32 (black), the size-matched fp32 model (grey), post-training weights (red) and calibrated weights + activations "
                  "(brown), dynamic int8 (orange), QAT (blue), "
                  "QAT of the searched strategy (purple), exported + ONNX Runtime (green), co-trained (cyan) and its "
                  "searched allocation (pink)",
