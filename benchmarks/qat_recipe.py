@@ -48,6 +48,9 @@ VARIANTS = {
     # than dev): the masks of train_reference's example
     "w2a8-balanced-out16-specaug": ("w2a8-balanced-out16", dict(extra_train_args=(
         "--task", "speech_recognition_augment", "--specaugment", SPECAUGMENT_EXAMPLE))),
+    # layer-wise distillation (TernaryBERT / BinaryBERT): every transformer layer's output pulled towards fp32's
+    "w2a8-balanced-out16-kdh1": ("w2a8-balanced-out16", dict(extra_train_args=("--kd-hidden-weight", "1.0"))),
+    "w2a8-balanced-out16-kdh10": ("w2a8-balanced-out16", dict(extra_train_args=("--kd-hidden-weight", "10.0"))),
     "control-lr5e-5": ("fp32", dict(qat_lr=5e-5)),  # the same training with nothing quantized
     "control-lr5e-5-nodrop": ("fp32", dict(qat_lr=5e-5, qat_dropout=0.0)),
 }

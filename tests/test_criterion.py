@@ -45,6 +45,54 @@ def test_distillation_from_an_identical_teacher_is_zero_and_matches_hand_computa
     assert kd == pytest.approx(expected, rel=1e-4) and kd > 0
 
 
+def test_layer_wise_distillation_is_zero_from_an_identical_teacher_and_matches_hand_computation(dict_dir):
+    """--kd-hidden-weight: every transformer layer's output (4 in the tiny model: 2 encoder, 2 decoder) pulled
+    towards the teacher's, layer-normalised, mean over layers, summed over valid encoder frames / target tokens."""
+    from fairseq.modules import TransformerDecoderLayer, TransformerEncoderLayer
+
+    task, student, _ = build_tiny(dict_dir, extra=["--quant-weight-bits", "2", "--quant-act-bits", "8"])
+    calibrate_tiny(student, seeds=(0,))
+    _, fp32, _ = build_tiny(dict_dir, arch="vggtransformer_small")
+    fp32.load_state_dict({k: v for k, v in student.state_dict().items() if k in fp32.state_dict()})
+    with pytest.raises(TeacherError, match="--kd-hidden-weight > 0 needs --teacher-path"):
+        QuantCrossEntropyWithAccCriterion(task, False, kd_hidden_weight=1.0)
+    with pytest.raises(TeacherError, match="--kd-hidden-weight must be >= 0"):
+        QuantCrossEntropyWithAccCriterion(task, False, kd_hidden_weight=-1.0)
+    crit = QuantCrossEntropyWithAccCriterion(task, False, kd_weight=0.0)
+    crit._teacher, crit.kd_hidden_weight = (fp32.eval(),), 2.0
+    sample = sample_for(task)
+    layers = sorted(n for n, m in fp32.named_modules() if isinstance(m, (TransformerEncoderLayer, TransformerDecoderLayer)))
+    assert len(layers) == 4
+
+    def training_step(model):  # a training step's loss without dropout or range updates: only the root trains
+        model.eval()
+        model.training = True
+        return crit(model, sample)
+
+    loss, _, log = training_step(student)  # the 2-bit student against its fp32 weights
+    outs = {}
+    for tag, model in (("s", student), ("t", fp32)):
+        hooks = [m.register_forward_hook(lambda m, a, o, key=(tag, n): outs.__setitem__(key, o[0] if isinstance(o, tuple) else o))
+                 for n, m in model.named_modules() if n in layers]
+        with torch.no_grad():
+            model(**sample["net_input"])
+        for h in hooks:
+            h.remove()
+    src = sample["net_input"]
+    enc_valid = ~student.encoder(src["src_tokens"], src["src_lengths"])["encoder_padding_mask"]  # T x B
+    dec_valid = (sample["target"] != task.target_dictionary.pad()).t()
+    expected = 0.0
+    for n in layers:
+        s, t = outs[("s", n)], outs[("t", n)]
+        d = ((F.layer_norm(s, s.shape[-1:]) - F.layer_norm(t, t.shape[-1:])) ** 2).mean(-1)
+        expected += (d * (enc_valid if n.startswith("encoder.") else dec_valid)).sum().item() / len(layers)
+    assert log["kd_hidden_loss"] == pytest.approx(expected, rel=1e-4) and expected > 0.01
+    assert loss.item() == pytest.approx(log["ce_loss"] + 2.0 * expected, rel=1e-4)
+    _, _, log = training_step(fp32)  # the teacher against itself
+    assert log["kd_hidden_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert "kd_hidden_loss" not in crit(fp32.eval(), sample)[2]  # validation: no teacher pass
+
+
 def test_loss_mixes_ce_kd_and_ctc_and_logs_quant_stats(dict_dir):
     task, model, _ = build_tiny(dict_dir, extra=["--quant-weight-bits", "4", "--quant-act-bits", "8"])
     calibrate_tiny(model, seeds=(0,))

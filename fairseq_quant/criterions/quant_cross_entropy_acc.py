@@ -3,10 +3,16 @@ distillation from an fp32 teacher checkpoint, an optional auxiliary CTC loss on 
 quantization statistics in the logs.
 
 loss = (1 - kd_weight) * CE(student, target) + kd_weight * T^2 * KL(teacher_T || student_T)
-       + ctc_weight * CTC(encoder)
+       + ctc_weight * CTC(encoder) + kd_hidden_weight * sum_frames mean_layers ||LN(h_student) - LN(h_teacher)||^2 / C
 summed over non-padding target tokens (T = --kd-temperature). The CTC projection is the model's own head
 (an ``*_ctc`` arch, used by joint CTC/attention decoding) or, with ``--ctc-encoder-dim``, a training-only
 head owned by the criterion (fairseq trains and checkpoints criterion parameters; decoding never uses it).
+
+Layer-wise distillation (``--kd-hidden-weight``, TernaryBERT's and BinaryBERT's remedy for 2-bit transformers): the
+output of every encoder and decoder transformer layer of the student is pulled towards the teacher's at the same
+layer (the same architecture), each frame's vector normalised (layer norm without gain) on both sides so that the
+pre-LN residual stream's outlier channels do not dominate; the mean over layers of the per-frame mean squared
+difference, summed over the non-padding frames (encoder) and target tokens (decoder).
 
 Multi-precision co-training (``--co-precisions``, on a model whose strategy gives ``co_weight_bits``): every step
 also runs the batch at each listed weight precision (the same latent weights; :mod:`fairseq_quant.quant.coprecision`)
@@ -23,6 +29,7 @@ import torch.nn.functional as F
 from examples.speech_recognition.criterions.cross_entropy_acc import CrossEntropyWithAccCriterion
 from fairseq import checkpoint_utils, metrics
 from fairseq.criterions import register_criterion
+from fairseq.modules import TransformerDecoderLayer, TransformerEncoderLayer
 
 from ..quant.coprecision import co_precisions, sample_allocation, weight_precision
 from ..quant.errors import FairseqQuantError
@@ -39,7 +46,7 @@ class TeacherError(FairseqQuantError, ValueError):
 class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
     def __init__(self, task, sentence_avg, teacher_path=None, kd_weight=None, kd_temperature=1.0,
                  ctc_weight=0.0, ctc_encoder_dim=0, kd_ctc_weight=0.0, co_precisions="", co_stochastic=False,
-                 co_kd_weight=0.0, co_schedule=""):
+                 co_kd_weight=0.0, co_schedule="", kd_hidden_weight=0.0):
         super().__init__(task, sentence_avg)
         self.co_precisions = parse_precisions(co_precisions, "--co-precisions")
         self.co_schedule = parse_schedule(co_schedule, self.co_precisions)
@@ -49,7 +56,7 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
         if (co_kd_weight > 0 or self.co_stochastic) and not self.co_precisions:
             raise TeacherError("--co-kd-weight and --co-stochastic apply to co-training: give --co-precisions")
         self.co_kd_weight = co_kd_weight
-        kd_weight = _kd_weight(teacher_path, kd_weight, kd_ctc_weight)
+        kd_weight = _kd_weight(teacher_path, kd_weight, kd_ctc_weight or kd_hidden_weight)
         if ctc_weight < 0:
             raise TeacherError(f"--ctc-weight must be >= 0, got {ctc_weight}")
         self.ctc_weight = ctc_weight
@@ -67,10 +74,15 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
             raise TeacherError(f"--kd-ctc-weight must be >= 0, got {kd_ctc_weight}")
         if kd_ctc_weight > 0 and not teacher_path:
             raise TeacherError("--kd-ctc-weight > 0 needs --teacher-path (an fp32 checkpoint with a CTC head)")
+        if kd_hidden_weight < 0:
+            raise TeacherError(f"--kd-hidden-weight must be >= 0, got {kd_hidden_weight}")
+        if kd_hidden_weight > 0 and not teacher_path:
+            raise TeacherError("--kd-hidden-weight > 0 needs --teacher-path (an fp32 checkpoint of the same architecture)")
         self.kd_weight, self.kd_temperature, self.kd_ctc_weight = kd_weight, kd_temperature, kd_ctc_weight
+        self.kd_hidden_weight = kd_hidden_weight
         # kept out of the module tree: the teacher is neither trained nor saved in checkpoints
-        self._teacher = (load_teacher(teacher_path, task),) if teacher_path and (kd_weight > 0 or kd_ctc_weight > 0) \
-            else ()
+        wants_teacher = kd_weight > 0 or kd_ctc_weight > 0 or kd_hidden_weight > 0
+        self._teacher = (load_teacher(teacher_path, task),) if teacher_path and wants_teacher else ()
 
     def load_state_dict(self, state_dict, strict=True, **kwargs):
         """A checkpoint without the CTC projection (a reference bundle keeps only the model) starts it fresh."""
@@ -95,6 +107,10 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
         parser.add_argument("--kd-ctc-weight", type=float, default=0.0, metavar="W",
                             help="weight of distilling the teacher's CTC posteriors into the student's CTC head "
                                  "(KL per encoder frame at --kd-temperature; both models need a CTC head)")
+        parser.add_argument("--kd-hidden-weight", type=float, default=0.0, metavar="W",
+                            help="weight of layer-wise distillation: every encoder and decoder transformer layer's "
+                                 "output pulled towards the teacher's (same architecture; squared difference of the "
+                                 "layer-normalised vectors, mean over layers, summed over frames and tokens)")
         parser.add_argument("--ctc-weight", type=float, default=0.0, metavar="W",
                             help="weight of an auxiliary CTC loss on the encoder output (training only)")
         parser.add_argument("--ctc-encoder-dim", type=int, default=0, metavar="D",
@@ -167,18 +183,21 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
     def single_forward(self, model, sample, reduction="sum", log_probs=True):
         """One pass at the model's current precisions: (loss, sample size, logging output, net output)."""
         captured = {}
-        hook = None
+        hooks = []
         own_head = hasattr(self, "ctc_proj")
         if self.ctc_weight > 0 and own_head:
-            hook = _unwrap(model).encoder.register_forward_hook(lambda m, a, out: captured.update(out=out))
+            hooks.append(_unwrap(model).encoder.register_forward_hook(lambda m, a, out: captured.update(out=out)))
+        hidden = {}
+        if self.kd_hidden_weight > 0 and self.teacher is not None and model.training:
+            hooks += capture_layer_outputs(_unwrap(model), hidden)
         try:
             net_output = model(**sample["net_input"])
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
         target = model.get_targets(sample, net_output)
         lprobs, ce_loss = self.compute_loss(model, net_output, target, reduction, log_probs)
-        loss, kd_loss, ctc_loss, kd_ctc_loss = ce_loss, None, None, None
+        loss, kd_loss, ctc_loss, kd_ctc_loss, kd_hidden_loss = ce_loss, None, None, None, None
         if self.teacher is not None and model.training:
             teacher_out = self.teacher_output(sample, target)
             if self.kd_weight > 0:
@@ -187,6 +206,10 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
             if self.kd_ctc_weight > 0:
                 kd_ctc_loss = self.ctc_distillation_loss(net_output, teacher_out)
                 loss = loss + self.kd_ctc_weight * kd_ctc_loss
+            if self.kd_hidden_weight > 0:
+                kd_hidden_loss = hidden_distillation_loss(hidden, self.teacher_hidden(sample, target), target,
+                                                          self.padding_idx)
+                loss = loss + self.kd_hidden_weight * kd_hidden_loss
         if self.ctc_weight > 0:
             if isinstance(net_output[1], dict) and "ctc_logits" in net_output[1]:  # the model's head comes first
                 ctc_out = net_output[1]
@@ -206,6 +229,8 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
             logging_output["ctc_loss"] = ctc_loss.item()
         if kd_ctc_loss is not None:
             logging_output["kd_ctc_loss"] = kd_ctc_loss.item()
+        if kd_hidden_loss is not None:
+            logging_output["kd_hidden_loss"] = kd_hidden_loss.item()
         report = getattr(_unwrap(model), "quant_report", None)
         if report is not None:
             logging_output["wbits"] = report.avg_weight_bits
@@ -216,6 +241,13 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
         return ctc_loss(ctc_out, sample["target"], self.padding_idx, self.task.target_dictionary.eos())
 
     def teacher_output(self, sample, target):
+        return self._teacher_forward(sample, target)[0]
+
+    def teacher_hidden(self, sample, target) -> dict:
+        """The teacher's transformer layer outputs of this batch (see :func:`capture_layer_outputs`)."""
+        return self._teacher_forward(sample, target)[1]
+
+    def _teacher_forward(self, sample, target):
         cache = getattr(self, "_teacher_cache", None)  # a dict during forward(), else None
         key = (id(sample), id(self.teacher))
         if cache is not None and key in cache:
@@ -223,11 +255,17 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
         teacher = self.teacher
         if next(teacher.parameters()).device != target.device:
             teacher.to(target.device)
-        with torch.no_grad():
-            out = teacher(**sample["net_input"])
+        hidden = {}
+        hooks = capture_layer_outputs(teacher, hidden) if self.kd_hidden_weight > 0 else []
+        try:
+            with torch.no_grad():
+                out = teacher(**sample["net_input"])
+        finally:
+            for hook in hooks:
+                hook.remove()
         if cache is not None:
-            cache[key] = out
-        return out
+            cache[key] = (out, hidden)
+        return out, hidden
 
     def ctc_distillation_loss(self, net_output, teacher_out):
         """T^2 * KL(teacher || student) of the CTC heads' posteriors at temperature T, summed over the frames."""
@@ -257,7 +295,7 @@ class QuantCrossEntropyWithAccCriterion(CrossEntropyWithAccCriterion):
         agg = CrossEntropyWithAccCriterion.aggregate_logging_outputs(logging_outputs)
         sample_size = agg["sample_size"]
         co_keys = sorted({k for log in logging_outputs for k in log if k.startswith(("loss_w", "cokd_w"))})
-        for key in ("ce_loss", "kd_loss", "ctc_loss", "kd_ctc_loss", *co_keys):
+        for key in ("ce_loss", "kd_loss", "ctc_loss", "kd_ctc_loss", "kd_hidden_loss", *co_keys):
             if any(key in log for log in logging_outputs) and sample_size > 0:
                 agg[key] = sum(log.get(key, 0) for log in logging_outputs) / sample_size / math.log(2)
         for key in ("wbits", "model_mb"):
@@ -291,6 +329,48 @@ def ctc_loss(ctc_out: dict, target: torch.Tensor, pad: int, eos: int) -> torch.T
     keep = (target != pad) & (target != eos)
     return F.ctc_loss(lprobs, target.masked_select(keep), input_lengths, keep.long().sum(1),
                       blank=pad, reduction="sum", zero_infinity=True)
+
+
+def capture_layer_outputs(model, store: dict) -> list:
+    """Forward hooks that put the output of every encoder and decoder transformer layer of ``model`` into
+    ``store[name] = (kind, T x B x C)`` (a decoder layer's first output) and the encoder's padding mask into
+    ``store[ENCODER_PADDING]``; returns the hook handles."""
+    hooks = [model.encoder.register_forward_hook(
+        lambda m, args, out: store.__setitem__(ENCODER_PADDING, out.get("encoder_padding_mask")))]
+    for name, module in model.named_modules():
+        if isinstance(module, (TransformerEncoderLayer, TransformerDecoderLayer)):
+            kind = "encoder" if isinstance(module, TransformerEncoderLayer) else "decoder"
+
+            def keep(m, args, out, name=name, kind=kind):
+                store[name] = (kind, out[0] if isinstance(out, tuple) else out)
+            hooks.append(module.register_forward_hook(keep))
+    return hooks
+
+
+ENCODER_PADDING = "<encoder_padding_mask>"
+
+
+def hidden_distillation_loss(student: dict, teacher: dict, target, pad: int) -> torch.Tensor:
+    """Mean over the transformer layers of the squared difference of the layer-normalised student and teacher
+    outputs (per frame: mean over channels), summed over the non-padding encoder frames or target tokens."""
+    layers = sorted(k for k in student if k != ENCODER_PADDING)
+    if not layers or layers != sorted(k for k in teacher if k != ENCODER_PADDING):
+        raise TeacherError("--kd-hidden-weight needs a student and a teacher with the same transformer layers "
+                           f"(student {layers}, teacher {sorted(k for k in teacher if k != ENCODER_PADDING)})")
+    masks = {"encoder": student.get(ENCODER_PADDING), "decoder": (target == pad).t()}  # T x B, True = padding
+    total = 0.0
+    for name in layers:
+        kind, s = student[name]
+        t = teacher[name][1]
+        if s.shape != t.shape:
+            raise TeacherError(f"--kd-hidden-weight: layer {name} gives {tuple(s.shape)} in the student and "
+                               f"{tuple(t.shape)} in the teacher")
+        c = s.size(-1)
+        diff = (F.layer_norm(s.float(), (c,)) - F.layer_norm(t.float(), (c,))).pow(2).mean(-1)  # T x B
+        if masks[kind] is not None:
+            diff = diff.masked_fill(masks[kind], 0.0)
+        total = total + diff.sum()
+    return total / len(layers)
 
 
 def parse_precisions(value, flag: str) -> list[int]:
