@@ -78,6 +78,7 @@ def worker_fairseq(args, groups) -> dict:
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(Path(args.data) / "spm.model"))
+    ready_at = time.time()  # imports, checkpoint, generator: the process's start-up ends here
     times = {"features": 0.0, "encoder": 0.0, "search": 0.0}
     hyps = []
     with torch.no_grad():
@@ -101,7 +102,7 @@ def worker_fairseq(args, groups) -> dict:
                 hyps.append(sp.decode_pieces(pieces.split()).strip() if pieces else "")
     times["decoder"] = times["search"] - times["encoder"]
     times["total"] = times["features"] + times["search"]
-    return {"times": times, "hyps": hyps}
+    return {"times": times, "hyps": hyps, "ready_at": ready_at}
 
 
 def worker_runtime(args, groups) -> dict:
@@ -114,6 +115,7 @@ def worker_runtime(args, groups) -> dict:
     feature_workers = 1 if args.threads > 1 else 0
     rec = Recognizer(args.model_file, enc_kernel, dec_kernel, threads=args.threads - feature_workers)
     config = DecodingConfig.from_args(args)
+    ready_at = time.time()  # imports, the .fqm file, the sessions (and `auto`'s timing): start-up ends here
     times = {"features": 0.0, "encoder": 0.0, "search": 0.0}
     hyps = []
     stream = features_ahead([[p for _, p, _, _ in group] for group in groups], feature_workers)
@@ -133,7 +135,7 @@ def worker_runtime(args, groups) -> dict:
     # end to end: features (or the wait for them) and the search, which runs the encoder again itself
     # (the separate encoder pass above only times it)
     times["total"] = times["features"] + times["search"]
-    return {"times": times, "hyps": hyps, "kernels": rec.kernels, "feature_workers": feature_workers,
+    return {"times": times, "hyps": hyps, "ready_at": ready_at, "kernels": rec.kernels, "feature_workers": feature_workers,
             "frameworks_loaded": sorted({k.split(".")[0] for k in sys.modules} & {"torch", "fairseq"})}
 
 
@@ -243,11 +245,17 @@ def main(argv=None) -> int:
             if args.limit:
                 cmd += ["--limit", str(args.limit)]
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+            spawned = time.time()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            process_s = time.time() - spawned
             if proc.returncode:
                 print(f"decode_speed: {row} at {threads} thread(s) failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
                 return 1
             r = json.loads(result_path.read_text())
+            # start-up: from the spawn to the model ready (interpreter, imports, loading); the whole process
+            # includes its exit (the README's first measurement of the issue: one command, start to end)
+            r.update({"startup_s": r["ready_at"] - spawned, "process_s": process_s})
+            result_path.write_text(json.dumps(r))
             r.update({"row": row, "threads": threads, "file_bytes": size, "wer": wer(r["refs"], r["hyps"])})
             results[(row, threads)] = r
             print(f"{row:<28} {threads} thread(s): total {r['times']['total']:.1f} s, WER {r['wer']:.2f}", flush=True)
@@ -270,8 +278,8 @@ def format_table(results: dict) -> str:
                   f"{BATCH_FRAMES} padded frames\n",
                   "| row | kernels (encoder / decoder) | file MB | WER % | RTF | end-to-end speed-up vs fairseq fp32 | vs runtime fp32 | "
                   "encoder s | decoder steps s | decoder speed-up vs runtime fp32 | encoder vs runtime fp32 | "
-                  "peak RSS MB |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "peak RSS MB | start-up s | whole process s | whole process vs fairseq fp32 |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for (row, t), r in results.items():
             if t != threads:
                 continue
@@ -280,11 +288,16 @@ def format_table(results: dict) -> str:
             vs_rt = rt["times"]["total"] / tm["total"] if rt else float("nan")
             dec = rt["times"]["decoder"] / tm["decoder"] if rt else float("nan")
             enc = tm["encoder"] / rt["times"]["encoder"] if rt else float("nan")
+            startup, process = r.get("startup_s"), r.get("process_s")
+            base_process = base.get("process_s") if base else None
+            whole = f"x{base_process / process:.2f}" if process and base_process else "-"
             kernels = r.get("kernels")
             kernels = f"{kernels['encoder']} / {kernels['decoder']}" if kernels else "torch eager"
             lines.append(f"| {row} | {kernels} | {r['file_bytes'] / 1e6:.3f} | {r['wer']:.2f} | {tm['total'] / r['audio_s']:.4f} | "
                          f"x{vs_base:.2f} | x{vs_rt:.2f} | {tm['encoder']:.2f} | {tm['decoder']:.2f} | x{dec:.2f} | "
-                         f"{enc:.2f} | {r['peak_rss_mb']:.0f} |")
+                         f"{enc:.2f} | {r['peak_rss_mb']:.0f} | "
+                         f"{f'{startup:.2f}' if startup is not None else '-'} | "
+                         f"{f'{process:.2f}' if process is not None else '-'} | {whole} |")
     return "\n".join(lines) + "\n"
 
 

@@ -35,3 +35,28 @@ def test_the_qat_curve_leaves_out_a_point_without_its_checkpoint(tmp_path):
     assert curve_checkpoint(tmp_path, 400, 1200, start) == tmp_path / "checkpoint_2_400.pt"
     assert curve_checkpoint(tmp_path, 800, 1200, start) is None
     assert curve_checkpoint(tmp_path, 1200, 1200, start) == tmp_path / "checkpoint_last.pt"
+
+
+def test_the_speed_table_has_start_up_and_whole_process_columns():
+    """decode_speed times each row's process from its spawn: start-up (interpreter, imports, loading) and the whole
+    process, whose ratio against fairseq fp32 is the one a user of the command line sees; results measured before
+    these columns existed (--reuse) show '-'."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.decode_speed import format_table
+
+    def result(total, encoder, decoder, startup=None, process=None):
+        r = {"times": {"total": total, "encoder": encoder, "decoder": decoder}, "refs": ["a b"] * 4, "audio_s": 100.0,
+             "decoding": {"beam": 5}, "file_bytes": 9_000_000, "wer": 5.0, "peak_rss_mb": 180.0}
+        if startup is not None:
+            r.update(startup_s=startup, process_s=process)
+        return r
+
+    results = {("fairseq-fp32", 1): result(10.0, 4.0, 5.0, startup=4.0, process=15.0),
+               ("runtime-fp32", 1): result(4.0, 2.0, 1.5, startup=0.5, process=5.0),
+               ("runtime-searched", 1): result(4.0, 2.0, 1.5)}
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in format_table(results).splitlines()
+            if line.startswith("| ") and not line.startswith("| row")}
+    assert rows["runtime-fp32"][5] == "x2.50"  # end to end (decoding only) vs fairseq
+    assert rows["runtime-fp32"][-3:] == ["0.50", "5.00", "x3.00 |"]  # start-up, whole process, its ratio
+    assert rows["fairseq-fp32"][-3:] == ["4.00", "15.00", "x1.00 |"]
+    assert rows["runtime-searched"][-3:] == ["-", "-", "- |"]
