@@ -199,6 +199,11 @@ def test_rows_start_longest_first_and_the_table_keeps_its_order():
     assert [rows[i].name for i in longest_first(rows)] == ["qat-searched-4x", "qat-searched",
                                                            "qat-w2a8-balanced-out16-4x", "qat-w2a8-balanced-out16",
                                                            "fp32"]
+    # rows collapsing one co-training: the first starts early, the others (which would hold a job slot waiting
+    # for that training) last; the two co-trainings of the benchmark start side by side
+    rows = [ROWS[name] for name in ("fp32", "qat-w2a8", "co-w4a8", "co-w2a8", "co-w2", "co-w1", "co-searched")]
+    assert [rows[i].name for i in longest_first(rows)] == ["co-w4a8", "co-w2", "qat-w2a8", "fp32", "co-w2a8",
+                                                           "co-w1", "co-searched"]
 
 
 def test_a_row_shares_only_the_search_of_a_search_row_of_the_same_budget_and_base():

@@ -365,12 +365,28 @@ def runtime_source(row: Row, work: Path) -> tuple[Row, Path]:
     return source, work / "qat" / source.name / SELECTED
 
 
+def co_training(row: Row) -> str | None:
+    """The co strategy whose one co-training a coqat or co_search row collapses (shared by every such row)."""
+    if row.kind == "coqat":
+        return row.strategy
+    if row.kind == "co_search":
+        return row.strategy.split(":", 1)[1]
+    return None
+
+
 def longest_first(rows: list[Row]) -> list[int]:
     """The order in which to start the rows so that parallel jobs finish together: a strategy search and its
     QAT first, then QAT trainings (longer schedules first), then rows that only evaluate (stable within a kind);
-    indices into rows."""
+    indices into rows. Of the rows that collapse one co-training, only the first starts early: the others would
+    hold a job slot waiting for that training, so they start last, when it is done."""
     cost = {"co_search": 0, "coqat": 0, "search_qat": 0, "qat": 1}
-    return sorted(range(len(rows)), key=lambda i: (cost.get(rows[i].kind, 2), -rows[i].updates_factor))
+    order = sorted(range(len(rows)), key=lambda i: (cost.get(rows[i].kind, 2), -rows[i].updates_factor))
+    seen, early, late = set(), [], []
+    for i in order:
+        shared = co_training(rows[i])
+        (late if shared is not None and shared in seen else early).append(i)
+        seen.add(shared)
+    return early + late
 
 
 def memory_lines(cfg: RecipeConfig) -> list[str]:
