@@ -58,17 +58,20 @@ def calibrated_checkpoint(data: Path, work: Path, strategy: Path, fp32_ckpt: Pat
 
 
 def train_qat(data: Path, out: Path, strategy: Path, fp32_ckpt: Path, cfg: RecipeConfig, kd: bool = True,
-              tag: str = "", work: Path | None = None) -> Path:
+              tag: str = "", work: Path | None = None, start: Path | None = None) -> Path:
     """QAT of ``strategy``: calibrated first (in work/calib), fine-tuned from the calibrated checkpoint, then (with
-    ``cfg.qat_select``) the better of the two on dev (:func:`select_on_dev`). Returns the checkpoint the row uses."""
+    ``cfg.qat_select``) the better of the two on dev (:func:`select_on_dev`). Returns the checkpoint the row uses.
+    ``start``: a calibrated checkpoint of ``strategy`` to fine-tune instead (e.g. a higher precision's QAT model
+    re-quantized: progressive QAT); ``fp32_ckpt`` stays the teacher."""
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint_best.pt"
     if done_marker(out).exists():
         logger.info("QAT %s: already trained (%s)", tag or strategy.stem, ckpt)
     # the shipped strategies' calibrated checkpoints are shared with their ptq-* rows
     shared = strategy.parent.resolve() == STRATEGY_DIR.resolve() or not tag
-    start = calibrated_checkpoint(data, work or out.parents[1], strategy, fp32_ckpt, cfg,
-                                  name=None if shared else f"{tag}-start")
+    if start is None:
+        start = calibrated_checkpoint(data, work or out.parents[1], strategy, fp32_ckpt, cfg,
+                                      name=None if shared else f"{tag}-start")
     if not done_marker(out).exists():
         cmd = qat_command(data, out, strategy, fp32_ckpt, cfg, kd, start)
         began = time.perf_counter()
