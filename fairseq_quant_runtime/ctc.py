@@ -76,29 +76,36 @@ class CTCPrefixScorer:
         ``prefix_len``: tokens in the rows' prefixes (all rows have the same, without BOS); ``last``: each
         row's last token (ignored when ``prefix_len`` is 0). EOS scores the whole sequence; blank -inf."""
         rows, k = tokens.shape
-        x = self.x
-        xs = np.take_along_axis(x, np.broadcast_to(tokens[None], (self.frames, rows, k)), axis=2)  # [T, rows, k]
+        frames, x = self.frames, self.x
+        xs = x[:, np.arange(rows)[:, None], tokens]  # [T, rows, k]: each candidate's log-probability per frame
         r_prev = state.r
         r_sum = np.logaddexp(r_prev[:, 0], r_prev[:, 1])  # [T, rows]
-        # phi: probability of the prefix ending at t-1 such that the next token may follow it directly; a
+        # d[t] = (phi[t], r1[t], r0[t]) side by side, so that one log-sum-exp and one addition per frame update
+        # both forward variables: (r0[t], r1[t]) = logaddexp(r0[t-1], (phi[t-1], r1[t-1])) + (x[t, c], x[t, blank]),
+        # written into the reversed view d[t, 2:0:-1]
+        d = np.empty((frames, 3, rows, k), dtype=np.float32)
+        # phi: probability of the prefix ending at t such that the new token may follow it directly at t + 1; a
         # repeated token needs a blank in between
-        phi = np.broadcast_to(r_sum[:, :, None], (self.frames, rows, k)).copy()
+        phi = d[:, 0]
+        phi[...] = r_sum[:, :, None]
         if prefix_len > 0:
             same = tokens == np.asarray(last)[:, None]
-            phi[:, same] = np.broadcast_to(r_prev[:, 1, :, None], phi.shape)[:, same]
-        r = np.full((self.frames, 2, rows, k), NEG_INF, dtype=np.float32)
-        if prefix_len == 0:
-            r[0, 0] = xs[0]
-        blank_x = x[:, :, self.blank][:, :, None]
+            phi[:, same] = np.broadcast_to(r_prev[:, 1, :, None], (frames, rows, k))[:, same]
         # the prefix plus the new token needs prefix_len + 1 frames: before frame prefix_len both forward
         # variables stay impossible, and the recursion starts there
-        for t in range(max(1, prefix_len), self.frames):
-            np.logaddexp(r[t - 1, 0], phi[t - 1], out=r[t, 0])
-            r[t, 0] += xs[t]
-            np.logaddexp(r[t - 1, 0], r[t - 1, 1], out=r[t, 1])
-            r[t, 1] += blank_x[t]
+        start = max(1, prefix_len)
+        d[:start, 1:] = NEG_INF
+        if prefix_len == 0:
+            d[0, 2] = xs[0]
+        emit = np.empty((frames, 2, rows, k), dtype=np.float32)  # (x[t, c], x[t, blank]) in r's order
+        emit[:, 0] = xs
+        emit[:, 1] = x[:, :, self.blank][:, :, None]
+        r = d[:, 2:0:-1]  # [T, 2, rows, k]: (r0, r1)
+        for t in range(start, frames):
+            np.logaddexp(d[t - 1, 2:3], d[t - 1, 0:2], out=r[t])
+            np.add(r[t], emit[t], out=r[t])
         # psi: the new token emitted first at any frame, one log-sum-exp over the frames
-        terms = np.concatenate([r[:1, 0], phi[:-1] + xs[1:]])  # [T, rows, k]
+        terms = np.concatenate([d[:1, 2], phi[:-1] + xs[1:]])  # [T, rows, k]
         top = terms.max(axis=0)
         psi = top + np.log(np.exp(terms - top).sum(axis=0))
         psi = np.where(tokens == self.eos, r_sum[-1][:, None], psi)
