@@ -25,6 +25,7 @@ from fairseq_quant_runtime.files import atomic_output
 from recipes.librispeech.report import ModelResult, plot_results, pooled_wer, results_table
 from recipes.librispeech.rows import (
     EVAL_SUBSETS, ROWS, RecipeConfig, Row, SELECTED, SIZES, STRATEGY_DIR, bundle_dir, calibrate_command, co_qat_command,
+    co_training,
     co_train_dir, dev_subsets, eval_command, export_command, fp32_command, longest_first, memory_lines, prepared_subsets,
     qat_command, row_config, runtime_command, runtime_model_file, runtime_source, search_command, search_dir,
     shared_search_problem, strategy_path, threads_per_job,
@@ -137,8 +138,7 @@ def make_checkpoint(row: Row, data: Path, work: Path, fp32_ckpt: Path, cfg: Reci
         return collapsed_checkpoint(row.name, co_trained_checkpoint(row.strategy, data, work, fp32_ckpt, cfg), work,
                                     precision=row.deploy)
     if row.kind == "co_search":
-        budget, co_strategy = row.strategy.split(":")
-        co_ckpt = co_trained_checkpoint(co_strategy, data, work, fp32_ckpt, cfg)
+        co_ckpt = co_trained_checkpoint(co_training(row), data, work, fp32_ckpt, cfg)
         out = work / "search" / row.name
         if not (out / "summary.json").exists():
             out.mkdir(parents=True, exist_ok=True)
@@ -318,7 +318,7 @@ def dry_run(work: Path, root: Path | None, stages: set, cfg: RecipeConfig, seed:
                 plan += select_plan(row.name, start, ckpt, data, work, cfg)
                 ckpt = ckpt.parent / SELECTED
             elif row.kind in ("coqat", "co_search"):
-                strategy = row.strategy if row.kind == "coqat" else row.strategy.split(":")[1]
+                strategy = co_training(row)
                 start = work / "calib" / f"{strategy_path(strategy).stem}.pt"
                 co_ckpt = co_train_dir(strategy, work) / "checkpoint_best.pt"
                 if not any(stage == f"co-train {strategy}" for stage, _ in plan):
