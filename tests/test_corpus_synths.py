@@ -154,6 +154,35 @@ def test_the_family_table_splits_a_subset_by_synthesizer_family(tmp_path):
     assert table[3].endswith("| 0.0 | 75.0 |")
 
 
+def test_the_recipe_writes_the_fp32_rows_family_table_only_for_a_generated_corpus(tmp_path):
+    """The runner's report stage: families.md of the fp32 row when the corpus has a VOICES.json (the generated
+    corpus), nothing for a corpus without one (real LibriSpeech) or a run without an fp32 row."""
+    import json
+
+    from fairseq_quant_runtime.wer import format_utterances
+
+    from recipes.librispeech.report import ModelResult
+    from recipes.librispeech.run import write_family_table
+
+    eval_dir = tmp_path / "eval" / "fp32"
+    eval_dir.mkdir(parents=True)
+    (eval_dir / "test-clean.utt.tsv").write_text(format_utterances(
+        [("11-1-0000", "A B C D", "A B C D"), ("22-2-0000", "A B C D", "A B")]))
+    fp32 = ModelResult("fp32", "model.pt", 32.0, 9.6, eval_dir=str(eval_dir))
+    other = ModelResult("qat-w2a8", "w2.pt", 2.0, 0.7, eval_dir=str(tmp_path / "eval" / "qat-w2a8"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    out = tmp_path / "families.md"
+    assert write_family_table([fp32, other], corpus, ["test-clean"], out) == "" and not out.exists()  # no VOICES.json
+    (corpus / "VOICES.json").write_text(json.dumps({"11": {"family": "espeak-ng"}, "22": {"family": "flite-diphone"}}))
+    assert write_family_table([other], corpus, ["test-clean"], out) == "" and not out.exists()  # no fp32 row
+    table = write_family_table([other, fp32], corpus, ["test-clean"], out)
+    assert out.read_text() == table
+    lines = table.splitlines()
+    assert lines[2].startswith("| test-clean | espeak-ng | 1 | 4 | 0.00")
+    assert lines[3].startswith("| test-clean | flite-diphone | 1 | 4 | 50.00")
+
+
 def test_the_results_table_gives_the_unseen_synthesizer_its_own_column(tmp_path):
     """test-unseen-synth is a column of the table and has its own relative change; the pooled summary stays the
     test sets of the trained voice families."""

@@ -21,8 +21,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fairseq_quant_runtime.files import atomic_output
-from recipes.librispeech.report import ModelResult, plot_results, pooled_wer, results_table
+from fairseq_quant_runtime.files import atomic_output, atomic_write
+from recipes.librispeech.report import ModelResult, family_table, plot_results, pooled_wer, results_table
 from recipes.librispeech.rows import (
     EVAL_SUBSETS, ROWS, RecipeConfig, Row, SELECTED, SIZES, STRATEGY_DIR, bundle_dir, calibrate_command, co_qat_command,
     co_training,
@@ -361,6 +361,21 @@ def select_plan(name: str, start: Path, trained: Path, data: Path, work: Path, c
             (f"select {name} trained", eval_command(trained, data, trained.parent / "select", dev_cfg))]
 
 
+def write_family_table(results: list[ModelResult], root, subsets, path: Path) -> str:
+    """The fp32 row's WER per synthesizer voice family of each subset, with its best and worst speaker
+    (:func:`recipes.librispeech.report.family_table`), written to ``path``, for a generated corpus (its
+    ``VOICES.json``); "" (nothing written) for a corpus without one, such as real LibriSpeech, or without an fp32
+    row."""
+    fp32 = next((r for r in results if r.name == "fp32" and r.eval_dir), None)
+    if root is None or fp32 is None or not (Path(root) / "VOICES.json").is_file():
+        return ""
+    from recipes.librispeech.generate_corpus import read_voices
+
+    table = family_table(Path(fp32.eval_dir), read_voices(Path(root)), subsets)
+    atomic_write(path, table)
+    return table
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="default")
@@ -516,13 +531,16 @@ def main(argv=None) -> int:
         results += timed("runtime rows", parallel, 1, [(run_row, row, data, work, fp32_ckpt, cfg)
                                                        for row in rows if row.kind == "runtime"])
         table = results_table(results, cfg.eval_subsets)
-        (work / "results.md").write_text(table)
+        atomic_write(work / "results.md", table)
         plot = plot_results(results, cfg.eval_subsets, work / "results.png")
-        (work / "results.json").write_text(json.dumps({
+        atomic_write(work / "results.json", json.dumps({
             "size": args.size, "config": cfg.__dict__, "timings_s": {k: round(v, 1) for k, v in timings.items()},
             "results": [r.__dict__ for r in results]}, indent=2, default=str) + "\n")
         print("\n" + table)
         print(f"plot: {plot}")
+        families = write_family_table(results, root, cfg.eval_subsets, work / "families.md")
+        if families:
+            print(f"\nfp32 WER per voice family ({work / 'families.md'}):\n{families}")
     total = time.perf_counter() - started
     print("stage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
           + f"; total {total / 60:.1f} min")
