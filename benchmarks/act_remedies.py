@@ -5,8 +5,8 @@ side on dev subsets (speaker-level intervals, paired against fp32 and against th
 
     python benchmarks/act_remedies.py --data exp/benchmark/data --work exp/act_remedies
 
-The outlier site is the input of the encoder's output projection (``encoder.transformer_layers.5`` in the
-reference arch): the un-normalised residual stream after the last pre-LN layer, whose range a few channels stretch
+The outlier site is the input of the encoder's output projection (``encoder.transformer_layers.-1``: the
+last quantizable module of the encoder's list, 5 in the reference arch): the un-normalised residual stream after the last pre-LN layer, whose range a few channels stretch
 (``scripts/act_report.py``). Rows are built by ``scripts/calibrate.py`` (16 training batches) and decoded by
 ``scripts/evaluate.py``; finished rows are reused.
 """
@@ -25,7 +25,7 @@ from recipes.librispeech.rows import SIZES  # noqa: E402
 from recipes.librispeech.run import calibrated_checkpoint, evaluate_model  # noqa: E402
 from recipes.librispeech.stages import parallel  # noqa: E402
 
-OUTLIER_SITE = "encoder.transformer_layers.5"
+OUTLIER_SITE = "encoder.transformer_layers.-1"  # the encoder's output projection, at any depth
 SETTINGS = {"w8a8": (8, 8), "w8a6": (8, 6), "w8a4": (8, 4), "w4a8": (4, 8), "w4a6": (4, 6)}
 
 

@@ -30,6 +30,8 @@ def allocation_of(specs: dict[str, dict], precision: int | None = None, strategy
     from .quant.spec import QuantSpec
 
     out = {}
+    if strategy is not None:
+        strategy = strategy.bind(specs)
     for name, raw in specs.items():
         spec = QuantSpec(**raw)
         if not spec.co_weight_bits:

@@ -123,6 +123,12 @@ def test_a_base_strategy_gives_every_candidate_its_weight_method_and_activation_
                                "rules": [{"match": "decoder.fc_out", "act_bits": 16, "weight_bits": 8}]})
     rules = act_overrides(base, modules)
     assert rules == {"decoder.fc_out": {"act_bits": 16, "act_method": "minmax", "act_granularity": "tensor"}}
+    # a rule counting from the end of a module list (the recipe's out16 strategies) is bound to the searched modules
+    assert [m for m in modules if m.startswith("decoder.layers.")] == ["decoder.layers.0", "decoder.layers.1"]
+    relative = Strategy.from_dict({"default": {"weight_bits": 2, "act_bits": 8},
+                                   "rules": [{"match": "decoder.layers.-1", "act_bits": 16}]})
+    assert act_overrides(relative, modules) == {
+        "decoder.layers.1": {"act_bits": 16, "act_method": "minmax", "act_granularity": "tensor"}}
     cfg = SearchConfig(checkpoint="-", data="-", out="-", budget_bits=3, base_strategy=base.to_dict())
     assert unit_act_rules(cfg, units) == rules
     for fc_out_bits in (2, 4, 1):  # the default width (2) and others

@@ -1,4 +1,7 @@
 """Strategies: YAML rules, first-match-wins lookup, inheritance from the default, and precise errors."""
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -260,6 +263,65 @@ def test_rule_on_a_container_reaches_every_leaf_inside_unless_a_more_specific_ru
         "decoder.out_proj": ("w2a8", "default"),
     }
     assert model.encoder.layers[0].fc1.weight_quantizer.bits == 8
+
+
+def test_a_negative_index_names_a_module_counted_from_the_end_of_its_list(tmp_path):
+    """``encoder.layers.-1`` is the last encoder layer whatever the depth: layer 1 of Tiny's two, layer 4 of five;
+    ``-2`` the one before it."""
+    path = write(tmp_path, "default: {weight_bits: 2, act_bits: 8}\nrules:\n  - match: encoder.layers.-1\n"
+                           "    act_bits: 16\n  - match: encoder.layers.-2.fc2\n    weight_bits: 4\n")
+    strategy = Strategy.from_yaml(path)
+    model = Tiny()
+    report = quantize_model(model, strategy)
+    rows = {e.name: (e.spec_label, e.rule) for e in report.layers}
+    assert rows == {
+        "encoder.layers.0.fc1": ("w2a8", "default"),
+        "encoder.layers.0.fc2": ("w4a8", "rule 2: encoder.layers.0.fc2"),
+        "encoder.layers.1.fc1": ("w2a16", "rule 1: encoder.layers.1"),
+        "encoder.layers.1.fc2": ("w2a16", "rule 1: encoder.layers.1"),
+        "decoder.out_proj": ("w2a8", "default"),
+    }
+    deeper = Tiny()
+    for _ in range(3):
+        layer = nn.Module()
+        layer.fc1, layer.fc2 = nn.Linear(32, 32), nn.Linear(32, 32)
+        deeper.encoder.layers.append(layer)
+    rows = {e.name: e.spec_label for e in quantize_model(deeper, strategy).layers}
+    assert [rows[f"encoder.layers.{i}.fc1"] for i in range(5)] == ["w2a8"] * 4 + ["w2a16"]
+    assert [rows[f"encoder.layers.{i}.fc2"] for i in range(5)] == ["w2a8"] * 3 + ["w4a8", "w2a16"]
+    # the file keeps the relative pattern; a lookup without a model is refused rather than guessed
+    assert Strategy.from_dict(strategy.to_dict()).rules[0].pattern == "encoder.layers.-1"
+    with pytest.raises(StrategyError, match=r"pattern 'encoder\.layers\.-1' counts from the end of a module list; "
+                                            r"bind the strategy"):
+        strategy.spec_for("encoder.layers.1.fc1")
+    assert strategy.bind(["encoder.layers.0.fc1", "encoder.layers.1.fc1"]).spec_for("encoder.layers.1.fc1").act_bits == 16
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ("encoder.layers.-3", r"encoder\.layers has 2 numbered modules, so -3 names none"),
+    ("decoder.out_proj.-1", r"decoder\.out_proj has no numbered modules to count -1 from"),
+    ("encoder.*.-1", r"the segments before the negative index -1 must name one module list, without wildcards"),
+])
+def test_a_negative_index_that_names_no_module_is_one_clear_error(tmp_path, pattern, message):
+    path = write(tmp_path, f"rules:\n  - match: '{pattern}'\n    weight_bits: 4\n")
+    model = Tiny()
+    with pytest.raises(StrategyError, match=rf"strategy\.yaml: rule 1: pattern '{re.escape(pattern)}': {message}"):
+        quantize_model(model, Strategy.from_yaml(path))
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_the_recipes_outlier_site_is_the_encoders_output_projection_at_any_depth(dict_dir):
+    """The out16 strategies name the site as ``encoder.transformer_layers.-1``: in the tiny test arch (list:
+    Linear adapter, 2 transformer layers, output projection, LayerNorm) that is module 3, not the reference
+    arch's 5; the fp32 LayerNorm after it is not counted."""
+    from conftest import build_tiny
+
+    strategy = Path(__file__).resolve().parents[1] / "recipes" / "librispeech" / "strategies" / "w8a8-out16.yaml"
+    _, model, _ = build_tiny(dict_dir, extra=["--quant-strategy", str(strategy)])
+    assert type(model.encoder.transformer_layers[4]) is nn.LayerNorm
+    wide = {e.name: e.rule for e in model.quant_report.layers if e.spec_label == "w8a16"}
+    assert wide == {"encoder.transformer_layers.3": "rule 1: encoder.transformer_layers.3"}
+    assert model.encoder.transformer_layers[3].input_quantizer.bits == 16
 
 
 def test_rule_on_attention_reaches_its_projections(dict_dir, tmp_path):

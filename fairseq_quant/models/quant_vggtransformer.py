@@ -241,7 +241,7 @@ class QuantModelMixin:
         source = stored.get("path", "the checkpoint")
         theirs = stored.get("quant_specs")
         if theirs is None and stored.get("quant_strategy"):  # written before the specs were saved per module
-            strategy = Strategy.from_dict(yaml.safe_load(stored["quant_strategy"]), source=source)
+            strategy = Strategy.from_dict(yaml.safe_load(stored["quant_strategy"]), source=source).bind(self.quant_specs)
             theirs = {name: strategy.spec_for(name).to_dict() for name in self.quant_specs}
         if theirs is None:
             logger.warning("fairseq_quant: %s stores no quantization strategy; its quantizer state is loaded "

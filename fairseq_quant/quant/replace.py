@@ -91,6 +91,7 @@ def quantize_model(model: nn.Module, strategy: Strategy) -> QuantizationReport:
     as unsupported and logged; they stay fp32.
     """
     names = quantizable_names(model)
+    strategy = strategy.bind(names)
     strategy.check_matches(names)
     rules_used: dict[str, str] = {}
     specs: dict[str, QuantSpec] = {}

@@ -10,10 +10,18 @@ YAML layout (a rule's missing fields come from ``default``)::
         weight_bits: 2
         granularity: group
         group_size: 64
+      - match: "encoder.transformer_layers.-1"      # a negative index counts from the end of a module list
+        act_bits: 16
 
 ``weight_bits``/``act_bits`` are 1..8 or ``fp32``. A module gets the first rule that matches its own
 name; failing that, the first rule that matches its closest enclosing module (a rule on an attention
 reaches its q/k/v/out projections, a rule on ``encoder`` everything in it); failing that, the default.
+
+A glob pattern's segment ``-N`` (N >= 1) counts from the end of the numbered modules under the segments before it,
+among the modules a strategy addresses (normalisation layers stay fp32 by design and are not counted), so that one
+strategy names a site of models of any depth: fairseq's VGGTransformerEncoder ends its ``transformer_layers`` list
+with the output projection and a LayerNorm, so ``encoder.transformer_layers.-1`` is that projection. :meth:`Strategy.bind` resolves these indices
+against a model's module names; every use of a strategy on a model binds it first.
 """
 import fnmatch
 import re
@@ -39,6 +47,38 @@ class Rule:
         if self.pattern.startswith("re:"):
             return re.fullmatch(self.pattern[3:], name) is not None
         return fnmatch.fnmatchcase(name, self.pattern)
+
+    @property
+    def relative(self) -> bool:
+        """Whether the pattern has a negative index segment (``-N``), to be resolved by :meth:`resolve`."""
+        return not self.pattern.startswith("re:") and any(_NEGATIVE.fullmatch(p) for p in self.pattern.split("."))
+
+    def resolve(self, scopes: set[str], where: str) -> "Rule":
+        """This rule with each ``-N`` segment replaced by the index it names among ``scopes`` (module names and
+        the modules around them); a glob's segments before it must be literal."""
+        parts = self.pattern.split(".")
+        for k, part in enumerate(parts):
+            if not _NEGATIVE.fullmatch(part):
+                continue
+            prefix = parts[:k]
+            if any(ch in seg for seg in prefix for ch in "*?["):
+                raise StrategyError(f"{where}: pattern {self.pattern!r}: the segments before the negative index "
+                                    f"{part} must name one module list, without wildcards")
+            indices = {int(q[k]) for q in (n.split(".") for n in scopes)
+                       if len(q) > k and q[:k] == prefix and q[k].isdigit()}
+            owner = ".".join(prefix) or "the model"
+            if not indices:
+                raise StrategyError(f"{where}: pattern {self.pattern!r}: {owner} has no numbered modules to count "
+                                    f"{part} from")
+            index = max(indices) + 1 + int(part)
+            if index not in indices:
+                raise StrategyError(f"{where}: pattern {self.pattern!r}: {owner} has {max(indices) + 1} numbered "
+                                    f"modules, so {part} names none")
+            parts[k] = str(index)
+        return Rule(".".join(parts), self.spec)
+
+
+_NEGATIVE = re.compile(r"-[1-9][0-9]*")
 
 
 class Strategy:
@@ -108,14 +148,32 @@ class Strategy:
         return {"default": spec_dict(self.default),
                 "rules": [{"match": r.pattern, **spec_dict(r.spec)} for r in self.rules]}
 
+    def bind(self, module_names) -> "Strategy":
+        """This strategy for a model whose quantizable modules are ``module_names``: every negative index
+        (``-N`` segment) resolved to the module it names; the same strategy when it has none."""
+        if not any(rule.relative for rule in self.rules):
+            return self
+        scopes = {scope for n in module_names for scope in enclosing_scopes(n)}
+        rules = [rule.resolve(scopes, f"{self.source}: rule {i + 1}") if rule.relative else rule
+                 for i, rule in enumerate(self.rules)]
+        return Strategy(self.default, rules, self.source)
+
     def lookup(self, name: str) -> tuple[QuantSpec, int | None]:
         """(spec, rule index or None for the default) deciding module ``name``: rules on the module itself
-        come first, then rules on each enclosing module from the closest outwards."""
+        come first, then rules on each enclosing module from the closest outwards. A strategy with negative
+        indices must be bound to the model first (:meth:`bind`)."""
+        self._require_bound()
         for scope in enclosing_scopes(name):
             for i, rule in enumerate(self.rules):
                 if rule.matches(scope):
                     return rule.spec, i
         return self.default, None
+
+    def _require_bound(self) -> None:
+        relative = next((r.pattern for r in self.rules if r.relative), None)
+        if relative is not None:
+            raise StrategyError(f"{self.source}: pattern {relative!r} counts from the end of a module list; bind the "
+                                "strategy to the model's module names first (Strategy.bind)")
 
     def spec_for(self, name: str) -> QuantSpec:
         return self.lookup(name)[0]
@@ -123,6 +181,7 @@ class Strategy:
     def check_matches(self, module_names: list[str]) -> None:
         """Every rule must match a quantizable module or a module around one (catches strategies for other
         models)."""
+        self._require_bound()
         scopes = {scope for n in module_names for scope in enclosing_scopes(n)}
         for i, rule in enumerate(self.rules):
             if not any(rule.matches(n) for n in scopes):

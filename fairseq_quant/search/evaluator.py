@@ -93,7 +93,9 @@ class Evaluator:
         if self._co is None:
             self._co = load_checkpoint(Path(self.config["co_trained"]), self.data)
         model, task = self._co
-        for name, q in weight_quantizers(model).items():
+        quantizers = weight_quantizers(model)
+        strategy = strategy.bind(quantizers)
+        for name, q in quantizers.items():
             bits = strategy.spec_for(name).weight_bits
             if bits not in q.precisions:
                 raise ValueError(f"{name}: {bits}-bit weights are not a precision of the co-trained checkpoint "

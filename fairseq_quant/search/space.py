@@ -105,6 +105,8 @@ def act_overrides(strategy: Strategy | None, modules) -> dict[str, dict]:
     if strategy is None:
         return {}
     out = {}
+    modules = list(modules)
+    strategy = strategy.bind(modules)
     for m in modules:
         spec, rule = strategy.lookup(m)
         if rule is not None:
