@@ -247,10 +247,20 @@ def test_a_bundle_row_is_checked_before_anything_runs(tmp_path, monkeypatch, cap
     assert "compare only in a run from that reference" in error("smoke", "--rows", "fp32,fp32-narrow")
 
 
-def test_every_row_kind_has_a_colour_in_the_plot():
-    from recipes.librispeech.report import KIND_COLORS
+def test_every_row_kind_has_a_colour_and_a_legend_entry_in_the_plot():
+    from recipes.librispeech.report import KIND_COLORS, KIND_LABELS
 
     assert {row.kind for row in ROWS.values()} <= set(KIND_COLORS)  # fp32_bundle had none: the plot crashed
+    assert set(KIND_LABELS) == set(KIND_COLORS)
+
+
+def test_the_plots_axis_stops_at_three_times_fp32s_wer():
+    """A post-training 2-bit row at 300% WER would squeeze every row that matters into the bottom tenth."""
+    from recipes.librispeech.report import y_top
+
+    assert y_top([12.0, 18.0, 300.0], fp32=11.0) == pytest.approx(33.0)
+    assert y_top([12.0, 18.0], fp32=11.0) == pytest.approx(18.9)  # all on the scale: just above the highest
+    assert y_top([12.0, 300.0], fp32=None) == pytest.approx(315.0)  # no fp32 row: nothing to cut at
 
 
 def test_the_benchmark_runs_every_row_but_the_distillation_ablation_and_the_demo_a_subset_from_fp32():

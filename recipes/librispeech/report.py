@@ -79,14 +79,50 @@ def results_table(results: list[ModelResult], subsets=EVAL_SUBSETS) -> str:
     return "\n".join(lines) + "\n"
 
 
-# the plot's colour of each row kind (recipes/librispeech/rows.py); every kind has one (a test)
+# the plot's colour and legend entry of each row kind (recipes/librispeech/rows.py); every kind has one (a test)
 KIND_COLORS = {"fp32": "black", "fp32_bundle": "tab:gray", "ptq": "tab:red", "ptq_calibrated": "tab:brown",
                "dynamic_int8": "tab:orange", "qat": "tab:blue", "search_qat": "tab:purple", "runtime": "tab:green",
                "coqat": "tab:cyan", "co_search": "tab:pink"}
+KIND_LABELS = {"fp32": "fp32", "fp32_bundle": "size-matched fp32", "ptq": "post-training weights",
+               "ptq_calibrated": "calibrated weights + activations", "dynamic_int8": "PyTorch dynamic int8",
+               "qat": "QAT", "search_qat": "QAT of a searched allocation", "runtime": "exported, ONNX Runtime",
+               "coqat": "co-trained", "co_search": "search over the co-trained model"}
+OFF_SCALE = 3.0  # the y axis ends at this multiple of the fp32 row's WER; rows above sit on the edge, WER in their label
+
+
+def y_top(values: list[float], fp32: float | None) -> float:
+    """The plot's upper WER limit: just above the highest row, but at most OFF_SCALE times fp32's WER (a
+    post-training 2-bit row at 300% WER would flatten every row that matters)."""
+    top = max(values) * 1.05
+    return min(top, OFF_SCALE * fp32) if fp32 else top
+
+
+def _label_offsets(points, labels, ax, fontsize: float) -> list[tuple[float, float]]:
+    """An offset (in points) for each label that does not overlap the labels placed before it, where one of a
+    few positions around its point allows (greedy, in display coordinates)."""
+    scale = ax.figure.dpi / 72.0
+    placed = []
+    out = []
+    for (x, y), text in zip(points, labels):
+        px, py = ax.transData.transform((x, y))
+        w, h = 0.6 * fontsize * len(text) * scale, 1.2 * fontsize * scale
+        candidates = [(4, 4), (4, -12), (-4 - w / scale, 4), (-4 - w / scale, -12), (4, 14), (4, -22),
+                      (-4 - w / scale, 14), (-4 - w / scale, -22)]
+        chosen = candidates[0]
+        for dx, dy in candidates:
+            box = (px + dx * scale, py + dy * scale, px + dx * scale + w, py + dy * scale + h)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                chosen = (dx, dy)
+                break
+        dx, dy = chosen
+        placed.append((px + dx * scale, py + dy * scale, px + dx * scale + w, py + dy * scale + h))
+        out.append(chosen)
+    return out
 
 
 def plot_results(results: list[ModelResult], subsets, path: Path) -> Path:
-    """PNG of pooled test WER (with 95% intervals) against model size, one labelled point per row."""
+    """PNG of pooled test WER (with 95% intervals) against model size, one labelled point per row, coloured by
+    the row's kind (a legend); rows beyond OFF_SCALE times fp32's WER sit on the top edge with their WER."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,21 +131,39 @@ def plot_results(results: list[ModelResult], subsets, path: Path) -> Path:
     from fairseq_quant.stats import read_utterances, wer_interval
 
     pooled = table_subsets(subsets)
-    fig, ax = plt.subplots(figsize=(8, 5))
+    cis = {r.name: wer_interval([read_utterances(Path(r.eval_dir) / f"{s}.utt.tsv") for s in pooled])
+           for r in results}
+    fp32 = cis["fp32"].value if "fp32" in cis else None
+    top = y_top([cis[r.name].hi for r in results], fp32)
+    fig, ax = plt.subplots(figsize=(10, 6))
+    ax.set_xscale("log")
+    ax.set_ylim(0, top)
+    sizes = [r.model_mb for r in results]
+    ax.set_xlim(min(sizes) / 1.3, max(sizes) * 1.6)
+    points, labels, seen = [], [], set()
     for r in results:
         kind = ROWS[r.name].kind if r.name in ROWS else "qat"
-        ci = wer_interval([read_utterances(Path(r.eval_dir) / f"{s}.utt.tsv") for s in pooled])
-        ax.errorbar(r.model_mb, ci.value, yerr=[[ci.value - ci.lo], [ci.hi - ci.value]], fmt="o",
-                    color=KIND_COLORS[kind], capsize=3)
-        ax.annotate(r.name, (r.model_mb, ci.value), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xscale("log")
+        ci = cis[r.name]
+        color = KIND_COLORS[kind]
+        legend = KIND_LABELS[kind] if kind not in seen else None
+        seen.add(kind)
+        if ci.value > top:  # off the scale: a triangle on the top edge
+            ax.plot(r.model_mb, top, marker="^", color=color, linestyle="none", label=legend, clip_on=False)
+            points.append((r.model_mb, top))
+            labels.append(f"{r.name} ({ci.value:.0f}%)")
+            continue
+        ax.errorbar(r.model_mb, ci.value, yerr=[[ci.value - ci.lo], [min(ci.hi, top) - ci.value]], fmt="o",
+                    color=color, capsize=3, label=legend)
+        points.append((r.model_mb, ci.value))
+        labels.append(r.name)
+    fontsize = 6.5
+    for (x, y), text, offset in zip(points, labels, _label_offsets(points, labels, ax, fontsize)):
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=offset, fontsize=fontsize)
     ax.set_xlabel("model size, MB (packed weights + scales; log scale)")
     ax.set_ylabel(f"WER % ({'+'.join(pooled)}), 95% CI")
-    ax.set_title("WER against size: fp32 (black), the size-matched fp32 model (grey), post-training weights (red) and calibrated weights + activations "
-                 "(brown), dynamic int8 (orange), QAT (blue), "
-                 "QAT of the searched strategy (purple), exported + ONNX Runtime (green), co-trained (cyan) and its "
-                 "searched allocation (pink)",
-                 fontsize=9)
+    ax.set_title("WER against model size" + (f" (axis cut at {OFF_SCALE:g} x fp32's WER)" if fp32 else ""),
+                 fontsize=10)
+    ax.legend(fontsize=7, loc="upper right")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     with atomic_output(path) as tmp:
