@@ -112,3 +112,34 @@ def test_the_collapsed_checkpoint_computes_the_co_trained_model_at_that_precisio
                 "--out", str(tmp_path / "again.pt")])
     assert proc.returncode == 2 and "not a co-trained checkpoint (no module has co_weight_bits)" in proc.stderr
     shutil.rmtree(tmp / "resumed", ignore_errors=True)
+
+
+def test_the_search_over_a_co_trained_model_offers_each_unit_only_its_co_trained_widths(cotrained, tmp_path):
+    """--co-trained with --bits 1,2,8: the VGG convolutions were co-trained at 8 and 2 bits only and the decoder's
+    output projection at 8 only, so no sensitivity pass, candidate or uniform row gives them 1 bit (the benchmark's
+    co-searched row used to die on its first such pass: 'encoder.conv_layers.0.layers.0: 1-bit weights are not a
+    precision of the co-trained checkpoint')."""
+    import csv
+    import json
+
+    work, tmp, _, _, _ = cotrained
+    out = tmp_path / "co-search"
+    proc = run([sys.executable, "scripts/search_strategy.py", "--checkpoint", str(work / "fp32" / "checkpoint_best.pt"),
+                "--data", str(work / "data"), "--co-trained", str(tmp / "straight" / "checkpoint_last.pt"),
+                "--bits", "1,2,8", "--budget-bits", "3", "--mode", "fast", "--top-k", "1", "--beam", "1",
+                "--max-len-a", "0", "--max-len-b", "12", "--probes", "2", "--proxy-batches", "1", "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "sensitivity.csv") as f:
+        passes = {(r["unit"], int(r["bits"])) for r in csv.DictReader(f)}
+    units = {u for u, _ in passes}
+    convs = {u for u in units if u.startswith("encoder.conv_layers")}
+    assert convs and "decoder.fc_out" in units
+    assert {b for u, b in passes if u in convs} == {2, 8}
+    assert {b for u, b in passes if u == "decoder.fc_out"} == {8}
+    assert {b for u, b in passes if u not in convs and u != "decoder.fc_out"} == {1, 2, 8}
+    with open(out / "candidates.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows if r["kind"] == "uniform"] == ["uniform-w8"]  # 1 and 2 bits fit not every unit
+    best = json.loads((out / "summary.json").read_text())["best"]["allocation"]
+    assert all(best[u] in (2, 8) for u in convs) and best["decoder.fc_out"] == 8
+    assert float(next(r for r in rows if r["rank"] == "1")["avg_weight_bits"]) <= 3.0

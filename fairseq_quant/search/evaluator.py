@@ -86,7 +86,9 @@ class Evaluator:
         return model, task, len(batches)
 
     def co_trained_model(self, strategy):
-        """The co-trained model (loaded once) with each module at the precision the strategy gives its weights."""
+        """The co-trained model (loaded once) with each module at the precision the strategy gives its weights; a
+        module the strategy leaves in float (the other units of a one-unit sensitivity pass) runs at its highest
+        co-trained precision: a co-trained model has no float weights."""
         from ..evaluate import load_checkpoint
         from ..quant.coprecision import weight_quantizers
 
@@ -97,6 +99,8 @@ class Evaluator:
         strategy = strategy.bind(quantizers)
         for name, q in quantizers.items():
             bits = strategy.spec_for(name).weight_bits
+            if bits is None:
+                bits = max(q.precisions)
             if bits not in q.precisions:
                 raise ValueError(f"{name}: {bits}-bit weights are not a precision of the co-trained checkpoint "
                                  f"{self.config['co_trained']} ({q.precisions}); search over --bits among them")
@@ -150,7 +154,19 @@ class Evaluator:
         units = model_units(model, task["unit"])
         costs = unit_costs(lambda: self.fp32_model()[0], units, task["bits"], task["act_bits"],
                            task.get("weight_method", "lsq"))
-        return {"units": [[u.name, list(u.modules)] for u in units], "costs": costs.to_dict()}
+        out = {"units": [[u.name, list(u.modules)] for u in units], "costs": costs.to_dict()}
+        if task.get("co_widths"):  # each unit's widths: those every module of it was co-trained at
+            from ..evaluate import load_checkpoint
+            from ..quant.coprecision import weight_quantizers
+
+            if self._co is None:
+                self._co = load_checkpoint(Path(self.config["co_trained"]), self.data)
+            quantizers = weight_quantizers(self._co[0])
+            out["widths"] = {u.name: [b for b in task["bits"]
+                                      if all(b in q.precisions for name, q in quantizers.items()
+                                             if any(name == m or name.startswith(m + ".") for m in u.modules))]
+                             for u in units}
+        return out
 
     def _proxy(self, task):
         from .proxy import fisher_traces, hutchinson_traces

@@ -284,10 +284,14 @@ def run_search(cfg: SearchConfig) -> dict:
     ex = Executor(wcfg, cfg.workers, cfg.ray_address)
     decode = cfg.mode != "proxy"
     try:
+        # with a co-trained checkpoint the costs task also returns each unit's co-trained widths (a key of its own,
+        # so a search state saved before widths existed recomputes it)
         costs_res = ex.run([{"kind": "costs", "unit": cfg.unit, "bits": sorted(cfg.bits), "act_bits": cfg.act_bits,
-                             **({"weight_method": weight_method(cfg)} if cfg.base_strategy else {})}],
+                             **({"weight_method": weight_method(cfg)} if cfg.base_strategy else {}),
+                             **({"co_widths": True} if cfg.co_trained else {})}],
                            state, "sizes")[0]
         units = [Unit(n, tuple(m)) for n, m in costs_res["units"]]
+        widths = unit_widths(cfg, units, costs_res.get("widths"))
         act_rules = unit_act_rules(cfg, units)
         costs = UnitCosts.from_dict(costs_res["costs"])
         proxy = ex.run([{"kind": "proxy", "units": [[u.name, list(u.modules)] for u in units], "probes": cfg.probes,
@@ -296,10 +300,10 @@ def run_search(cfg: SearchConfig) -> dict:
         base = ex.run([{"kind": "eval", "name": "fp32", "strategy": None, "decode": decode}], state, "fp32")[0]
         sens_tasks = [{"kind": "eval", "name": f"{u.name}@w{b}",
                        "strategy": unit_strategy(u, b, cfg.act_bits, act_rules, weight_method(cfg)),
-                       "decode": cfg.mode == "full"} for u in units for b in cfg.bits]
+                       "decode": cfg.mode == "full"} for u in units for b in widths[u.name]]
         sens_res = ex.run(sens_tasks, state, "sensitivity")
-        sens = sensitivities(units, cfg, costs, proxy, base, sens_res)
-        score = {u.name: {b: sens[(u.name, b)][cfg.objective] for b in cfg.bits} for u in units}
+        sens = sensitivities(units, widths, costs, proxy, base, sens_res)
+        score = {u.name: {b: sens[(u.name, b)][cfg.objective] for b in widths[u.name]} for u in units}
         correlations = {p: spearman([sens[k][p] for k in sens if sens[k]["wer"] is not None],
                                     [sens[k]["wer"] for k in sens if sens[k]["wer"] is not None])
                         for p in ("loss", "hessian", "fisher")}
@@ -309,6 +313,8 @@ def run_search(cfg: SearchConfig) -> dict:
         cands = [Candidate(f"search-{i + 1}", "search", a, costs.avg_bits(a), costs.mb(a), obj)
                  for i, (a, obj) in enumerate(found)]
         for b in sorted(cfg.bits):
+            if not all(b in widths[u.name] for u in units):
+                continue  # not a width of every unit (a co-trained checkpoint's first and last layers)
             a = {u.name: b for u in units}
             cands.append(Candidate(f"uniform-w{b}", "uniform", a, costs.avg_bits(a), costs.mb(a),
                                    sum(score[u][b] for u in score)))
@@ -326,7 +332,7 @@ def run_search(cfg: SearchConfig) -> dict:
                 c.avg_bits, c.mb = r["avg_weight_bits"], r["model_mb"]
         greedy = None
         if cfg.greedy:
-            greedy = greedy_search(ex, state, units, costs, cfg)
+            greedy = greedy_search(ex, state, units, widths, costs, cfg)
             cands.append(greedy["candidate"])
     finally:
         ex.close()
@@ -368,13 +374,23 @@ def fits(cfg: SearchConfig, avg_bits: float, mb: float) -> bool:
             and (cfg.budget_mb is None or mb <= cfg.budget_mb + 1e-9))
 
 
-def sensitivities(units, cfg, costs, proxy, base, sens_res) -> dict:
+def unit_widths(cfg: SearchConfig, units, co_widths: dict | None) -> dict[str, list[int]]:
+    """Each unit's candidate weight widths: every ``--bits`` width, or with a co-trained checkpoint those its modules
+    were co-trained at (``co_widths``, from the costs task); a unit left with none is an error naming it."""
+    widths = {u.name: sorted(co_widths[u.name] if co_widths is not None else cfg.bits) for u in units}
+    empty = [name for name, w in widths.items() if not w]
+    if empty:
+        raise SearchError(f"units {empty[:3]} were co-trained at none of the widths --bits {','.join(map(str, cfg.bits))}")
+    return widths
+
+
+def sensitivities(units, widths: dict[str, list[int]], costs, proxy, base, sens_res) -> dict:
     from .proxy import second_order_score
 
     out = {}
     it = iter(sens_res)
     for u in units:
-        for b in cfg.bits:
+        for b in widths[u.name]:
             r = next(it)
             wer = None
             if "errors" in r and "errors" in base:
@@ -390,19 +406,19 @@ def sensitivities(units, cfg, costs, proxy, base, sens_res) -> dict:
     return out
 
 
-def greedy_search(ex: Executor, state: State, units, costs: UnitCosts, cfg: SearchConfig) -> dict:
+def greedy_search(ex: Executor, state: State, units, widths: dict[str, list[int]], costs: UnitCosts,
+                  cfg: SearchConfig) -> dict:
     """One unit at a time, every step decoding each unit lowered to its next width; the step keeps the
     lowest dev WER (ties: the larger saving, then forward order). Stops when the budget holds."""
-    widths = sorted(cfg.bits)
-    alloc = {u.name: widths[-1] for u in units}
+    alloc = {u.name: widths[u.name][-1] for u in units}
     decodes, steps = 0, 0
     current = None
     while not fits(cfg, costs.avg_bits(alloc), costs.mb(alloc)):
         options = []
         for u in units:
-            i = widths.index(alloc[u.name])
+            i = widths[u.name].index(alloc[u.name])
             if i > 0:
-                options.append({**alloc, u.name: widths[i - 1]})
+                options.append({**alloc, u.name: widths[u.name][i - 1]})
         if not options:
             raise SearchError("greedy search: no lower widths left and the budget still does not hold")
         cands = [Candidate(f"greedy-{steps + 1}-{alloc_name(units, a)}", "greedy", a, costs.avg_bits(a), costs.mb(a))

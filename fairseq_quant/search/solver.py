@@ -20,7 +20,7 @@ def solve_allocations(units: list[str], bits: list[int], score: dict[str, dict[i
 
     if budget_bits is None and budget_mb is None:
         raise SearchError("give a budget: average weight bits or MB")
-    index = [(u, b) for u in units for b in bits]
+    index = [(u, b) for u in units for b in bits if b in score[u]]  # a unit's widths: those it has a score for
     n = len(index)
     c = np.array([score[u][b] for u, b in index], dtype=np.float64)
     rows, lo, hi = [], [], []
@@ -44,10 +44,10 @@ def solve_allocations(units: list[str], bits: list[int], score: dict[str, dict[i
                    options={"time_limit": time_limit, "presolve": True})
         if res.status != 0 or res.x is None:
             if not found:
-                smallest = min(bits)
+                smallest = {u: min(b for uu, b in index if uu == u) for u in units}
                 raise SearchError(f"no allocation fits the budget (bits {budget_bits}, MB {budget_mb}); the smallest "
-                                  f"is {smallest} bits everywhere: {sum(costs.numel[u] * smallest for u in units) / sum(costs.numel[u] for u in units):.3f} "
-                                  f"average weight bits, {costs.mb({u: smallest for u in units}):.4f} MB")
+                                  f"({min(bits)} bits wherever a unit allows it) is {costs.avg_bits(smallest):.3f} "
+                                  f"average weight bits, {costs.mb(smallest):.4f} MB")
             break
         chosen = [index[i] for i in range(n) if res.x[i] > 0.5]
         allocation = {u: b for u, b in chosen}
