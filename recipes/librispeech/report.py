@@ -97,17 +97,21 @@ def y_top(values: list[float], fp32: float | None) -> float:
     return min(top, OFF_SCALE * fp32) if fp32 else top
 
 
-def _label_offsets(points, labels, ax, fontsize: float) -> list[tuple[float, float]]:
+def _label_offsets(points, labels, ax, fontsize: float, below=None) -> list[tuple[float, float]]:
     """An offset (in points) for each label that does not overlap the labels placed before it, where one of a
-    few positions around its point allows (greedy, in display coordinates)."""
+    few positions around its point allows (greedy, in display coordinates); points flagged in ``below`` (those on
+    the top edge) take positions under them only."""
     scale = ax.figure.dpi / 72.0
     placed = []
     out = []
-    for (x, y), text in zip(points, labels):
+    for i, ((x, y), text) in enumerate(zip(points, labels)):
         px, py = ax.transData.transform((x, y))
         w, h = 0.6 * fontsize * len(text) * scale, 1.2 * fontsize * scale
-        candidates = [(4, 4), (4, -12), (-4 - w / scale, 4), (-4 - w / scale, -12), (4, 14), (4, -22),
-                      (-4 - w / scale, 14), (-4 - w / scale, -22)]
+        left = -4 - w / scale
+        if below is not None and below[i]:
+            candidates = [(4, -12), (left, -12), (4, -22), (left, -22), (4, -32), (left, -32), (4, -42), (left, -42)]
+        else:
+            candidates = [(4, 4), (4, -12), (left, 4), (left, -12), (4, 14), (4, -22), (left, 14), (left, -22)]
         chosen = candidates[0]
         for dx, dy in candidates:
             box = (px + dx * scale, py + dy * scale, px + dx * scale + w, py + dy * scale + h)
@@ -140,7 +144,7 @@ def plot_results(results: list[ModelResult], subsets, path: Path) -> Path:
     ax.set_ylim(0, top)
     sizes = [r.model_mb for r in results]
     ax.set_xlim(min(sizes) / 1.3, max(sizes) * 1.6)
-    points, labels, seen = [], [], set()
+    points, labels, edge, seen = [], [], [], set()
     for r in results:
         kind = ROWS[r.name].kind if r.name in ROWS else "qat"
         ci = cis[r.name]
@@ -151,13 +155,20 @@ def plot_results(results: list[ModelResult], subsets, path: Path) -> Path:
             ax.plot(r.model_mb, top, marker="^", color=color, linestyle="none", label=legend, clip_on=False)
             points.append((r.model_mb, top))
             labels.append(f"{r.name} ({ci.value:.0f}%)")
+            edge.append(True)
             continue
         ax.errorbar(r.model_mb, ci.value, yerr=[[ci.value - ci.lo], [min(ci.hi, top) - ci.value]], fmt="o",
                     color=color, capsize=3, label=legend)
         points.append((r.model_mb, ci.value))
         labels.append(r.name)
+        edge.append(False)
     fontsize = 6.5
-    for (x, y), text, offset in zip(points, labels, _label_offsets(points, labels, ax, fontsize)):
+    # the edge's labels first: they have the fewest places to go
+    order = sorted(range(len(points)), key=lambda i: not edge[i])
+    offsets = _label_offsets([points[i] for i in order], [labels[i] for i in order], ax, fontsize,
+                             [edge[i] for i in order])
+    for i, offset in zip(order, offsets):
+        (x, y), text = points[i], labels[i]
         ax.annotate(text, (x, y), textcoords="offset points", xytext=offset, fontsize=fontsize)
     ax.set_xlabel("model size, MB (packed weights + scales; log scale)")
     ax.set_ylabel(f"WER % ({'+'.join(pooled)}), 95% CI")
