@@ -2,7 +2,7 @@
 """Where ONNX Runtime's low-bit kernels beat fp32 on this CPU: a transformer feed-forward block
 (``x [N, d] -> MatMul [d, 4d] -> Relu -> MatMul [4d, d]``) at widths d = 128 ... 1024, run as fp32 MatMul,
 ``MatMulNBits`` at 4 and 2 bits (the runtime's low-bit kernel, built by ``fairseq_quant_runtime.graphs``, int8
-activations per block: accuracy level 4) and ONNX Runtime's dynamic int8 quantization (``MatMulInteger``), for
+activations and products in float32: accuracy level 1, as the runtime builds it) and ONNX Runtime's dynamic int8 quantization (``MatMulInteger``), for
 N = 10 rows (one decoder step: 2 utterances x beam 5) and N = 400 rows (an encoder batch). Median of repeated
 runs at 1 thread, side by side in one process; ratios are fp32 time over the kernel's time (> 1: faster).
 

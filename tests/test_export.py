@@ -125,12 +125,12 @@ def test_onnx_graphs_compute_what_fairseq_computes(dict_dir):
     np.testing.assert_allclose(got, expected, atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("bits,method,bound", [(2, "lsq", 0.05), (4, "lsq", 0.05), (8, "lsq", 0.05),
-                                               (2, "balanced", 0.05)])
-def test_low_bit_kernels_replace_every_quantized_matmul(dict_dir, bits, method, bound):
-    """MatMulNBits holds the same weights; it differs from fp32 MatMul only by its int8 activation blocks
-    (measured max |log-prob difference| on this tiny model: under 0.01 at every width). Balanced 2-bit grids run
-    as odd integers at half the step in the 4-bit kernel."""
+@pytest.mark.parametrize("bits,method", [(2, "lsq"), (4, "lsq"), (8, "lsq"), (2, "balanced")])
+def test_low_bit_kernels_replace_every_quantized_matmul(dict_dir, bits, method):
+    """MatMulNBits holds the same weights and, at accuracy level 1, computes in float32 what the fp32 MatMul
+    computes: the step log-probabilities agree to float rounding (at level 4, int8 activation blocks, they moved
+    by up to 0.01 on this tiny model, and `auto`'s timed choice of kernel changed transcripts). Balanced 2-bit
+    grids run as odd integers at half the step in the 4-bit kernel."""
     task, model = calibrated(dict_dir, ["--quant-weight-bits", str(bits), "--quant-weight-method", method])
     file, _, _ = export(task, model)
     low = Recognizer(file, "nbits", "nbits")
@@ -142,8 +142,8 @@ def test_low_bit_kernels_replace_every_quantized_matmul(dict_dir, bits, method, 
     tokens = torch.randint(4, 40, (3, 5), generator=torch.Generator().manual_seed(2))
     tokens[:, 0] = task.target_dictionary.eos()
     exact = runtime_step_log_probs(Recognizer(file, "fp32", "fp32"), x, lengths, tokens)
-    approx = runtime_step_log_probs(low, x, lengths, tokens)
-    assert np.abs(np.exp(approx) - np.exp(exact)).max() < bound
+    low_bit = runtime_step_log_probs(low, x, lengths, tokens)
+    np.testing.assert_allclose(low_bit, exact, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("bits,method", [(1, "binary"), (2, "lsq"), (8, "lsq"), (2, "balanced")])
