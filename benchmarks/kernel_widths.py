@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Where ONNX Runtime's low-bit kernels beat fp32 on this CPU: a transformer feed-forward block
 (``x [N, d] -> MatMul [d, 4d] -> Relu -> MatMul [4d, d]``) at widths d = 128 ... 1024, run as fp32 MatMul,
-``MatMulNBits`` at 4 and 2 bits (the runtime's low-bit kernel, built by ``fairseq_quant_runtime.graphs``, int8
-activations and products in float32: accuracy level 1, as the runtime builds it) and ONNX Runtime's dynamic int8 quantization (``MatMulInteger``), for
+``MatMulNBits`` at 4 and 2 bits as the runtime builds it (``fairseq_quant_runtime.graphs``): ``nbits`` at accuracy
+level 1 (float activations: the model's own function) and ``nbits-int8`` at level 4 (activations rounded to int8
+per block), and ONNX Runtime's dynamic int8 quantization (``MatMulInteger``), for
 N = 10 rows (one decoder step: 2 utterances x beam 5) and N = 400 rows (an encoder batch). Median of repeated
 runs at 1 thread, side by side in one process; ratios are fp32 time over the kernel's time (> 1: faster).
 
@@ -48,16 +49,19 @@ def quantized(w: np.ndarray, bits: int) -> QuantTensor:
     return QuantTensor(shape=wt.shape, bits=bits, qmin=-qmax - 1, q=q, scale=scale.astype(np.float32))
 
 
-def nbits_model(d: int, weights: dict[str, np.ndarray], bits: int) -> onnx.ModelProto:
+def nbits_model(d: int, weights: dict[str, np.ndarray], bits: int, accuracy_level: int = 1) -> onnx.ModelProto:
+    """The block with MatMulNBits at ``accuracy_level`` 1 (the runtime's nbits: float activations) or 4 (its
+    nbits-int8: activations rounded to int8 per block)."""
     model = ffn(d, weights)
     graph = model.graph
     inits = []
     for i, node in enumerate(list(graph.node)):
         if node.op_type == "MatMul":
-            new, new_inits = matmul_nbits(node, node.input[1], quantized(weights[node.input[1]], bits))
+            new, new_inits = matmul_nbits(node, node.input[1], quantized(weights[node.input[1]], bits), accuracy_level)
             graph.node.remove(node)
-            graph.node.insert(i, new)
-            inits += new_inits
+            # the runtime builds its nodes with its own protobuf classes (no onnx import): same wire format
+            graph.node.insert(i, onnx.NodeProto.FromString(new.SerializeToString()))
+            inits += [onnx.TensorProto.FromString(t.SerializeToString()) for t in new_inits]
     kept = [t for t in graph.initializer if t.name not in weights]
     del graph.initializer[:]
     graph.initializer.extend(kept + inits)
@@ -99,19 +103,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     results = []
-    lines = ["| width d | rows N | fp32 ms | int8 dynamic vs fp32 | 4-bit MatMulNBits vs fp32 | "
-             "2-bit MatMulNBits vs fp32 |", "|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| width d | rows N | fp32 ms | int8 dynamic vs fp32 | 4-bit nbits vs fp32 | 2-bit nbits vs fp32 | "
+             "4-bit nbits-int8 vs fp32 | 2-bit nbits-int8 vs fp32 |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for d in (int(w) for w in args.widths.split(",")):
         weights = {"w1": (rng.standard_normal((d, 4 * d)) / np.sqrt(d)).astype(np.float32),
                    "w2": (rng.standard_normal((4 * d, d)) / np.sqrt(4 * d)).astype(np.float32)}
         models = {"fp32": ffn(d, weights), "int8": int8_model(d, weights), "nbits4": nbits_model(d, weights, 4),
-                  "nbits2": nbits_model(d, weights, 2)}
+                  "nbits2": nbits_model(d, weights, 2), "nbits4_int8": nbits_model(d, weights, 4, 4),
+                  "nbits2_int8": nbits_model(d, weights, 2, 4)}
         for n in (int(r) for r in args.rows.split(",")):
             x = rng.standard_normal((n, d)).astype(np.float32)
             t = {k: median_seconds(m, x, args.repeats) for k, m in models.items()}
             results.append({"width": d, "rows": n, **{f"{k}_s": v for k, v in t.items()}})
             lines.append(f"| {d} | {n} | {1000 * t['fp32']:.3f} | x{t['fp32'] / t['int8']:.2f} | "
-                         f"x{t['fp32'] / t['nbits4']:.2f} | x{t['fp32'] / t['nbits2']:.2f} |")
+                         f"x{t['fp32'] / t['nbits4']:.2f} | x{t['fp32'] / t['nbits2']:.2f} | "
+                         f"x{t['fp32'] / t['nbits4_int8']:.2f} | x{t['fp32'] / t['nbits2_int8']:.2f} |")
             print(lines[-1], flush=True)
     table = "\n".join(lines) + (f"\n\nONNX Runtime {ort.__version__}, 1 thread, median of {args.repeats} runs; "
                                 "a feed-forward block x -> [d, 4d] -> Relu -> [4d, d].\n")

@@ -96,12 +96,14 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for the encoder (default 1)")
     parser.add_argument("--feature-workers", type=int, default=0,
                         help="--manifest: processes computing the next batches' features meanwhile (default 0)")
-    parser.add_argument("--encoder-kernel", default="auto", choices=("fp32", "nbits", "int8", "auto"),
-                        help="fp32: dequantized weights; nbits: MatMulNBits; int8: DynamicQuantizeMatMul (int8 "
-                             "weights, activations rounded to uint8 per tensor at run time: faster where it is, but not "
-                             "the model the QAT trained); auto: the faster of fp32 and nbits here, timed at load "
-                             "(default auto)")
-    parser.add_argument("--decoder-kernel", default="auto", choices=("fp32", "nbits", "int8", "auto"), help="(default auto)")
+    parser.add_argument("--encoder-kernel", default="auto", choices=("fp32", "nbits", "nbits-int8", "int8", "auto"),
+                        help="fp32: dequantized weights; nbits: MatMulNBits (the packed low-bit weights, float "
+                             "activations); nbits-int8: MatMulNBits with activations rounded to int8 per block, and "
+                             "int8: DynamicQuantizeMatMul (int8 weights, activations rounded to uint8 per tensor at run "
+                             "time): faster where they are, but not the model the QAT trained; auto: the faster of "
+                             "fp32 and nbits here, timed at load (default auto)")
+    parser.add_argument("--decoder-kernel", default="auto", choices=("fp32", "nbits", "nbits-int8", "int8", "auto"),
+                        help="(default auto)")
     parser.add_argument("--activations", default="kernel", choices=("kernel", "exact"),
                         help="exact: the QAT model's static activation grids (export with --exact-activations; "
                              "default kernel)")

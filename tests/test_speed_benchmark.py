@@ -3,6 +3,8 @@ of their update counts."""
 import subprocess
 import sys
 
+import numpy as np
+
 from conftest import ROOT
 
 
@@ -63,3 +65,27 @@ def test_the_speed_table_has_start_up_and_whole_process_columns():
     assert rows["runtime-fp32"][-3:] == ["0.50", "3.00", "x3.67 |"]
     assert rows["fairseq-fp32"][-3:] == ["4.00", "11.00", "x1.00 |"]
     assert rows["runtime-searched"][-3:] == ["-", "-", "- |"]
+
+
+def test_the_kernel_width_benchmark_builds_runnable_low_bit_models():
+    """benchmarks/kernel_widths.py builds its MatMulNBits models with the runtime's own node builder, whose protobuf
+    classes are not onnx's (it failed with 'Parameter to MergeFrom() must be instance of same class'); at
+    accuracy level 1 they compute the fp32 block with the dequantized weights to float rounding."""
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.kernel_widths import ffn, nbits_model, quantized
+
+    rng = np.random.default_rng(0)
+    d = 64
+    weights = {"w1": (0.05 * rng.standard_normal((d, 4 * d))).astype(np.float32),
+               "w2": (0.05 * rng.standard_normal((4 * d, d))).astype(np.float32)}
+    x = rng.standard_normal((10, d)).astype(np.float32)
+    for bits in (2, 4):
+        dequantized = {}
+        for name, w in weights.items():
+            q = quantized(w, bits)
+            dequantized[name] = (q.q * q.scale[:, None]).T.astype(np.float32)
+        run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+               for m in (ffn(d, dequantized), nbits_model(d, weights, bits))]
+        np.testing.assert_allclose(run[1], run[0], atol=1e-4, rtol=0)
