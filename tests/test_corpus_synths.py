@@ -149,7 +149,7 @@ def test_the_family_table_splits_a_subset_by_synthesizer_family(tmp_path):
     voices = {"11": {"family": "espeak-ng"}, "22": {"family": "flite-clustergen"},
               "33": {"family": "flite-clustergen"}}
     table = family_table(tmp_path, voices, ["test-unseen-synth"]).splitlines()
-    assert table[2].startswith("| test-unseen-synth | espeak-ng | 1 | 6 | 16.67")
+    assert table[2] == "| test-unseen-synth | espeak-ng | 1 | 6 | 16.67% | 16.7 | 16.7 |"  # one speaker: no interval
     assert table[3].startswith("| test-unseen-synth | flite-clustergen | 2 | 8 | 37.50")
     assert table[3].endswith("| 0.0 | 75.0 |")
 

@@ -201,6 +201,8 @@ def family_table(eval_dir: Path, voices: dict[str, dict], subsets) -> str:
                 per_speaker.setdefault(speaker_of(u.utt_id), []).append(u)
             rates = [100.0 * sum(u.errors for u in g) / max(1, sum(u.words for u in g)) for g in per_speaker.values()]
             ci = wer_interval([utts])
+            # one speaker: no interval (resampling one cluster gives the value itself)
+            wer = ci.format(digits=2) if len(per_speaker) > 1 else f"{ci.value:.2f}%"
             lines.append(f"| {subset} | {family} | {len(per_speaker)} | {sum(u.words for u in utts)} | "
-                         f"{ci.format(digits=2)} | {min(rates):.1f} | {max(rates):.1f} |")
+                         f"{wer} | {min(rates):.1f} | {max(rates):.1f} |")
     return "\n".join(lines) + "\n"
