@@ -44,16 +44,17 @@ class Recognizer:
     """Load once, then :meth:`transcribe_features` (batches of fbank matrices) or :meth:`transcribe` (files).
 
     ``encoder_kernel``/``decoder_kernel``: "fp32" (dequantized float weights, ONNX Runtime's MatMul),
-    "nbits" (MatMulNBits low-bit kernels where the grid allows) or "int8" (DynamicQuantizeMatMul: the stored
-    integers as int8 weights, activations quantized to uint8 per tensor at run time). ``activations``: "kernel" (no activation
-    quantization in the graph; MatMulNBits quantizes its inputs to int8 per block) or "exact" (the QAT model's
+    "nbits" (MatMulNBits low-bit kernels where the grid allows, float activations), "nbits-int8" (the same with
+    activations rounded to int8 per block) or "int8" (DynamicQuantizeMatMul: the stored integers as int8 weights,
+    activations quantized to uint8 per tensor at run time). ``activations``: "kernel" (no activation
+    quantization in the graph) or "exact" (the QAT model's
     static activation grids, from a file exported with ``--exact-activations``). Measured on a 2-core AVX2 CPU
     without VNNI (2026-12-04, 500 test-clean utterances): MatMulNBits loses to fp32 at this model's widths, while
     int8 ran the encoder 1.37x and the decoder steps up to 1.26x faster under load, but rounds every activation
     to uint8 with a range of its own, which the QAT model never saw (on the shipped reference's searched model
     n.s. on dev, +7.3% relative WER on test). Hence the defaults: ``auto`` for both graphs, the faster of the two kernels that compute the
     model's own function (fp32 and nbits, each timed on a typical call when the model loads; ``self.kernels``
-    says which; with exact activations ``auto`` is fp32, since the low-bit kernels requantize their inputs);
+    says which; with exact activations ``auto`` is fp32, the kernel their parity tests cover);
     int8 only when asked for.
     """
 
@@ -94,7 +95,7 @@ class Recognizer:
 
         self.kernels = {}
         for graph, kernel in (("encoder", encoder_kernel), ("decoder", decoder_kernel)):
-            # exact activations: auto keeps the fp32 kernels, the low-bit ones requantize their inputs
+            # exact activations: auto keeps the fp32 kernels (those the exact graphs' parity tests cover)
             auto = ("fp32",) if suffix else AUTO_KERNELS
             candidates = []
             for k in (auto if kernel == "auto" else (kernel,)):
