@@ -12,14 +12,14 @@ ALLOWED = "weight_bits, act_bits, granularity, group_size, weight_method, act_me
 
 
 class Tiny(nn.Module):
-    """Modules: encoder.layers.{0,1}.fc1/fc2 (Linear 32->32), decoder.out_proj (Linear 32->out_in)."""
+    """Modules: encoder.layers.{0 .. layers - 1}.fc1/fc2 (Linear 32->32), decoder.out_proj (Linear 32->out_in)."""
 
-    def __init__(self, out_in=32):
+    def __init__(self, out_in=32, layers=2):
         super().__init__()
         torch.manual_seed(0)
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList()
-        for _ in range(2):
+        for _ in range(layers):
             layer = nn.Module()
             layer.fc1, layer.fc2 = nn.Linear(32, 32), nn.Linear(32, 32)
             self.encoder.layers.append(layer)
@@ -281,12 +281,7 @@ def test_a_negative_index_names_a_module_counted_from_the_end_of_its_list(tmp_pa
         "encoder.layers.1.fc2": ("w2a16", "rule 1: encoder.layers.1"),
         "decoder.out_proj": ("w2a8", "default"),
     }
-    deeper = Tiny()
-    for _ in range(3):
-        layer = nn.Module()
-        layer.fc1, layer.fc2 = nn.Linear(32, 32), nn.Linear(32, 32)
-        deeper.encoder.layers.append(layer)
-    rows = {e.name: e.spec_label for e in quantize_model(deeper, strategy).layers}
+    rows = {e.name: e.spec_label for e in quantize_model(Tiny(layers=5), strategy).layers}
     assert [rows[f"encoder.layers.{i}.fc1"] for i in range(5)] == ["w2a8"] * 4 + ["w2a16"]
     assert [rows[f"encoder.layers.{i}.fc2"] for i in range(5)] == ["w2a8"] * 3 + ["w4a8", "w2a16"]
     # the file keeps the relative pattern; a lookup without a model is refused rather than guessed

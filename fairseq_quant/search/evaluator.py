@@ -85,16 +85,21 @@ class Evaluator:
             calibrate_model(model, batches)
         return model, task, len(batches)
 
+    def _co_trained(self):
+        """(model, task) of the co-trained checkpoint, loaded once per worker."""
+        if self._co is None:
+            from ..evaluate import load_checkpoint
+
+            self._co = load_checkpoint(Path(self.config["co_trained"]), self.data)
+        return self._co
+
     def co_trained_model(self, strategy):
         """The co-trained model (loaded once) with each module at the precision the strategy gives its weights; a
         module the strategy leaves in float (the other units of a one-unit sensitivity pass) runs at its highest
         co-trained precision: a co-trained model has no float weights."""
-        from ..evaluate import load_checkpoint
         from ..quant.coprecision import weight_quantizers
 
-        if self._co is None:
-            self._co = load_checkpoint(Path(self.config["co_trained"]), self.data)
-        model, task = self._co
+        model, task = self._co_trained()
         quantizers = weight_quantizers(model)
         strategy = strategy.bind(quantizers)
         for name, q in quantizers.items():
@@ -156,15 +161,13 @@ class Evaluator:
                            task.get("weight_method", "lsq"))
         out = {"units": [[u.name, list(u.modules)] for u in units], "costs": costs.to_dict()}
         if task.get("co_widths"):  # each unit's widths: those every module of it was co-trained at
-            from ..evaluate import load_checkpoint
             from ..quant.coprecision import weight_quantizers
+            from ..quant.strategy import enclosing_scopes
 
-            if self._co is None:
-                self._co = load_checkpoint(Path(self.config["co_trained"]), self.data)
-            quantizers = weight_quantizers(self._co[0])
+            quantizers = weight_quantizers(self._co_trained()[0])
             out["widths"] = {u.name: [b for b in task["bits"]
                                       if all(b in q.precisions for name, q in quantizers.items()
-                                             if any(name == m or name.startswith(m + ".") for m in u.modules))]
+                                             if set(enclosing_scopes(name)) & set(u.modules))]
                              for u in units}
         return out
 
