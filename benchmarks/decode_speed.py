@@ -38,6 +38,9 @@ ROWS = {
     "runtime-mixed2a8": ("runtime", "qat/qat-mixed2a8/checkpoint_best.pt", ("fp32", "auto")),
     "runtime-w2a8": ("runtime", "qat/qat-w2a8/checkpoint_best.pt", ("fp32", "auto")),
     "runtime-searched": ("runtime", "qat/qat-searched/checkpoint_best.pt", ("fp32", "auto")),
+    # the model's own activation grids (exported with --exact-activations), `auto` over fp32 and int8-static
+    # (MatMulIntegerToFloat: the grids' integers times the stored ones): the QAT model's function, in integers
+    "runtime-searched-exact": ("runtime", "qat/qat-searched/checkpoint_best.pt", ("auto", "auto")),
     # the low-bit kernels forced: MatMulNBits in the decoder steps, and in the encoder too
     "runtime-w2a8-nbits-decoder": ("runtime", "qat/qat-w2a8/checkpoint_best.pt", ("fp32", "nbits")),
     "runtime-w2a8-nbits-all": ("runtime", "qat/qat-w2a8/checkpoint_best.pt", ("nbits", "nbits")),
@@ -45,6 +48,9 @@ ROWS = {
     "runtime-searched-int8-decoder": ("runtime", "qat/qat-searched/checkpoint_best.pt", ("fp32", "int8")),
     "runtime-searched-int8-all": ("runtime", "qat/qat-searched/checkpoint_best.pt", ("int8", "int8")),
 }
+EXACT_ROWS = {"runtime-searched-exact"}  # decoded with --activations exact
+
+
 def batches(manifests: list[Path], limit: int | None):
     """The utterances in the runtime's batches (sorted by length, up to BATCH_FRAMES padded frames): the same
     batches for every row, fairseq's included."""
@@ -113,7 +119,8 @@ def worker_runtime(args, groups) -> dict:
 
     enc_kernel, dec_kernel = args.kernels.split(",")
     feature_workers = 1 if args.threads > 1 else 0
-    rec = Recognizer(args.model_file, enc_kernel, dec_kernel, threads=args.threads - feature_workers)
+    rec = Recognizer(args.model_file, enc_kernel, dec_kernel, threads=args.threads - feature_workers,
+                     activations=args.activations)
     config = DecodingConfig.from_args(args)
     ready_at = time.time()  # imports, the .fqm file, the sessions (and `auto`'s timing): start-up ends here
     times = {"features": 0.0, "encoder": 0.0, "search": 0.0}
@@ -173,7 +180,7 @@ def ensure_export(row: str, checkpoint: Path, data: Path, out_dir: Path) -> Path
 
     path = out_dir / f"{row.removeprefix('runtime-').split('-nbits')[0]}.fqm"
     if not path.is_file():
-        export_checkpoint(checkpoint, data, path, float16=row != "runtime-fp32")
+        export_checkpoint(checkpoint, data, path, float16=row != "runtime-fp32", exact_activations=row in EXACT_ROWS)
     return path
 
 
@@ -206,6 +213,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--model-file", help=argparse.SUPPRESS)
     parser.add_argument("--kernels", help=argparse.SUPPRESS)
+    parser.add_argument("--activations", default="kernel", help=argparse.SUPPRESS)
     parser.add_argument("--manifests", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -241,7 +249,8 @@ def main(argv=None) -> int:
                    "--data", str(data), "--manifests", manifests, "--result", str(result_path),
                    "--checkpoint", str(checkpoint), *decoding_flags(args)]
             if model_file:
-                cmd += ["--model-file", str(model_file), "--kernels", ",".join(kernels)]
+                cmd += ["--model-file", str(model_file), "--kernels", ",".join(kernels),
+                        "--activations", "exact" if row in EXACT_ROWS else "kernel"]
             if args.limit:
                 cmd += ["--limit", str(args.limit)]
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}

@@ -3,7 +3,8 @@
 (``x [N, d] -> MatMul [d, 4d] -> Relu -> MatMul [4d, d]``) at widths d = 128 ... 1024, run as fp32 MatMul,
 ``MatMulNBits`` at 4 and 2 bits as the runtime builds it (``fairseq_quant_runtime.graphs``): ``nbits`` at accuracy
 level 1 (float activations: the model's own function) and ``nbits-int8`` at level 4 (activations rounded to int8
-per block), and ONNX Runtime's dynamic int8 quantization (``MatMulInteger``), for
+per block), the runtime's ``int8-static`` (``MatMulIntegerToFloat`` on static uint8 activation grids, as files
+exported with exact activations run), and ONNX Runtime's dynamic int8 quantization (``MatMulInteger``), for
 N = 10 rows (one decoder step: 2 utterances x beam 5) and N = 400 rows (an encoder batch). Median of repeated
 runs at 1 thread, side by side in one process; ratios are fp32 time over the kernel's time (> 1: faster).
 
@@ -25,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fairseq_quant_runtime.fqm import QuantTensor  # noqa: E402
-from fairseq_quant_runtime.graphs import matmul_nbits  # noqa: E402
+from fairseq_quant_runtime.graphs import matmul_int8_static, matmul_nbits  # noqa: E402
 
 WIDTHS = (128, 256, 512, 1024)
 ROWS = (10, 400)
@@ -69,6 +70,36 @@ def nbits_model(d: int, weights: dict[str, np.ndarray], bits: int, accuracy_leve
     return model
 
 
+def int8_static_model(d: int, weights: dict[str, np.ndarray], bits: int, scales: tuple[float, float]) -> onnx.ModelProto:
+    """The block as a file exported with exact activations runs it under the runtime's int8-static kernel: each
+    MatMul's input on a static uint8 grid (QuantizeLinear; ``scales`` of x, zero point 128, and of the Relu output,
+    zero point 0), the stored ``bits``-bit integers as int8 weights, MatMulIntegerToFloat built by
+    ``fairseq_quant_runtime.graphs.matmul_int8_static``."""
+    sx, sr = scales
+    consts = [numpy_helper.from_array(np.array(v, dtype=dt), name) for name, v, dt in
+              (("sx", sx, np.float32), ("zx", 128, np.uint8), ("sr", sr, np.float32), ("zr", 0, np.uint8))]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("MatMul", ["xd", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("QuantizeLinear", ["r", "sr", "zr"], ["rq"]),
+             helper.make_node("DequantizeLinear", ["rq", "sr", "zr"], ["rd"]),
+             helper.make_node("MatMul", ["rd", "w2"], ["y"], name="fc2")]
+    producers = {out: node for node in nodes for out in node.output}
+    graph_nodes, inits = [], list(consts)
+    for node in nodes:
+        if node.op_type == "MatMul":
+            new, new_inits = matmul_int8_static(node, node.input[1], quantized(weights[node.input[1]], bits), producers)
+            # the runtime builds its nodes with its own protobuf classes (no onnx import): same wire format
+            graph_nodes.append(onnx.NodeProto.FromString(new.SerializeToString()))
+            inits += [onnx.TensorProto.FromString(t.SerializeToString()) for t in new_inits]
+        elif node.op_type != "DequantizeLinear":
+            graph_nodes.append(node)
+    graph = helper.make_graph(graph_nodes, f"ffn{d}_int8_static",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", d])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
 def int8_model(d: int, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -104,20 +135,24 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     results = []
     lines = ["| width d | rows N | fp32 ms | int8 dynamic vs fp32 | 4-bit nbits vs fp32 | 2-bit nbits vs fp32 | "
-             "4-bit nbits-int8 vs fp32 | 2-bit nbits-int8 vs fp32 |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "4-bit nbits-int8 vs fp32 | 2-bit nbits-int8 vs fp32 | 2-bit int8-static vs fp32 |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for d in (int(w) for w in args.widths.split(",")):
         weights = {"w1": (rng.standard_normal((d, 4 * d)) / np.sqrt(d)).astype(np.float32),
                    "w2": (rng.standard_normal((4 * d, d)) / np.sqrt(4 * d)).astype(np.float32)}
         models = {"fp32": ffn(d, weights), "int8": int8_model(d, weights), "nbits4": nbits_model(d, weights, 4),
                   "nbits2": nbits_model(d, weights, 2), "nbits4_int8": nbits_model(d, weights, 4, 4),
-                  "nbits2_int8": nbits_model(d, weights, 2, 4)}
+                  "nbits2_int8": nbits_model(d, weights, 2, 4),
+                  # x ~ N(0, 1) on [-4, 4); the Relu output (std ~0.7 here) on [0, 4)
+                  "static2": int8_static_model(d, weights, 2, (4 / 128, 4 / 255))}
         for n in (int(r) for r in args.rows.split(",")):
             x = rng.standard_normal((n, d)).astype(np.float32)
             t = {k: median_seconds(m, x, args.repeats) for k, m in models.items()}
             results.append({"width": d, "rows": n, **{f"{k}_s": v for k, v in t.items()}})
             lines.append(f"| {d} | {n} | {1000 * t['fp32']:.3f} | x{t['fp32'] / t['int8']:.2f} | "
                          f"x{t['fp32'] / t['nbits4']:.2f} | x{t['fp32'] / t['nbits2']:.2f} | "
-                         f"x{t['fp32'] / t['nbits4_int8']:.2f} | x{t['fp32'] / t['nbits2_int8']:.2f} |")
+                         f"x{t['fp32'] / t['nbits4_int8']:.2f} | x{t['fp32'] / t['nbits2_int8']:.2f} | "
+                         f"x{t['fp32'] / t['static2']:.2f} |")
             print(lines[-1], flush=True)
     table = "\n".join(lines) + (f"\n\nONNX Runtime {ort.__version__}, 1 thread, median of {args.repeats} runs; "
                                 "a feed-forward block x -> [d, 4d] -> Relu -> [4d, d].\n")

@@ -20,6 +20,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from .decoding import BATCH_FRAMES, DecodingConfig, DecodingError, length_batches
 from .fqm import ModelFileError
+from .graphs import KERNELS
 
 
 def read_manifest(path: Path) -> list[tuple[str, str, str]]:
@@ -96,17 +97,20 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for the encoder (default 1)")
     parser.add_argument("--feature-workers", type=int, default=0,
                         help="--manifest: processes computing the next batches' features meanwhile (default 0)")
-    parser.add_argument("--encoder-kernel", default="auto", choices=("fp32", "nbits", "nbits-int8", "int8", "auto"),
+    parser.add_argument("--encoder-kernel", default="auto", choices=(*KERNELS, "auto"),
                         help="fp32: dequantized weights; nbits: MatMulNBits (the packed low-bit weights, float "
-                             "activations); nbits-int8: MatMulNBits with activations rounded to int8 per block, and "
+                             "activations); int8-static (with --activations exact): the model's own 8-bit activation "
+                             "grids times the stored integers in integer arithmetic (MatMulIntegerToFloat), the QAT "
+                             "model's function; nbits-int8: MatMulNBits with activations rounded to int8 per block, and "
                              "int8: DynamicQuantizeMatMul (int8 weights, activations rounded to uint8 per tensor at run "
                              "time): faster where they are, but not the model the QAT trained; auto: the faster of "
-                             "fp32 and nbits here, timed at load (default auto)")
-    parser.add_argument("--decoder-kernel", default="auto", choices=("fp32", "nbits", "nbits-int8", "int8", "auto"),
+                             "fp32 and nbits (with --activations exact: of fp32 and int8-static) here, timed at load "
+                             "(default auto)")
+    parser.add_argument("--decoder-kernel", default="auto", choices=(*KERNELS, "auto"),
                         help="(default auto)")
     parser.add_argument("--activations", default="kernel", choices=("kernel", "exact"),
-                        help="exact: the QAT model's static activation grids (export with --exact-activations; "
-                             "default kernel)")
+                        help="exact: the QAT model's static activation grids (export with --exact-activations), "
+                             "where int8-static runs them fastest; kernel: float activations (default kernel)")
     args = parser.parse_args(argv)
     if not args.audio and not args.manifest:
         parser.error("give audio files or --manifest")

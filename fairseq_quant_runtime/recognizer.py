@@ -15,7 +15,7 @@ import sentencepiece as spm
 from .ctc import CTCPrefixScorer, joint_scores, pre_beam_size
 from .decoding import BATCH_FRAMES, DecodingConfig, length_batches
 from .fqm import ModelFile, ModelFileError, read
-from .graphs import AUTO_KERNELS, KERNELS, LOW_BIT_OPS, count_kernels, materialize
+from .graphs import AUTO_KERNELS, EXACT_AUTO_KERNELS, KERNELS, LOW_BIT_OPS, count_kernels, materialize
 from .segment import SegmentConfig, segments
 
 
@@ -94,9 +94,13 @@ class Recognizer:
         step_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
         self.kernels = {}
+        if not suffix and "int8-static" in (encoder_kernel, decoder_kernel):
+            raise ValueError("kernel 'int8-static' multiplies the model's own static activation grids in integers: it "
+                             "needs activations='exact' (a file exported with --exact-activations)")
         for graph, kernel in (("encoder", encoder_kernel), ("decoder", decoder_kernel)):
-            # exact activations: auto keeps the fp32 kernels (those the exact graphs' parity tests cover)
-            auto = ("fp32",) if suffix else AUTO_KERNELS
+            # exact activations: auto times fp32 and int8-static, which both compute the model's function on its
+            # activation grids (integer products are exact)
+            auto = EXACT_AUTO_KERNELS if suffix else AUTO_KERNELS
             candidates = []
             for k in (auto if kernel == "auto" else (kernel,)):
                 proto = materialize(self.file, graph + suffix, k)

@@ -472,3 +472,81 @@ def test_qdq_export_runs_every_quantized_matmul_on_int8_operands(dict_dir, tmp_p
             assert np.abs(value[finite] - ref[name][finite]).mean() < 0.02 * np.abs(ref[name][finite]).mean()
     with pytest.raises(ExportError, match=r"6-bit activations; QDQ export is for the 8-bit grids"):
         export_qdq(calibrated(dict_dir, ["--quant-weight-bits", "8"], act_bits="6")[1], tmp_path / "six")
+
+
+def test_integer_grid_maps_every_static_8_bit_grid_onto_quantize_linear():
+    from fairseq_quant.export.graphs import integer_grid
+
+    assert integer_grid({"kind": "zero_point", "scale": 0.5, "zero_point": 113.0, "levels": 255}) == (None, None, 113)
+    # 6 bits on a uint8 grid: clamped first to the 63 levels the model has
+    assert integer_grid({"kind": "zero_point", "scale": 0.5, "zero_point": 10.0, "levels": 63}) == (-5.0, 26.5, 10)
+    # signed 8-bit: the uint8 grid shifted by 128; PACT's clip bounds it first
+    assert integer_grid({"kind": "symmetric", "scale": 0.25, "qmin": -128, "qmax": 127}) == (None, None, 128)
+    assert integer_grid({"kind": "symmetric", "scale": 0.25, "qmin": -128, "qmax": 127, "clip": 30.0}) == (
+        -30.0, 30.0, 128)
+    assert integer_grid({"kind": "symmetric", "scale": 0.25, "qmin": -8, "qmax": 7}) == (-2.0, 1.75, 128)
+    # per-channel ranges, 16-bit sites and per-token ranges stay float arithmetic
+    assert integer_grid({"kind": "zero_point", "scale": [0.5, 1.0], "zero_point": [1.0, 2.0], "levels": 255,
+                         "axis": -1, "groups": 2}) is None
+    assert integer_grid({"kind": "zero_point", "scale": 0.5, "zero_point": 0.0, "levels": 65535}) is None
+    assert integer_grid({"kind": "token", "levels": 255, "axis": -1}) is None
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_int8_static_kernel_multiplies_the_models_own_activation_grids_in_integers(dict_dir, bits):
+    """The exact-activation graphs write each linear layer's input grid as QuantizeLinear -> DequantizeLinear;
+    int8-static turns those MatMuls into MatMulIntegerToFloat on the grid's uint8 integers and the stored int8
+    weights, with the bias folded in, and computes what the fp32 kernel computes on the same graphs (integer
+    products are exact; a sum in another order can move a value at a rounding boundary by one step, as
+    between any two GEMMs)."""
+    task, model = calibrated(dict_dir, ["--quant-weight-bits", str(bits)])
+    file, _, _ = export(task, model, exact_activations=True)
+    graph = materialize(file, "encoder_actq", "int8-static")
+    nodes = list(graph.graph.node)
+    producers = {out: n for n in nodes for out in n.output}
+    integer = [n for n in nodes if n.op_type == "MatMulIntegerToFloat"]
+    # every linear layer of the encoder (input projection, 2 x (q, k, v, out, fc1, fc2), output projection, the CTC
+    # head, the decoder's cross-attention keys and values of 2 layers) reads integers
+    assert len(integer) == count_kernels(materialize(file, "encoder_actq", "fp32"))["MatMul"] - 2 * 2
+    initializers = {t.name for t in graph.graph.initializer}
+    folded = 0
+    for node in integer:
+        assert producers[node.input[0]].op_type == "QuantizeLinear"
+        folded += len(node.input) == 7 and node.input[6] in initializers
+        # a bias is folded in: no Add of a constant after the integer product
+        assert not any(n.op_type == "Add" and node.output[0] in n.input and set(n.input) & initializers
+                       for n in nodes)
+    assert folded >= len(integer) // 2
+    assert "MatMulIntegerToFloat" in count_kernels(materialize(file, "decoder_actq", "int8-static"))
+    # the VGG convolutions' input grids stay float arithmetic (a QuantizeLinear before MaxPool runs it in uint8)
+    assert not any(n.op_type == "QuantizeLinear" and producers.get(n.input[0]) is not None
+                   and producers[n.input[0]].op_type == "MaxPool" for n in nodes)
+    x, lengths, _ = fbank_batch(3)
+    feats = [x[i, : int(n)].numpy() for i, n in enumerate(lengths)]
+    exact = {k: Recognizer(file, k, k, activations="exact") for k in ("fp32", "int8-static")}
+    encoded = {k: rec.encode(feats) for k, rec in exact.items()}
+    for name, value in encoded["fp32"].items():  # every encoder layer in integers: the same outputs, but where a
+        moved = np.abs(encoded["int8-static"][name] - value) > 1e-5  # value at a rounding boundary took the other
+        assert moved.mean() < 0.01, name  # step (measured: none at 8 bits, 9 of 5760 values at 2 bits)
+    # the decoder steps (a few rows: its activations sit near rounding boundaries more often in this tiny random
+    # model) are as close to fairseq's fake-quantized model as the fp32 kernel's, and closer than float activations
+    tokens = torch.randint(4, 40, (3, 5), generator=torch.Generator().manual_seed(3))
+    tokens[:, 0] = task.target_dictionary.eos()
+    expected = fairseq_step_log_probs(model, x, lengths, tokens).numpy()
+    diff = {k: np.abs(runtime_step_log_probs(rec, x, lengths, tokens) - expected).mean() for k, rec in exact.items()}
+    plain = np.abs(runtime_step_log_probs(Recognizer(file, "fp32", "fp32"), x, lengths, tokens) - expected).mean()
+    # measured: 0.0075 / 0.0060 (int8-static, 2 / 8 bits), 0.0097 / 0.0085 (fp32), 0.012 / 0.015 (float activations)
+    assert diff["int8-static"] < 1.25 * diff["fp32"] and diff["int8-static"] < 0.8 * plain
+
+
+def test_int8_static_needs_the_exact_activation_graphs_and_auto_times_it(dict_dir):
+    task, model = calibrated(dict_dir, ["--quant-weight-bits", "4"])
+    plain = export(task, model)[0]
+    with pytest.raises(ValueError, match="int8-static.*needs activations='exact'"):
+        Recognizer(plain, "int8-static", "fp32")
+    exact = export(task, model, exact_activations=True)[0]
+    rec = Recognizer(exact, activations="exact")  # auto: fp32 and int8-static, both the model's function
+    assert set(rec.kernels.values()) <= {"fp32", "int8-static"}
+    for graph in ("encoder", "decoder"):
+        assert ("MatMulIntegerToFloat" in count_kernels(getattr(rec, f"{graph}_graph"))) == (
+            rec.kernels[graph] == "int8-static")

@@ -89,3 +89,31 @@ def test_the_kernel_width_benchmark_builds_runnable_low_bit_models():
         run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
                for m in (ffn(d, dequantized), nbits_model(d, weights, bits))]
         np.testing.assert_allclose(run[1], run[0], atol=1e-4, rtol=0)
+
+
+def test_kernel_widths_int8_static_block_computes_the_quantized_block():
+    """The int8-static column's model (the runtime's MatMulIntegerToFloat builder) computes the block on its static
+    activation grids and stored integers: the float block on the same grids to float rounding."""
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.kernel_widths import int8_static_model, quantized
+
+    rng = np.random.default_rng(1)
+    d, sx, sr = 64, 4 / 128, 2 / 255
+    weights = {"w1": (0.1 * rng.standard_normal((d, 4 * d))).astype(np.float32),
+               "w2": (0.05 * rng.standard_normal((4 * d, d))).astype(np.float32)}
+    x = rng.standard_normal((10, d)).astype(np.float32)
+    deq = {}
+    for name, w in weights.items():
+        q = quantized(w, 2)
+        deq[name] = (q.q * q.scale[:, None]).T.astype(np.float64)
+    xq = (np.clip(np.round(x / sx) + 128, 0, 255) - 128) * sx
+    r = np.maximum(xq @ deq["w1"], 0)
+    rq = np.clip(np.round(r / sr), 0, 255) * sr
+    expected = rq @ deq["w2"]
+    model = int8_static_model(d, weights, 2, (sx, sr))
+    assert [n.op_type for n in model.graph.node].count("MatMulIntegerToFloat") == 2
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    # a value at a rounding boundary of the Relu grid may take the other step; all others agree to float rounding
+    assert (np.abs(got - expected) < 1e-4).mean() > 0.98

@@ -38,7 +38,7 @@ class QDQTable(WeightTable):
         zero = torch.zeros(scale.numel(), dtype=torch.int32)
         return torch.fake_quantize_per_channel_affine(w, scale, zero, axis, -128, 127)
 
-    def quant(self, x, quantizer: str):
+    def quant(self, x, quantizer: str, integer: bool = True):
         p = self.activations.get(quantizer)
         if p is None:
             return x
