@@ -166,6 +166,7 @@ def run_worker(args) -> int:
     # the process's peak, plus its feature worker's (a child) where there is one: an upper bound of the total
     result["peak_rss_mb"] = peak_rss_mb() + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     result["refs"] = [ref for group in groups for _, _, ref, _ in group]
+    result["utts"] = [utt for group in groups for utt, _, _, _ in group]
     result["decoding"] = DecodingConfig.from_args(args).to_dict()
     result["audio_s"] = sum(ms for group in groups for _, _, _, ms in group) / 1000
     Path(args.result).write_text(json.dumps(result))
@@ -242,7 +243,8 @@ def main(argv=None) -> int:
             result_path = out / f"{row}.t{threads}.json"
             if args.reuse and result_path.is_file():
                 r = json.loads(result_path.read_text())
-                r.update({"row": row, "threads": threads, "file_bytes": size, "wer": wer(r["refs"], r["hyps"])})
+                r.update({"row": row, "threads": threads, "file_bytes": size, "wer": wer(r["refs"], r["hyps"]),
+                          "checkpoint": str(checkpoint)})
                 results[(row, threads)] = r
                 continue
             cmd = [sys.executable, __file__, "--worker", "--engine", engine, "--threads", str(threads),
@@ -265,7 +267,8 @@ def main(argv=None) -> int:
             # includes its exit (the README's first measurement of the issue: one command, start to end)
             r.update({"startup_s": r["ready_at"] - spawned, "process_s": process_s})
             result_path.write_text(json.dumps(r))
-            r.update({"row": row, "threads": threads, "file_bytes": size, "wer": wer(r["refs"], r["hyps"])})
+            r.update({"row": row, "threads": threads, "file_bytes": size, "wer": wer(r["refs"], r["hyps"]),
+                      "checkpoint": str(checkpoint)})
             results[(row, threads)] = r
             print(f"{row:<28} {threads} thread(s): total {r['times']['total']:.1f} s, WER {r['wer']:.2f}", flush=True)
     table = format_table(results)
@@ -284,6 +287,20 @@ def whole_process(r: dict | None) -> float | None:
     return r["process_s"] - r["times"]["encoder"]
 
 
+def wer_change(base: dict | None, r: dict) -> str:
+    """``r``'s relative WER change against ``base`` (the same checkpoint decoded by the table's first row of it)
+    with the paired 95% interval resampling speakers; "-" for the base row itself or results without ids."""
+    if base is None or base is r or "utts" not in base or "utts" not in r:
+        return "-"
+    from fairseq_quant.stats import paired_relative_change, utterance_errors
+
+    def errors(x):
+        return [utterance_errors(list(zip(x["utts"], x["refs"], x["hyps"])))]
+
+    change = paired_relative_change(errors(base), errors(r))
+    return f"{change.format(signed=True)} vs {base['row']}" + ("" if change.excludes_zero else " (n.s.)")
+
+
 def format_table(results: dict) -> str:
     lines = []
     for threads in sorted({t for _, t in results}):
@@ -295,8 +312,13 @@ def format_table(results: dict) -> str:
                   f"{BATCH_FRAMES} padded frames\n",
                   "| row | kernels (encoder / decoder) | file MB | WER % | RTF | end-to-end speed-up vs fairseq fp32 | vs runtime fp32 | "
                   "encoder s | decoder steps s | decoder speed-up vs runtime fp32 | encoder vs runtime fp32 | "
-                  "peak RSS MB | start-up s | whole process s (less the timing-only encoder pass) | whole process vs fairseq fp32 |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "peak RSS MB | start-up s | whole process s (less the timing-only encoder pass) | whole process vs fairseq fp32 | "
+                  "WER rel. change vs the same checkpoint's first row [95% CI, speakers] |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        first_of = {}  # checkpoint -> its first row at this thread count
+        for (_, t), r in results.items():
+            if t == threads:
+                first_of.setdefault(r.get("checkpoint"), r)
         for (row, t), r in results.items():
             if t != threads:
                 continue
@@ -313,7 +335,8 @@ def format_table(results: dict) -> str:
                          f"x{vs_base:.2f} | x{vs_rt:.2f} | {tm['encoder']:.2f} | {tm['decoder']:.2f} | x{dec:.2f} | "
                          f"{enc:.2f} | {r['peak_rss_mb']:.0f} | "
                          f"{f'{startup:.2f}' if startup is not None else '-'} | "
-                         f"{f'{process:.2f}' if process is not None else '-'} | {whole} |")
+                         f"{f'{process:.2f}' if process is not None else '-'} | {whole} | "
+                         f"{wer_change(first_of.get(r.get('checkpoint')), r)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -62,9 +62,40 @@ def test_the_speed_table_has_start_up_and_whole_process_columns():
     assert rows["runtime-fp32"][5] == "x2.50"  # end to end (decoding only) vs fairseq
     # start-up, whole process less the worker's timing-only encoder pass (2 s here, 4 s for fairseq: a user's
     # command runs the encoder once), its ratio: (15 - 4) / (5 - 2)
-    assert rows["runtime-fp32"][-3:] == ["0.50", "3.00", "x3.67 |"]
-    assert rows["fairseq-fp32"][-3:] == ["4.00", "11.00", "x1.00 |"]
-    assert rows["runtime-searched"][-3:] == ["-", "-", "- |"]
+    assert rows["runtime-fp32"][-4:-1] == ["0.50", "3.00", "x3.67"]
+    assert rows["fairseq-fp32"][-4:-1] == ["4.00", "11.00", "x1.00"]
+    assert rows["runtime-searched"][-4:-1] == ["-", "-", "-"]
+    assert all(row[-1] == "- |" for row in rows.values())  # no utterance ids (results from before the column)
+
+
+def test_the_speed_table_compares_each_rows_wer_with_its_checkpoints_first_row():
+    """Rows decoding one checkpoint with other kernels or activations carry their WER change against the first of
+    them, with the paired interval that resamples speakers."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.decode_speed import format_table
+
+    utts = [f"{spk}-1-{i}" for spk in range(10) for i in range(3)]
+    refs = ["a b c d"] * len(utts)
+
+    def result(row, checkpoint, wrong):  # utterances i with wrong(i) get one substitution
+        hyps = ["x b c d" if wrong(i) else "a b c d" for i in range(len(utts))]
+        return {"times": {"total": 4.0, "encoder": 2.0, "decoder": 1.5}, "refs": refs, "hyps": hyps, "utts": utts,
+                "audio_s": 100.0, "decoding": {"beam": 5}, "file_bytes": 1, "wer": 0.0, "peak_rss_mb": 1.0,
+                "row": row, "checkpoint": checkpoint}
+
+    results = {("runtime-searched", 1): result("runtime-searched", "s.pt", lambda i: i % 3 == 0),
+               # one more error from every speaker: +100% in every resample
+               ("runtime-searched-exact", 1): result("runtime-searched-exact", "s.pt", lambda i: i % 3 < 2),
+               # four more errors, all from speakers 3 and 4: +40%, but not where neither is drawn
+               ("runtime-searched-int8-all", 1): result("runtime-searched-int8-all", "s.pt",
+                                                        lambda i: i % 3 == 0 or 9 <= i < 15),
+               ("runtime-fp32", 1): result("runtime-fp32", "ref.pt", lambda i: i % 3 == 0)}
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in format_table(results).splitlines()
+            if line.startswith("| ") and not line.startswith("| row")}
+    assert rows["runtime-searched"][-1] == "- |" and rows["runtime-fp32"][-1] == "- |"
+    assert rows["runtime-searched-exact"][-1] == "+100.0% [+100.0, +100.0] vs runtime-searched |"
+    int8 = rows["runtime-searched-int8-all"][-1]
+    assert int8.startswith("+40.0% [+0.0, ") and int8.endswith("] vs runtime-searched (n.s.) |")
 
 
 def test_the_kernel_width_benchmark_builds_runnable_low_bit_models():
