@@ -46,15 +46,16 @@ class Recognizer:
     ``encoder_kernel``/``decoder_kernel``: "fp32" (dequantized float weights, ONNX Runtime's MatMul),
     "nbits" (MatMulNBits low-bit kernels where the grid allows, float activations), "nbits-int8" (the same with
     activations rounded to int8 per block) or "int8" (DynamicQuantizeMatMul: the stored integers as int8 weights,
-    activations quantized to uint8 per tensor at run time). ``activations``: "kernel" (no activation
-    quantization in the graph) or "exact" (the QAT model's
+    activations quantized to uint8 per tensor at run time), or, with exact activations, "int8-static"
+    (MatMulIntegerToFloat: the model's own static 8-bit activation grids times the stored integers, in integers).
+    ``activations``: "kernel" (no activation quantization in the graph) or "exact" (the QAT model's
     static activation grids, from a file exported with ``--exact-activations``). Measured on a 2-core AVX2 CPU
     without VNNI (2026-12-04, 500 test-clean utterances): MatMulNBits loses to fp32 at this model's widths, while
     int8 ran the encoder 1.37x and the decoder steps up to 1.26x faster under load, but rounds every activation
     to uint8 with a range of its own, which the QAT model never saw (on the shipped reference's searched model
     n.s. on dev, +7.3% relative WER on test). Hence the defaults: ``auto`` for both graphs, the faster of the two kernels that compute the
     model's own function (fp32 and nbits, each timed on a typical call when the model loads; ``self.kernels``
-    says which; with exact activations ``auto`` is fp32, the kernel their parity tests cover);
+    says which; with exact activations the faster of fp32 and int8-static, which compute the same function);
     int8 only when asked for.
     """
 
@@ -95,8 +96,9 @@ class Recognizer:
 
         self.kernels = {}
         if not suffix and "int8-static" in (encoder_kernel, decoder_kernel):
-            raise ValueError("kernel 'int8-static' multiplies the model's own static activation grids in integers: it "
-                             "needs activations='exact' (a file exported with --exact-activations)")
+            raise ValueError("kernel int8-static multiplies the model's own activation grids in integers: decode with "
+                             "--activations exact (Recognizer(activations='exact')), from a file exported with "
+                             "--exact-activations")
         for graph, kernel in (("encoder", encoder_kernel), ("decoder", decoder_kernel)):
             # exact activations: auto times fp32 and int8-static, which both compute the model's function on its
             # activation grids (integer products are exact)

@@ -28,7 +28,8 @@ def main(argv=None) -> int:
                              "by at most 2^-11 relative)")
     parser.add_argument("--exact-activations", action="store_true",
                         help="also store graphs with the model's static activation grids (runtime "
-                             "--activations exact: reproduces the fake-quantized model; slower)")
+                             "--activations exact: the fake-quantized model's function; with 8-bit grids the "
+                             "runtime's int8-static kernel runs its linear layers in integers, the fastest path)")
     parser.add_argument("--onnx-dir", help="also write complete encoder.onnx and decoder.onnx here")
     parser.add_argument("--kernel", default="nbits", choices=("fp32", "nbits"),
                         help="weights of the --onnx-dir graphs: low-bit MatMulNBits or dequantized fp32")

@@ -539,14 +539,26 @@ def test_int8_static_kernel_multiplies_the_models_own_activation_grids_in_intege
     assert diff["int8-static"] < 1.25 * diff["fp32"] and diff["int8-static"] < 0.8 * plain
 
 
-def test_int8_static_needs_the_exact_activation_graphs_and_auto_times_it(dict_dir):
+@pytest.mark.parametrize("faster", ["fp32", "int8-static", "int8"])
+def test_int8_static_needs_the_exact_activation_graphs_and_auto_times_it(dict_dir, monkeypatch, faster):
+    """With the model's activation grids, ``auto`` times fp32 and int8-static (both compute the fake-quantized
+    model's function) and keeps the faster (the timer stubbed); int8, with ranges of its own, is never a candidate.
+    Without the grids int8-static is refused."""
     task, model = calibrated(dict_dir, ["--quant-weight-bits", "4"])
     plain = export(task, model)[0]
-    with pytest.raises(ValueError, match="int8-static.*needs activations='exact'"):
+    with pytest.raises(ValueError, match="int8-static multiplies .* decode with --activations exact"):
         Recognizer(plain, "int8-static", "fp32")
     exact = export(task, model, exact_activations=True)[0]
-    rec = Recognizer(exact, activations="exact")  # auto: fp32 and int8-static, both the model's function
-    assert set(rec.kernels.values()) <= {"fp32", "int8-static"}
+    timed = []
+
+    def fake_time(self, graph, kernel, sess):
+        timed.append((graph, kernel))
+        return 1.0 if kernel == faster else 2.0
+
+    monkeypatch.setattr(Recognizer, "_time", fake_time)
+    rec = Recognizer(exact, activations="exact")
+    chosen = "fp32" if faster == "int8" else faster
+    assert rec.kernels == {"encoder": chosen, "decoder": chosen}
+    assert sorted(timed) == [(g, k) for g in ("decoder", "encoder") for k in ("fp32", "int8-static")]
     for graph in ("encoder", "decoder"):
-        assert ("MatMulIntegerToFloat" in count_kernels(getattr(rec, f"{graph}_graph"))) == (
-            rec.kernels[graph] == "int8-static")
+        assert ("MatMulIntegerToFloat" in count_kernels(getattr(rec, f"{graph}_graph"))) == (chosen == "int8-static")

@@ -116,3 +116,19 @@ def test_evaluate_takes_fairseq_names_and_explains_an_fqm(model_file, tmp_path, 
     for shown in ("--checkpoint CHECKPOINT, --path CHECKPOINT", "--subsets SUBSETS, --gen-subset SUBSETS",
                   "beam size; 1: greedy search (default 5)", "(default 0.2: 20 tokens a second)", "(default 10)"):
         assert shown in help_text
+
+
+def test_int8_static_without_the_models_activation_grids_is_one_clear_error(capsys, model_file, wavs):
+    """int8-static multiplies the model's own activation grids: without --activations exact it is refused, and
+    --activations exact on a file exported without the grids names the export flag; nothing is decoded."""
+    wav = str(wavs / "a16k.wav")
+    assert main(["--model", str(model_file), wav, "--encoder-kernel", "int8-static"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip().splitlines()[-1] == (
+        "fairseq_quant_runtime: kernel int8-static multiplies the model's own activation grids in integers: decode "
+        "with --activations exact (Recognizer(activations='exact')), from a file exported with --exact-activations")
+    assert main(["--model", str(model_file), wav, "--activations", "exact", "--decoder-kernel", "int8-static"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.strip().splitlines()[-1].endswith(
+        "exported without --exact-activations (no activation-quantized graphs)")

@@ -239,7 +239,8 @@ def build_model_file(model: nn.Module, dictionary_symbols: list[str], spm_proto:
     """The :class:`~fairseq_quant_runtime.fqm.ModelFile` of a (quantized or float) VGGTransformer.
 
     ``exact_activations`` also stores graphs that apply the model's static activation grids
-    ("encoder_actq"/"decoder_actq"): slower, but they compute what the fake-quantized model computes."""
+    ("encoder_actq"/"decoder_actq"): they compute what the fake-quantized model computes, and with 8-bit grids
+    the runtime's int8-static kernel runs their linear layers in integers."""
     model = model.eval()
     layout = Layout.from_model(model)
     weights = collect_weights(model, layout)
