@@ -38,9 +38,11 @@ ROWS = {
     "runtime-mixed2a8": ("runtime", "qat/qat-mixed2a8/checkpoint_best.pt", ("fp32", "auto")),
     "runtime-w2a8": ("runtime", "qat/qat-w2a8/checkpoint_best.pt", ("fp32", "auto")),
     "runtime-searched": ("runtime", "qat/qat-searched/checkpoint_best.pt", ("fp32", "auto")),
-    # the model's own activation grids (exported with --exact-activations), `auto` over fp32 and int8-static
+    # the model's own activation grids (exported with --exact-activations), where `auto` is int8-static
     # (MatMulIntegerToFloat: the grids' integers times the stored ones): the QAT model's function, in integers
     "runtime-searched-exact": ("runtime", "qat/qat-searched/checkpoint_best.pt", ("auto", "auto")),
+    # the same graphs with fp32 kernels: the same function to rounding (what int8-static's rounding changes)
+    "runtime-searched-exact-fp32": ("runtime", "qat/qat-searched/checkpoint_best.pt", ("fp32", "fp32")),
     # the low-bit kernels forced: MatMulNBits in the decoder steps, and in the encoder too
     "runtime-w2a8-nbits-decoder": ("runtime", "qat/qat-w2a8/checkpoint_best.pt", ("fp32", "nbits")),
     "runtime-w2a8-nbits-all": ("runtime", "qat/qat-w2a8/checkpoint_best.pt", ("nbits", "nbits")),
@@ -48,7 +50,7 @@ ROWS = {
     "runtime-searched-int8-decoder": ("runtime", "qat/qat-searched/checkpoint_best.pt", ("fp32", "int8")),
     "runtime-searched-int8-all": ("runtime", "qat/qat-searched/checkpoint_best.pt", ("int8", "int8")),
 }
-EXACT_ROWS = {"runtime-searched-exact"}  # decoded with --activations exact
+EXACT_ROWS = {"runtime-searched-exact", "runtime-searched-exact-fp32"}  # decoded with --activations exact
 
 
 def batches(manifests: list[Path], limit: int | None):
@@ -176,10 +178,16 @@ def run_worker(args) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------------------------------------
+def export_path(row: str, out_dir: Path) -> Path:
+    """The row's .fqm: one file per checkpoint and export kind (the kernel variants of a row share it)."""
+    stem = row.removeprefix("runtime-").split("-nbits")[0].split("-exact")[0]
+    return out_dir / f"{stem}{'-exact' if row in EXACT_ROWS else ''}.fqm"
+
+
 def ensure_export(row: str, checkpoint: Path, data: Path, out_dir: Path) -> Path:
     from fairseq_quant.export.exporter import export_checkpoint
 
-    path = out_dir / f"{row.removeprefix('runtime-').split('-nbits')[0]}.fqm"
+    path = export_path(row, out_dir)
     if not path.is_file():
         export_checkpoint(checkpoint, data, path, float16=row != "runtime-fp32", exact_activations=row in EXACT_ROWS)
     return path

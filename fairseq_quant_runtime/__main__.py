@@ -104,8 +104,9 @@ def main(argv=None) -> int:
                              "model's function; nbits-int8: MatMulNBits with activations rounded to int8 per block, and "
                              "int8: DynamicQuantizeMatMul (int8 weights, activations rounded to uint8 per tensor at run "
                              "time): faster where they are, but not the model the QAT trained; auto: the faster of "
-                             "fp32 and nbits (with --activations exact: of fp32 and int8-static) here, timed at load "
-                             "(default auto)")
+                             "fp32 and nbits here, timed at load; with --activations exact, int8-static wherever the "
+                             "model has 8-bit activation grids (not timed: its rounding differs from fp32's, and "
+                             "transcripts should not depend on a timing) (default auto)")
     parser.add_argument("--decoder-kernel", default="auto", choices=(*KERNELS, "auto"),
                         help="(default auto)")
     parser.add_argument("--activations", default="kernel", choices=("kernel", "exact"),

@@ -55,7 +55,9 @@ class Recognizer:
     to uint8 with a range of its own, which the QAT model never saw (on the shipped reference's searched model
     n.s. on dev, +7.3% relative WER on test). Hence the defaults: ``auto`` for both graphs, the faster of the two kernels that compute the
     model's own function (fp32 and nbits, each timed on a typical call when the model loads; ``self.kernels``
-    says which; with exact activations the faster of fp32 and int8-static, which compute the same function);
+    says which); with exact activations ``auto`` is int8-static where the graph has 8-bit activation grids, without
+    timing (its integer products round differently from fp32's sums, and a model that requantizes its activations
+    carries such a difference to its transcripts, so a timed choice would make them vary from load to load);
     int8 only when asked for.
     """
 
@@ -100,8 +102,8 @@ class Recognizer:
                              "--activations exact (Recognizer(activations='exact')), from a file exported with "
                              "--exact-activations")
         for graph, kernel in (("encoder", encoder_kernel), ("decoder", decoder_kernel)):
-            # exact activations: auto times fp32 and int8-static, which both compute the model's function on its
-            # activation grids (integer products are exact)
+            # exact activations: auto is int8-static wherever a linear layer's input has an 8-bit grid, without
+            # timing (see EXACT_AUTO_KERNELS), else fp32
             auto = EXACT_AUTO_KERNELS if suffix else AUTO_KERNELS
             candidates = []
             for k in (auto if kernel == "auto" else (kernel,)):
@@ -109,6 +111,8 @@ class Recognizer:
                 if kernel == "auto" and k != "fp32" and not set(count_kernels(proto)) & LOW_BIT_OPS:
                     continue  # no weight this kernel can take (an fp32 export): the fp32 graph again, nothing to time
                 candidates.append((k, proto))
+            if kernel == "auto" and suffix:
+                candidates = candidates[-1:]  # int8-static where it applies, else fp32
             opts = options if graph == "encoder" else step_options
             best = None  # (seconds, kernel, proto, session): the fastest so far; the others are freed at once,
             for k, proto in candidates:  # so that at most two sessions of a graph are alive (peak memory)
