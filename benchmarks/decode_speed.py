@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from fairseq_quant_runtime.decoding import BATCH_FRAMES, DecodingConfig, length_batches  # noqa: E402  (plain Python: no torch)
@@ -213,6 +215,8 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, help="first N utterances only")
     DecodingConfig.add_arguments(parser)
     parser.add_argument("--out", help="default: WORKDIR/speed")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of every row, rows interleaved; the table shows each row's medians (default 1)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep the results of (row, threads) pairs already measured in --out")
     # worker mode
@@ -236,6 +240,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     manifests = ",".join(str(data / f"{s}.json") for s in args.subsets.split(","))
     results = {}
+    plan = []  # (row, engine, checkpoint, file bytes, model file, kernels)
     for row in args.rows.split(","):
         engine, ckpt, kernels = ROWS[row]
         checkpoint = BUNDLE / "model.pt" if ckpt == "reference" else work / ckpt
@@ -247,44 +252,77 @@ def main(argv=None) -> int:
         if engine == "runtime":
             model_file = ensure_export(row, checkpoint, data, out / "exports")
             size = model_file.stat().st_size
-        for threads in (int(t) for t in args.threads.split(",")):
-            result_path = out / f"{row}.t{threads}.json"
-            if args.reuse and result_path.is_file():
+        plan.append((row, engine, checkpoint, size, model_file, kernels))
+    runs: dict[tuple[str, int], list[dict]] = {}
+    reused = set()
+    # with --repeats, every row runs once per round, rows interleaved, so that a slow spell of the machine falls on
+    # all rows alike; each row's times are then the medians of its runs
+    for rep in range(args.repeats):
+        for row, engine, checkpoint, size, model_file, kernels in plan:
+            for threads in (int(t) for t in args.threads.split(",")):
+                combined = out / f"{row}.t{threads}.json"
+                if args.reuse and combined.is_file():
+                    if rep == 0:
+                        runs[(row, threads)] = [json.loads(combined.read_text())]
+                        reused.add((row, threads))
+                    continue
+                result_path = combined if args.repeats == 1 else out / f"{row}.t{threads}.run{rep}.json"
+                cmd = [sys.executable, __file__, "--worker", "--engine", engine, "--threads", str(threads),
+                       "--data", str(data), "--manifests", manifests, "--result", str(result_path),
+                       "--checkpoint", str(checkpoint), *decoding_flags(args)]
+                if model_file:
+                    cmd += ["--model-file", str(model_file), "--kernels", ",".join(kernels),
+                            "--activations", "exact" if row in EXACT_ROWS else "kernel"]
+                if args.limit:
+                    cmd += ["--limit", str(args.limit)]
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+                spawned = time.time()
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                process_s = time.time() - spawned
+                if proc.returncode:
+                    print(f"decode_speed: {row} at {threads} thread(s) failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                    return 1
                 r = json.loads(result_path.read_text())
-                r.update({"row": row, "threads": threads, "file_bytes": size, "wer": wer(r["refs"], r["hyps"]),
-                          "checkpoint": str(checkpoint)})
-                results[(row, threads)] = r
-                continue
-            cmd = [sys.executable, __file__, "--worker", "--engine", engine, "--threads", str(threads),
-                   "--data", str(data), "--manifests", manifests, "--result", str(result_path),
-                   "--checkpoint", str(checkpoint), *decoding_flags(args)]
-            if model_file:
-                cmd += ["--model-file", str(model_file), "--kernels", ",".join(kernels),
-                        "--activations", "exact" if row in EXACT_ROWS else "kernel"]
-            if args.limit:
-                cmd += ["--limit", str(args.limit)]
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-            spawned = time.time()
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            process_s = time.time() - spawned
-            if proc.returncode:
-                print(f"decode_speed: {row} at {threads} thread(s) failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-                return 1
-            r = json.loads(result_path.read_text())
-            # start-up: from the spawn to the model ready (interpreter, imports, loading); the whole process
-            # includes its exit (the README's first measurement of the issue: one command, start to end)
-            r.update({"startup_s": r["ready_at"] - spawned, "process_s": process_s})
-            result_path.write_text(json.dumps(r))
+                # start-up: from the spawn to the model ready (interpreter, imports, loading); the whole process
+                # includes its exit (the README's first measurement of the issue: one command, start to end)
+                r.update({"startup_s": r["ready_at"] - spawned, "process_s": process_s})
+                result_path.write_text(json.dumps(r))
+                runs.setdefault((row, threads), []).append(r)
+                print(f"{row:<28} {threads} thread(s), run {rep + 1}/{args.repeats}: total "
+                      f"{r['times']['total']:.1f} s, WER {wer(r['refs'], r['hyps']):.2f}", flush=True)
+    results = {}
+    for row, engine, checkpoint, size, model_file, kernels in plan:
+        for threads in (int(t) for t in args.threads.split(",")):
+            r = combine_runs(runs[(row, threads)])
+            if args.repeats > 1 and (row, threads) not in reused:
+                (out / f"{row}.t{threads}.json").write_text(json.dumps(r))  # what --reuse reads
             r.update({"row": row, "threads": threads, "file_bytes": size, "wer": wer(r["refs"], r["hyps"]),
                       "checkpoint": str(checkpoint)})
             results[(row, threads)] = r
-            print(f"{row:<28} {threads} thread(s): total {r['times']['total']:.1f} s, WER {r['wer']:.2f}", flush=True)
     table = format_table(results)
     print(table)
     (out / "decode_speed.md").write_text(table)
     (out / "decode_speed.json").write_text(json.dumps(
         [{k: v for k, v in r.items() if k not in ("hyps", "refs")} for r in results.values()], indent=2))
     return 0
+
+
+def combine_runs(runs: list[dict]) -> dict:
+    """One row's result from its repeated runs: the median of every time (each part, start-up, whole process), the
+    largest peak memory, the first run's transcripts (the runs must agree on them: the same model and inputs), and
+    each run's end-to-end total under "runs". One run is returned as it is."""
+    if len(runs) == 1:
+        return runs[0]
+    if any(r["hyps"] != runs[0]["hyps"] for r in runs[1:]):
+        raise ValueError("repeated runs of one row decoded different transcripts")
+    out = dict(runs[0])
+    out["times"] = {k: float(np.median([r["times"][k] for r in runs])) for k in runs[0]["times"]}
+    for key in ("startup_s", "process_s"):
+        if all(key in r for r in runs):
+            out[key] = float(np.median([r[key] for r in runs]))
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    out["runs"] = [r["times"]["total"] for r in runs]
+    return out
 
 
 def whole_process(r: dict | None) -> float | None:
@@ -317,7 +355,9 @@ def format_table(results: dict) -> str:
         some = next(r for (_, t), r in results.items() if t == threads)
         lines += [f"\n**{threads} thread(s)**, {len(some['refs'])} utterances, {some['audio_s']:.0f} s of audio, "
                   f"beam {some['decoding']['beam']}, joint CTC/attention on both sides, batches of up to "
-                  f"{BATCH_FRAMES} padded frames\n",
+                  f"{BATCH_FRAMES} padded frames"
+                  + (f"; times are medians of {len(some['runs'])} runs, rows interleaved" if "runs" in some else "")
+                  + "\n",
                   "| row | kernels (encoder / decoder) | file MB | WER % | RTF | end-to-end speed-up vs fairseq fp32 | vs runtime fp32 | "
                   "encoder s | decoder steps s | decoder speed-up vs runtime fp32 | encoder vs runtime fp32 | "
                   "peak RSS MB | start-up s | whole process s (less the timing-only encoder pass) | whole process vs fairseq fp32 | "

@@ -129,8 +129,18 @@ class Recognizer:
         self.sp = spm.SentencePieceProcessor(model_proto=self.file.blobs["spm.model"])
 
     def _time(self, graph: str, kernel: str, sess) -> float:
-        """Median seconds of a typical call of ``sess`` (``graph`` with ``kernel``; ``auto``): the encoder on 2 x 4 s of audio, the decoder
-        step for 10 hypotheses (2 utterances, beam 5) over 100 encoder frames with 10 cached steps."""
+        """Median seconds of a typical call of ``sess`` (``graph`` with ``kernel``; ``auto``)."""
+        feed = self._typical_feed(graph, sess)
+        times = []
+        for _ in range(7):
+            start = time.perf_counter()
+            sess.run(None, feed)
+            times.append(time.perf_counter() - start)
+        return float(np.median(times[2:]))
+
+    def _typical_feed(self, graph: str, sess) -> dict[str, np.ndarray]:
+        """Inputs of a typical call: the encoder on 2 x 4 s of audio, the decoder step for 10 hypotheses
+        (2 utterances, beam 5) over 100 encoder frames with 10 cached steps."""
         rng = np.random.default_rng(0)
         if graph == "encoder":
             feed = {"features": rng.standard_normal((2, 400, self.feature_dim), dtype=np.float32),
@@ -150,12 +160,7 @@ class Recognizer:
                 else:
                     op = self.convs[int(inp.name.split("_")[1])]
                     feed[inp.name] = np.zeros((10, op["kernel"] - 1, op["in"]), np.float32)
-        times = []
-        for _ in range(7):
-            start = time.perf_counter()
-            sess.run(None, feed)
-            times.append(time.perf_counter() - start)
-        return float(np.median(times[2:]))
+        return feed
 
     # ------------------------------------------------------------------------------------------
     def encode(self, features: list[np.ndarray]) -> dict[str, np.ndarray]:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import ROOT
 
@@ -148,3 +149,24 @@ def test_kernel_widths_int8_static_block_computes_the_quantized_block():
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     # a value at a rounding boundary of the Relu grid may take the other step; all others agree to float rounding
     assert (np.abs(got - expected) < 1e-4).mean() > 0.98
+
+
+def test_repeated_runs_combine_into_medians_and_must_agree_on_transcripts():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.decode_speed import combine_runs, format_table
+
+    def run(total, process, rss):
+        return {"times": {"total": total, "encoder": total / 2, "decoder": total / 4}, "startup_s": 0.5,
+                "process_s": process, "peak_rss_mb": rss, "hyps": ["a b"], "refs": ["a b"], "audio_s": 10.0,
+                "decoding": {"beam": 5}, "file_bytes": 1, "wer": 0.0}
+
+    combined = combine_runs([run(4.0, 6.0, 150.0), run(5.0, 7.5, 170.0), run(3.0, 5.0, 160.0)])
+    assert combined["times"] == {"total": 4.0, "encoder": 2.0, "decoder": 1.0}
+    assert combined["process_s"] == 6.0 and combined["peak_rss_mb"] == 170.0 and combined["runs"] == [4.0, 5.0, 3.0]
+    assert "medians of 3 runs, rows interleaved" in format_table({("runtime-fp32", 1): combined})
+    single = run(4.0, 6.0, 150.0)
+    assert combine_runs([single]) is single
+    other = run(4.0, 6.0, 150.0)
+    other["hyps"] = ["a c"]
+    with pytest.raises(ValueError, match="different transcripts"):
+        combine_runs([single, other])
