@@ -41,6 +41,10 @@ def test_dry_run_of_the_paper_recipe_prints_every_stage_and_fits_an_80_gb_gpu(tm
             strategy = row.strategy if row.kind == "coqat" else row.strategy.split(":")[1]
             if f"co-train {strategy}" not in expected:
                 expected += [f"calibrate {strategy}", f"co-train {strategy}"]
+            if row.finetune:  # the search and collapse of search_from's row, then QAT from that checkpoint
+                expected += [f"qat {row.name}", f"select {row.name} start", f"select {row.name} trained",
+                             f"eval {row.name}"]
+                continue
             expected += ([f"search {row.name}"] if row.kind == "co_search" else []) + [f"collapse {row.name}",
                                                                                          f"eval {row.name}"]
             continue
@@ -95,6 +99,15 @@ def test_dry_run_of_the_paper_recipe_prints_every_stage_and_fits_an_80_gb_gpu(tm
     assert collapse[collapse.index("--checkpoint") + 1] == co_ckpt
     search = commands["search co-searched"]
     assert search[search.index("--co-trained") + 1] == co_ckpt and search[search.index("--budget-bits") + 1] == "2.3"
+    # co-searched-ft: QAT of that search's allocation from its collapsed checkpoint, distilled from fp32
+    collapsed = str(work.resolve() / "co" / "co-searched.pt")
+    tune = commands["qat co-searched-ft"]
+    assert collapsed == commands["collapse co-searched"][commands["collapse co-searched"].index("--out") + 1]
+    assert tune[tune.index("--finetune-from-model") + 1] == collapsed and "--teacher-path" in tune
+    assert tune[tune.index("--quant-strategy") + 1] == str(work.resolve() / "search" / "co-searched" / "strategies" /
+                                                           "best.yaml")
+    assert commands["eval co-searched-ft"][commands["eval co-searched-ft"].index("--checkpoint") + 1] == str(
+        work.resolve() / "qat" / "co-searched-ft" / "checkpoint_selected.pt")
     evaluated = commands["eval qat-w2a8"]
     assert evaluated[evaluated.index("--checkpoint") + 1] == str(work.resolve() / "qat" / "qat-w2a8" /
                                                                   "checkpoint_selected.pt")
@@ -213,6 +226,11 @@ def test_a_row_shares_only_the_search_of_a_search_row_of_the_same_budget_and_bas
                 Row("x", "search_qat", "2.3:w2a8-balanced-out16", search_from="nope")):
         assert shared_search_problem(bad) == (f"row x: search_from {bad.search_from!r} must name a search_qat row with "
                                               f"the same budget and base ({bad.strategy!r})")
+    # the co-trained model's search is shared by the row that fine-tunes its allocation
+    assert shared_search_problem(ROWS["co-searched-ft"]) is None
+    bad = Row("y", "co_search", "2.3:w8a8-co4-2-1", search_from="co-searched")  # shares, but does not fine-tune
+    assert shared_search_problem(bad) == ("row y: search_from 'co-searched' must name a co_search row with the same "
+                                          "budget and base ('2.3:w8a8-co4-2-1') (and fine-tune: finetune=True)")
     assert row_config(ROWS["qat-searched-4x"], SIZES["benchmark"]).qat_updates == 1600
     assert row_config(ROWS["qat-searched"], SIZES["benchmark"]) is SIZES["benchmark"]
 

@@ -32,6 +32,9 @@ class Row:
     updates_factor: int = 1  # qat, search_qat: this row's QAT updates as a multiple of the run size's qat_updates
     search_from: str | None = None  # search_qat: the row whose strategy search this row reuses (same budget and base)
     bundle: str | None = None  # fp32_bundle: another fp32 model shipped as a bundle (a folder beside this file)
+    finetune: bool = False  # co_search: QAT of the collapsed allocation from the collapsed checkpoint (the run size's
+    #                         qat_updates, then the better of the two on dev); search_from names the row whose
+    #                         search and collapse it shares
 
 
 def _ptq_rows():
@@ -90,6 +93,8 @@ ROWS = {r.name: r for r in [
     Row("co-w2", "coqat", "w8-co4-2-1", deploy=2),
     Row("co-w1", "coqat", "w8-co4-2-1", deploy=1),
     Row("co-searched", "co_search", "2.3:w8a8-co4-2-1"),  # the search over the co-trained a8 model at 2.3 bits
+    # ... and that allocation briefly fine-tuned from its collapsed checkpoint
+    Row("co-searched-ft", "co_search", "2.3:w8a8-co4-2-1", finetune=True, search_from="co-searched"),
     Row("qat-mixed2a8", "qat", "mixed2a8"),
     # fast search at 2.3 average weight bits, then QAT of its best; every candidate has balanced weight grids and
     # the outlier site's input at 16 bits (w2a8-balanced-out16)
@@ -206,13 +211,16 @@ def row_config(row: Row, cfg: RecipeConfig) -> RecipeConfig:
 
 
 def shared_search_problem(row: Row) -> str | None:
-    """Why ``row.search_from`` cannot be shared (another search_qat row of the same budget and base), or None."""
+    """Why ``row.search_from`` cannot be shared (another search row of the same kind, budget and base: search_qat,
+    or co_search for a fine-tuning co_search row), or None."""
     if row.search_from is None:
         return None
     source = ROWS.get(row.search_from)
-    if row.kind != "search_qat" or source is None or source.kind != "search_qat" or source.strategy != row.strategy:
-        return (f"row {row.name}: search_from {row.search_from!r} must name a search_qat row with the same budget "
-                f"and base ({row.strategy!r})")
+    kind = "co_search" if row.kind == "co_search" else "search_qat"
+    if (row.kind != kind or (kind == "co_search" and not row.finetune) or source is None or source.kind != kind
+            or source.strategy != row.strategy or source.search_from is not None):
+        return (f"row {row.name}: search_from {row.search_from!r} must name a {kind} row with the same budget "
+                f"and base ({row.strategy!r})" + (" (and fine-tune: finetune=True)" if kind == "co_search" else ""))
     return None
 
 

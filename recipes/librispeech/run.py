@@ -139,12 +139,19 @@ def make_checkpoint(row: Row, data: Path, work: Path, fp32_ckpt: Path, cfg: Reci
                                     precision=row.deploy)
     if row.kind == "co_search":
         co_ckpt = co_trained_checkpoint(co_training(row), data, work, fp32_ckpt, cfg)
-        out = work / "search" / row.name
-        if not (out / "summary.json").exists():
-            out.mkdir(parents=True, exist_ok=True)
-            run_logged(search_command(row, data, out, fp32_ckpt, cfg, co_trained=co_ckpt), out / "search.log",
-                       train_env(threads_per_job(cfg)), tag=f"search {row.name}")
-        return collapsed_checkpoint(row.name, co_ckpt, work, strategy=out / "strategies" / "best.yaml")
+        base = row.search_from or row.name  # the row whose search and collapsed checkpoint this one shares
+        out = work / "search" / base
+        out.mkdir(parents=True, exist_ok=True)
+        with file_lock(out):  # co-searched and co-searched-ft run one search
+            if not (out / "summary.json").exists():
+                run_logged(search_command(ROWS[base], data, out, fp32_ckpt, cfg, co_trained=co_ckpt),
+                           out / "search.log", train_env(threads_per_job(cfg)), tag=f"search {base}")
+            best = out / "strategies" / "best.yaml"
+            collapsed = collapsed_checkpoint(base, co_ckpt, work, strategy=best)
+        if not row.finetune:
+            return collapsed
+        return train_qat(data, work / "qat" / row.name, best, fp32_ckpt, row_config(row, cfg), row.kd, tag=row.name,
+                         work=work, start=collapsed)
     raise ValueError(f"unknown row kind {row.kind!r}")
 
 
@@ -325,15 +332,23 @@ def dry_run(work: Path, root: Path | None, stages: set, cfg: RecipeConfig, seed:
                     plan.append((f"calibrate {strategy}", calibrate_command(fp32_ckpt, data, strategy_path(strategy),
                                                                               start, cfg)))
                     plan.append((f"co-train {strategy}", co_qat_command(data, strategy, fp32_ckpt, start, work, cfg)))
-                ckpt = work / "co" / f"{row.name}.pt"
+                ckpt = work / "co" / f"{row.search_from or row.name}.pt"
                 if row.kind == "co_search":
-                    out = work / "search" / row.name
-                    plan.append((f"search {row.name}", search_command(row, data, out, fp32_ckpt, cfg, co_ckpt)))
+                    out = work / "search" / (row.search_from or row.name)
                     best = ["--strategy", str(out / "strategies" / "best.yaml")]
                 else:
                     best = ["--bits", str(row.deploy)]
-                plan.append((f"collapse {row.name}", [sys.executable, str(Path(__file__).resolve().parents[2] / "scripts" / "collapse_cotrained.py"),
-                                                      "--checkpoint", str(co_ckpt), *best, "--out", str(ckpt)]))
+                if row.kind == "co_search" and row.search_from:  # its search and collapse are those of the row above
+                    qat_ckpt = work / "qat" / row.name / "checkpoint_best.pt"
+                    plan.append((f"qat {row.name}", qat_command(data, qat_ckpt.parent, Path(best[1]), fp32_ckpt,
+                                                                row_config(row, cfg), row.kd, ckpt)))
+                    plan += select_plan(row.name, ckpt, qat_ckpt, data, work, cfg)
+                    ckpt = qat_ckpt.parent / SELECTED
+                else:
+                    if row.kind == "co_search":
+                        plan.append((f"search {row.name}", search_command(row, data, out, fp32_ckpt, cfg, co_ckpt)))
+                    plan.append((f"collapse {row.name}", [sys.executable, str(Path(__file__).resolve().parents[2] / "scripts" / "collapse_cotrained.py"),
+                                                          "--checkpoint", str(co_ckpt), *best, "--out", str(ckpt)]))
             elif row.kind == "ptq":
                 ckpt = work / "ptq" / f"{row.name}.pt"
             elif row.kind == "fp32_bundle":
