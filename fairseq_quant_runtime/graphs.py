@@ -203,7 +203,7 @@ def materialize(model_file: ModelFile, graph: str, kernel: str = "fp32"):
         else:
             nodes.append(node)
     if kernel == "int8-static":
-        nodes = _fold_bias(nodes, {t.name for t in proto.graph.initializer} | {t.name for t in new_inits})
+        nodes = _fold_bias(nodes, {t.name: list(t.dims) for t in (*proto.graph.initializer, *new_inits)})
     # a DequantizeLinear whose every reader now takes its integers is gone
     read = {inp for node in nodes for inp in node.input} | {o.name for o in proto.graph.output}
     nodes = [n for n in nodes if n.op_type != "DequantizeLinear" or n.output[0] in read]
@@ -215,9 +215,10 @@ def materialize(model_file: ModelFile, graph: str, kernel: str = "fp32"):
     return proto
 
 
-def _fold_bias(nodes: list, constants: set[str]) -> list:
+def _fold_bias(nodes: list, constants: dict[str, list[int]]) -> list:
     """MatMulIntegerToFloat -> Add(bias) as one MatMulIntegerToFloat with its bias input (ONNX Runtime fuses
-    MatMul + Add into Gemm for float, not this): one node less per layer in every decoder step."""
+    MatMul + Add into Gemm for float, not this): one node less per layer in every decoder step. ``constants``: the
+    graph's initializers and their shapes; only a constant of shape [N] (one value per output column) is a bias."""
     readers: dict[str, list] = {}
     for node in nodes:
         for inp in node.input:
@@ -231,7 +232,8 @@ def _fold_bias(nodes: list, constants: set[str]) -> list:
             continue
         add = users[0]
         bias = add.input[1] if add.input[0] == node.output[0] else add.input[0]
-        if bias not in constants:
+        weight = constants.get(node.input[1], [])  # [K, N]
+        if len(weight) != 2 or constants.get(bias) != weight[1:]:
             continue
         node.input.extend(["", bias])  # no weight zero point (symmetric), the bias
         del node.output[:]
