@@ -25,13 +25,13 @@ KERNELS = ("fp32", "nbits", "nbits-int8", "int8", "int8-static")
 # time, which the QAT model never saw (on the shipped reference's searched 2.29-bit model: -0.7%, n.s., on dev and
 # +7.3% on test against fp32 kernels, 2026-12-04), so it is chosen explicitly, never by speed alone
 AUTO_KERNELS = ("fp32", "nbits")
-# with the model's static activation grids (a file exported with --exact-activations): int8-static where a graph has
-# a linear layer on an 8-bit grid, else fp32; chosen, not timed. Both compute the fake-quantized QAT model's
+# with the model's static activation grids (a file exported with --exact-activations), in order of preference:
+# int8-static where a graph has a linear layer on an 8-bit grid, else fp32; chosen, not timed. Both compute the fake-quantized QAT model's
 # function, but not to the same rounding: a value at a quantization boundary can take the other step and carry it
 # through the next quantizers (500 test-clean utterances of the demo's searched model: WER 10.82 against 10.67), so
 # a choice by timing would let the transcripts vary between loads. int8-static is the faster everywhere measured
 # (benchmarks/kernel_widths.py: x1.95-5.51 at widths 128-1024, 10 and 400 rows)
-EXACT_AUTO_KERNELS = ("fp32", "int8-static")
+EXACT_AUTO_KERNELS = ("int8-static", "fp32")
 CONTAINER_BITS = {1: 2, 2: 2, 3: 4, 4: 4, 8: 8}
 ACCURACY_LEVEL = 1  # float32 activations and products: the model's own function (see above)
 

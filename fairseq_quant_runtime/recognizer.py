@@ -102,8 +102,8 @@ class Recognizer:
                              "--activations exact (Recognizer(activations='exact')), from a file exported with "
                              "--exact-activations")
         for graph, kernel in (("encoder", encoder_kernel), ("decoder", decoder_kernel)):
-            # exact activations: auto is int8-static wherever a linear layer's input has an 8-bit grid, without
-            # timing (see EXACT_AUTO_KERNELS), else fp32
+            # exact activations: auto is the first of EXACT_AUTO_KERNELS that applies (int8-static wherever a linear
+            # layer's input has an 8-bit grid, else fp32), not timed
             auto = EXACT_AUTO_KERNELS if suffix else AUTO_KERNELS
             candidates = []
             for k in (auto if kernel == "auto" else (kernel,)):
@@ -111,8 +111,8 @@ class Recognizer:
                 if kernel == "auto" and k != "fp32" and not set(count_kernels(proto)) & LOW_BIT_OPS:
                     continue  # no weight this kernel can take (an fp32 export): the fp32 graph again, nothing to time
                 candidates.append((k, proto))
-            if kernel == "auto" and suffix:
-                candidates = candidates[-1:]  # int8-static where it applies, else fp32
+                if kernel == "auto" and suffix:
+                    break
             opts = options if graph == "encoder" else step_options
             best = None  # (seconds, kernel, proto, session): the fastest so far; the others are freed at once,
             for k, proto in candidates:  # so that at most two sessions of a graph are alive (peak memory)
